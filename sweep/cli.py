@@ -1,0 +1,156 @@
+"""`wsg`: the command line. Each stage command runs one stage of DESIGN.md's
+pipeline on a run directory; `wsg run` drives them all and resumes.
+
+User errors (`WsgError`) print a short message and exit 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sweep.errors import WsgError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_arg(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    if optional:
+        p.add_argument("config", nargs="?", default=None,
+                       help="experiment YAML (default: the embedded configs/smoke.yaml)")
+    else:
+        p.add_argument("config", help="experiment YAML, e.g. configs/smoke.yaml")
+
+
+def _add_run_arg(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--run", required=required, default=None,
+                   help="run directory: a local path or s3:// / gs:// URI")
+
+
+def _add_ray_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' or host:port; default: $RAY_ADDRESS, "
+                        "else start a local Ray instance)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="wsg",
+        description="Do different post-training losses change a model in different ways? "
+                    "Train losses x seeds x LRs with LoRA on identical rollouts, then measure "
+                    "the geometry of the updates.")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the whole pipeline: rollouts -> grid -> eval -> geometry -> report (resumes)")
+    _add_config_arg(p, optional=True)
+    _add_run_arg(p, required=False)
+    _add_ray_arg(p)
+
+    p = sub.add_parser("rollouts", help="sample K completions per prompt with vLLM and reward them")
+    _add_config_arg(p)
+    _add_run_arg(p, required=True)
+    _add_ray_arg(p)
+
+    p = sub.add_parser("train", help="train one cell (loss, seed, lr) exactly as the grid does")
+    _add_config_arg(p)
+    _add_run_arg(p, required=True)
+    p.add_argument("--loss", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--lr", type=float, required=True)
+    _add_ray_arg(p)
+
+    p = sub.add_parser("eval", help="greedy pass@1 of the base and every adapter, Wilson CIs, McNemar")
+    _add_config_arg(p)
+    _add_run_arg(p, required=True)
+    _add_ray_arg(p)
+
+    p = sub.add_parser("functional", help="linear mode connectivity, CKA and logit lens of a run's adapters")
+    _add_config_arg(p)
+    _add_run_arg(p, required=True)
+    _add_ray_arg(p)
+
+    p = sub.add_parser("geometry", help="factored weight-update geometry of PEFT adapters -> Parquet tables")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="a PEFT adapter folder (repeat); with --run, added to the run's adapters")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/geometry)")
+    p.add_argument("--top-k", type=int, default=None, help="principal angles between top-k singular vectors")
+    p.add_argument("--run", default=None, help="analyse every cell x checkpoint of this run")
+    p.add_argument("--config", dest="config_opt", default=None,
+                   help="config for --run (default: the run's config.yaml)")
+    _add_ray_arg(p)
+
+    p = sub.add_parser("report", help="build report/index.html from a run's tables")
+    p.add_argument("run", help="run directory")
+
+    p = sub.add_parser("status", help="which stages and cells of a run are complete")
+    p.add_argument("run", help="run directory")
+
+    p = sub.add_parser("config", help="config tools")
+    csub = p.add_subparsers(dest="config_cmd", metavar="SUBCOMMAND")
+    cs = csub.add_parser("show", help="print the resolved config and its hash")
+    cs.add_argument("config", nargs="?", default=None, help="experiment YAML (default: embedded smoke)")
+    return ap
+
+
+def _load(path: str | None):
+    from sweep.config import default_config_path, load_config
+    return load_config(path if path else default_config_path())
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from sweep import pipeline
+
+    if args.cmd == "config":
+        if args.config_cmd != "show":
+            raise WsgError("usage: wsg config show [CONFIG]")
+        from sweep.config import dump_config
+        print(dump_config(_load(args.config)), end="")
+        return 0
+    if args.cmd == "status":
+        print(pipeline.status_text(args.run))
+        return 0
+    if args.cmd == "report":
+        path = pipeline.stage_report(args.run)
+        print(f"report: {path}")
+        return 0
+    if args.cmd == "geometry":
+        return pipeline.geometry_command(args)
+
+    cfg = _load(args.config)
+    run = args.run
+    address = args.address or os.environ.get("RAY_ADDRESS") or cfg.resources.ray_address
+    if args.cmd == "run":
+        return pipeline.run_all(cfg, run, address=address)
+    if args.cmd == "train":
+        pipeline.check_cell_args(args.loss, args.lr)  # before any Ray start-up
+    run = pipeline.prepare_run(cfg, run)
+    pipeline.ensure_ray(address)
+    if args.cmd == "rollouts":
+        print(pipeline.stage_rollouts(cfg, run))
+    elif args.cmd == "train":
+        print(pipeline.stage_train_one(cfg, run, loss=args.loss, seed=args.seed, lr=args.lr))
+    elif args.cmd == "eval":
+        print(pipeline.stage_eval(cfg, run))
+    elif args.cmd == "functional":
+        print(pipeline.stage_functional(cfg, run))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.cmd:
+        parser.print_help()
+        return 0
+    try:
+        return _dispatch(args)
+    except WsgError as err:
+        print(f"wsg: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("wsg: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # vLLM engines spawn processes: keep the guard.
+    sys.exit(main())

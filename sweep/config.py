@@ -1,0 +1,350 @@
+"""The experiment description: YAML validated into typed pydantic models.
+
+Every key is declared here; unknown keys, wrong types and impossible
+combinations are `ConfigError`s naming the key path and the fix (the CLI prints
+them in a few lines, exit code 2). Defaults follow the seed paper's protocol
+(§2 Training: LoRA q,k,v,o r=32 α=64 dropout 0, effective batch 32, cosine,
+5% warmup, wd 0.01, clip 1.0, bf16, seed 42, LR 5e-6 and DPO 10x smaller).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sweep.errors import ConfigError
+
+OFFLINE_LOSSES = ("sft", "rft", "dft", "rift", "offline_grpo", "dpo", "ipo", "simpo")
+ONLINE_LOSSES = ("online_grpo", "online_dapo")
+ALL_LOSSES = OFFLINE_LOSSES + ONLINE_LOSSES
+PAIR_LOSSES = ("dpo", "ipo", "simpo")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Strict):
+    # An alias (`smollm2-135m-instruct`, `tiny-qwen3`), an HF hub id or a local folder.
+    name: str = "smollm2-135m-instruct"
+    # Weights dtype for training; vLLM engines use `rollouts.dtype`.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+    max_model_len: int = Field(1024, gt=0)
+
+
+class DataCfg(_Strict):
+    """Where the training prompts come from (seed §2 Data)."""
+
+    source: Literal["synthetic", "deepscaler", "gsm8k", "aime", "jsonl", "parquet"] = "synthetic"
+    # For hub/local sources: a hub dataset id or a local .parquet/.jsonl file.
+    path: Optional[str] = None
+    split: str = "train"
+    # Column mapping, e.g. {problem: question, answer: answer}.
+    columns: dict[str, str] = Field(default_factory=dict)
+    # Synthetic generator: family/difficulty of the arithmetic problems.
+    family: str = "add_single_digit"
+    n_prompts: int = Field(64, gt=0)
+    seed: int = 0
+    system_prompt: Optional[str] = None
+    instruction: str = "Put the final answer in \\boxed{}."
+
+
+class EvalSetCfg(_Strict):
+    name: str
+    source: Literal["synthetic", "deepscaler", "gsm8k", "aime", "jsonl", "parquet"] = "synthetic"
+    path: Optional[str] = None
+    split: str = "test"
+    columns: dict[str, str] = Field(default_factory=dict)
+    family: str = "add_single_digit"
+    n_prompts: int = Field(64, gt=0)
+    seed: int = 1
+
+
+class EndpointCfg(_Strict):
+    """An OpenAI-compatible teacher (the seed's teacher is an API model)."""
+
+    base_url: str
+    model: str
+    api_key_env: Optional[str] = None
+    concurrency: int = Field(8, gt=0)
+    max_retries: int = Field(3, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class RolloutsCfg(_Strict):
+    backend: Literal["vllm", "openai"] = "vllm"
+    # Teacher model; None = the policy model (`model.name`).
+    teacher: Optional[str] = None
+    endpoint: Optional[EndpointCfg] = None
+    k: int = Field(4, gt=0, description="samples per prompt (seed: K=4)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # Engines: an int, or "auto" (GPUs on a cluster, 1 per box on CPU).
+    num_engines: Union[int, Literal["auto"]] = "auto"
+    cpus_per_engine: float = Field(1.0, gt=0)
+    gpus_per_engine: float = Field(0.0, ge=0)
+    enforce_eager: bool = True
+    seed: int = 0
+    shard_size: int = Field(64, gt=0)
+    max_pairs_per_prompt: int = Field(1, gt=0)
+    reward_timeout_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _endpoint_needed(self):
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError("rollouts.backend is 'openai' but rollouts.endpoint is missing: "
+                             "add endpoint: {base_url: ..., model: ...}")
+        return self
+
+
+class LoraCfg(_Strict):
+    r: int = Field(32, gt=0)
+    alpha: float = Field(64, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_rslora: bool = False
+
+
+class DeepSpeedCfg(_Strict):
+    enabled: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+
+
+class TrainCfg(_Strict):
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+    effective_batch: int = Field(32, gt=0)
+    per_device_batch: int = Field(8, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    num_workers: int = Field(1, gt=0)
+    max_steps: int = Field(1500, gt=0)
+    checkpoint_steps: list[int] = Field(default_factory=lambda: [1000, 1500])
+    lr: float = Field(5e-6, gt=0)
+    warmup_frac: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # "auto": bf16 autocast where the hardware has it (GPU), fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    max_seq_len: int = Field(512, gt=0)
+    deepspeed: DeepSpeedCfg = Field(default_factory=DeepSpeedCfg)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_failures: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_and_steps(self):
+        got = self.per_device_batch * self.grad_accum * self.num_workers
+        if got != self.effective_batch:
+            raise ValueError(
+                f"train.effective_batch={self.effective_batch} but per_device_batch x grad_accum x "
+                f"num_workers = {self.per_device_batch} x {self.grad_accum} x {self.num_workers} = {got}; "
+                "make them agree (e.g. change train.grad_accum)")
+        bad = [s for s in self.checkpoint_steps if s <= 0 or s > self.max_steps]
+        if bad:
+            raise ValueError(f"train.checkpoint_steps {bad} lie outside 1..max_steps={self.max_steps}; "
+                             "lower them or raise train.max_steps")
+        if sorted(set(self.checkpoint_steps)) != list(self.checkpoint_steps):
+            raise ValueError("train.checkpoint_steps must be strictly increasing without repeats")
+        return self
+
+
+class LossCfg(_Strict):
+    """Per-loss settings: variant, keyword hyperparameters, LR rules."""
+
+    variant: Optional[str] = None
+    hyper: dict[str, Any] = Field(default_factory=dict)
+    # Explicit LR list for this loss (overrides grid.lrs x lr_scale).
+    lrs: Optional[list[float]] = None
+    # Multiplier on the grid LRs (the seed's DPO convention: 0.1).
+    lr_scale: float = Field(1.0, gt=0)
+
+    @field_validator("lrs")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and any(x <= 0 for x in v):
+            raise ValueError(f"learning rates must be > 0, got {v}")
+        return v
+
+
+class OnlineCfg(_Strict):
+    """On-policy cells (online_grpo / online_dapo), seed §3.4."""
+
+    group_size: int = Field(8, gt=1, description="G samples per prompt from the current policy")
+    prompts_per_step: int = Field(4, gt=0)
+    sync: Literal["auto", "lora", "merged"] = "auto"
+    colocate: bool = True
+    max_resample_rounds: int = Field(4, ge=0)
+    overlong_buffer: int = Field(32, ge=0)
+    overlong_penalty: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    max_tokens: int = Field(128, gt=0)
+    engine_cpus: float = Field(1.0, gt=0)
+    engine_gpus: float = Field(0.0, ge=0)
+
+
+class ExtraCell(_Strict):
+    loss: str
+    seed: int
+    lr: float = Field(gt=0)
+
+
+class GridCfg(_Strict):
+    losses: list[str] = Field(default_factory=lambda: list(OFFLINE_LOSSES[:6]))
+    seeds: list[int] = Field(default_factory=lambda: [42])
+    lrs: list[float] = Field(default_factory=lambda: [5e-6])
+    extra_cells: list[ExtraCell] = Field(default_factory=list)
+
+    @field_validator("losses")
+    @classmethod
+    def _known(cls, v):
+        bad = [x for x in v if x not in ALL_LOSSES]
+        if bad:
+            raise ValueError(f"unknown loss(es) {bad}; valid: {', '.join(ALL_LOSSES)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"grid.losses has repeats: {v}")
+        return v
+
+    @field_validator("lrs")
+    @classmethod
+    def _lr_pos(cls, v):
+        if not v or any(x <= 0 for x in v):
+            raise ValueError(f"grid.lrs must be a non-empty list of values > 0, got {v}")
+        return v
+
+
+class ResourcesCfg(_Strict):
+    # Upper bound on cells running at once; None = as many as resources allow.
+    max_concurrent_cells: Optional[int] = Field(None, gt=0)
+    ray_address: Optional[str] = None
+
+
+class StorageCfg(_Strict):
+    # Where runs go when `--run` is not given: <runs_root>/<name>-<hash8>.
+    runs_root: str = "runs"
+
+
+class AnalysisCfg(_Strict):
+    top_k: int = Field(10, gt=0)
+    # Which checkpoints to analyse: "all" or a list of steps.
+    steps: Union[Literal["all", "last"], list[int]] = "all"
+    reference_loss: str = "sft"
+    eval_sets: list[EvalSetCfg] = Field(default_factory=lambda: [EvalSetCfg(name="synthetic")])
+    eval_max_tokens: int = Field(256, gt=0)
+    lmc_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    lmc_pairs: Union[Literal["reference", "all"], list[list[str]]] = "reference"
+    lmc_items: int = Field(64, gt=0)
+    cka_prompts: int = Field(32, gt=0)
+    extra_adapters: dict[str, str] = Field(default_factory=dict)
+    # How the eval stage serves adapters: vLLM LoRA requests ("lora"), or each
+    # adapter merged into the base and reloaded ("merged": exact and full speed
+    # on CPU, where the LoRA path is 8-12x slower); "auto" = merged on CPU,
+    # lora on GPU.
+    eval_mode: Literal["auto", "lora", "merged"] = "auto"
+
+
+class ExperimentConfig(_Strict):
+    name: str = "wsg"
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    rollouts: RolloutsCfg = Field(default_factory=RolloutsCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    losses: dict[str, LossCfg] = Field(default_factory=dict)
+    online: OnlineCfg = Field(default_factory=OnlineCfg)
+    grid: GridCfg = Field(default_factory=GridCfg)
+    resources: ResourcesCfg = Field(default_factory=ResourcesCfg)
+    storage: StorageCfg = Field(default_factory=StorageCfg)
+    analysis: AnalysisCfg = Field(default_factory=AnalysisCfg)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        bad = [k for k in self.losses if k not in ALL_LOSSES]
+        if bad:
+            raise ValueError(f"losses: unknown loss name(s) {bad}; valid: {', '.join(ALL_LOSSES)}")
+        for c in self.grid.extra_cells:
+            if c.loss not in ALL_LOSSES:
+                raise ValueError(f"grid.extra_cells: unknown loss {c.loss!r}; valid: {', '.join(ALL_LOSSES)}")
+        if self.analysis.reference_loss not in self.grid.losses + [c.loss for c in self.grid.extra_cells]:
+            raise ValueError(f"analysis.reference_loss={self.analysis.reference_loss!r} is not in grid.losses "
+                             f"{self.grid.losses}; pick one of them")
+        return self
+
+    def loss_cfg(self, loss: str) -> LossCfg:
+        return self.losses.get(loss, LossCfg())
+
+    def config_hash(self) -> str:
+        return config_hash(self)
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """sha256 of the canonical JSON of the resolved config (first 16 hex digits)."""
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out or "<top level>"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} problem{'s' if err.error_count() > 1 else ''}):"]
+    for e in err.errors():
+        # Skip pydantic's union/function-name noise in the location.
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (typo?); remove it or check the spelling against `wsg config show`"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = e.get("input")
+        tail = f" (got {got!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(got, dict) else ""
+        lines.append(f"  {_loc(loc)}: {msg}{tail}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict | None, source: str = "<config>") -> ExperimentConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (pass a YAML file, e.g. configs/smoke.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    return parse_config(data, str(p))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """Resolved config as YAML, with its hash as a leading comment."""
+    body = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return f"# wsg resolved config, hash {config_hash(cfg)}\n{body}"
+
+
+def default_config_path() -> Path:
+    """The embedded default (`configs/smoke.yaml`), found next to the package."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "configs" / "smoke.yaml", here / "smoke.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError("the embedded default configs/smoke.yaml was not found next to the wsg package")

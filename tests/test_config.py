@@ -1,0 +1,89 @@
+"""Config validation: every shipped YAML loads; bad input names the key path."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweep.config import (ExperimentConfig, config_hash, dump_config, load_config, parse_config)
+from sweep.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"smoke.yaml", "paper_qwen3_4b.yaml", "paper_seed_lr.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads_and_round_trips(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    again = parse_config(yaml.safe_load(dump_config(cfg)))
+    assert config_hash(again) == config_hash(cfg)
+
+
+def test_paper_config_is_the_seed_protocol():
+    cfg = load_config(next(p for p in CONFIGS if p.name == "paper_qwen3_4b.yaml"))
+    t = cfg.train
+    assert cfg.model.name == "Qwen/Qwen3-4B-Instruct-2507"
+    assert (t.lora.r, t.lora.alpha, t.lora.dropout) == (32, 64, 0.0)
+    assert sorted(t.lora.target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert t.effective_batch == 32 and t.warmup_frac == 0.05 and t.weight_decay == 0.01
+    assert t.max_grad_norm == 1.0 and t.lr == 5e-6 and t.checkpoint_steps == [1000, 1500]
+    assert cfg.loss_cfg("dpo").lr_scale == 0.1 and cfg.rollouts.k == 4 and cfg.grid.seeds == [42]
+
+
+def _err(data):
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data, "x.yaml")
+    return str(ei.value)
+
+
+def test_typo_key_names_the_path():
+    msg = _err({"train": {"lora": {"rank": 8}}})
+    assert "train.lora.rank" in msg and "unknown key" in msg
+
+
+def test_wrong_type_names_the_path_and_value():
+    msg = _err({"rollouts": {"k": "four"}})
+    assert "rollouts.k" in msg and "'four'" in msg
+
+
+def test_effective_batch_must_divide():
+    msg = _err({"train": {"effective_batch": 30, "per_device_batch": 8, "grad_accum": 4}})
+    assert "train.effective_batch=30" in msg and "8 x 4 x 1 = 32" in msg
+
+
+def test_checkpoint_beyond_last_step():
+    msg = _err({"train": {"max_steps": 10, "checkpoint_steps": [5, 20]}})
+    assert "[20]" in msg and "max_steps=10" in msg
+
+
+def test_unknown_loss_lists_valid_ones():
+    msg = _err({"grid": {"losses": ["sft", "ppo"]}})
+    assert "ppo" in msg and "dpo" in msg and "online_dapo" in msg
+
+
+def test_nonpositive_lr_refused():
+    assert "grid.lrs" in _err({"grid": {"lrs": [0.0]}})
+    assert "losses.dpo.lrs" in _err({"losses": {"dpo": {"lrs": [-1e-6]}}})
+
+
+def test_openai_backend_needs_endpoint():
+    assert "rollouts.endpoint" in _err({"rollouts": {"backend": "openai"}})
+
+
+def test_hash_changes_with_content():
+    a = parse_config({})
+    b = parse_config({"train": {"lr": 1e-5}})
+    assert config_hash(a) != config_hash(b) and len(config_hash(a)) == 16
+
+
+def test_missing_and_non_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
