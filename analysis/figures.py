@@ -1,0 +1,311 @@
+"""The report's figures (matplotlib, Agg), after the seed paper's Figures 1-6.
+
+Each function takes rows (lists of dicts read from the run's Parquet tables),
+writes one PNG and returns its path, or returns None when the rows hold
+nothing to draw. Adapters are named `<cell_id>@<step>` (analysis/adapters.py);
+`Labeler` turns names into short labels (the loss alone when seed and LR do not
+vary). Panels are one per checkpoint step.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from analysis.adapters import BASE, describe  # noqa: E402
+
+DPI = 110
+
+
+class Labeler:
+    """Short, unambiguous labels for the adapters seen in a report."""
+
+    def __init__(self, names: Iterable[str]):
+        infos = [describe(n) for n in names if n != BASE]
+        cells = [i for i in infos if i["loss"]]
+        self.vary_seed = len({i["seed"] for i in cells}) > 1
+        self.vary_lr = len({(i["loss"], i["lr"]) for i in cells}) > len({i["loss"] for i in cells})
+
+    def __call__(self, name: str, *, step: bool = False) -> str:
+        i = describe(name)
+        if not i["loss"]:
+            return name
+        out = i["loss"]
+        if self.vary_seed:
+            out += f" s{i['seed']}"
+        if self.vary_lr:
+            out += f" lr{i['lr']:.0e}"
+        if step:
+            out += f" @{i['step']}"
+        return out
+
+
+def step_of(name: str) -> int:
+    return describe(name)["step"]
+
+
+def panel_steps(names: Iterable[str], *, max_panels: int = 4) -> list[int]:
+    """The checkpoint steps to draw (the last `max_panels`); -1 alone when only
+    extra adapters (no step) are present."""
+    steps = sorted({step_of(n) for n in names if n != BASE and step_of(n) >= 0})
+    return steps[-max_panels:] if steps else [-1]
+
+
+def in_panel(names: Iterable[str], step: int, last: int) -> bool:
+    """A row belongs to a step's panel when every adapter in it is at that step,
+    or is the base model, or has no step (extras: drawn with the last step)."""
+    for n in names:
+        s = step_of(n)
+        if n == BASE or (s < 0 and step == last):
+            continue
+        if s != step:
+            return False
+    return True
+
+
+def _panels(n: int, *, width: float = 5.2, height: float = 4.0, rows: int = 1):
+    fig, axes = plt.subplots(rows, n, figsize=(width * n, height * rows), squeeze=False)
+    return fig, axes
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _step_title(step: int) -> str:
+    return "extra adapters" if step < 0 else f"checkpoint step {step}"
+
+
+def global_cosine_heatmap(rows: list[dict], path: str, *, order: list[str]) -> Optional[str]:
+    """Seed Fig. 1: matrix of global ΔW cosines, one panel per step."""
+    if not rows:
+        return None
+    lab = Labeler(order)
+    steps = panel_steps(order)
+    fig, axes = _panels(len(steps), width=6.0, height=5.2)
+    for ax, step in zip(axes[0], steps):
+        names = [n for n in order if in_panel([n], step, steps[-1])]
+        idx = {n: k for k, n in enumerate(names)}
+        m = np.full((len(names), len(names)), np.nan)
+        np.fill_diagonal(m, 1.0)
+        for r in rows:
+            a, b = r["adapter_a"], r["adapter_b"]
+            if a in idx and b in idx:
+                m[idx[a], idx[b]] = m[idx[b], idx[a]] = r["cosine"]
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1)
+        ticks = [lab(n) for n in names]
+        ax.set_xticks(range(len(names)), ticks, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), ticks, fontsize=8)
+        if len(names) <= 14:
+            for i in range(len(names)):
+                for j in range(len(names)):
+                    if not math.isnan(m[i, j]):
+                        ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if abs(m[i, j]) > 0.6 else "black")
+        ax.set_title(f"global cos(ΔW_a, ΔW_b), {_step_title(step)}", fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="cosine (unitless)")
+    return _save(fig, path)
+
+
+def _pair_lines(ax, rows, pairs, lab, *, x: str, y: str) -> int:
+    drawn = 0
+    for a, b in pairs:
+        pts = sorted((r[x], r[y]) for r in rows if r["adapter_a"] == a and r["adapter_b"] == b)
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", ms=3, label=f"{lab(a)} – {lab(b)}")
+            drawn += 1
+    if drawn:
+        ax.legend(fontsize=7, loc="best")
+    return drawn
+
+
+def _ordered(pair: tuple[str, str]) -> tuple[str, str]:
+    # geometry tables store unordered pairs with a < b by name (DESIGN.md).
+    return tuple(sorted(pair))
+
+
+def layer_cosine(rows: list[dict], path: str, *, ref_pairs: list[tuple[str, str]]) -> Optional[str]:
+    """Seed Fig. 4: per-layer ΔW cosine of each adapter to its reference cell."""
+    pairs = [_ordered(p) for p in ref_pairs]
+    have = {(r["adapter_a"], r["adapter_b"]) for r in rows}
+    pairs = [p for p in pairs if p in have]
+    if not pairs:
+        return None
+    lab = Labeler([n for p in pairs for n in p])
+    steps = panel_steps([n for p in pairs for n in p])
+    fig, axes = _panels(len(steps))
+    for ax, step in zip(axes[0], steps):
+        _pair_lines(ax, rows, [p for p in pairs if in_panel(p, step, steps[-1])], lab, x="layer", y="cosine")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("cosine of ΔW to the reference (per layer)")
+        ax.set_title(_step_title(step), fontsize=10)
+    return _save(fig, path)
+
+
+def principal_angles(rows: list[dict], path: str, *, ref_pairs: list[tuple[str, str]]) -> Optional[str]:
+    """Seed §3.3: distributions over modules of the top-1 and worst principal
+    angle between the top-k left singular subspaces, per pair with the reference."""
+    pairs = [_ordered(p) for p in ref_pairs]
+    groups = defaultdict(lambda: ([], []))
+    for r in rows:
+        key = (r["adapter_a"], r["adapter_b"])
+        groups[key][0].append(r["top1_angle_deg"])
+        groups[key][1].append(r["worst_angle_deg"])
+    pairs = [p for p in pairs if p in groups]
+    if not pairs:
+        return None
+    lab = Labeler([n for p in pairs for n in p])
+    steps = panel_steps([n for p in pairs for n in p])
+    fig, axes = _panels(len(steps), rows=2, height=3.6)
+    for col, step in enumerate(steps):
+        here = [p for p in pairs if in_panel(p, step, steps[-1])]
+        for row, (which, title) in enumerate(((0, "top-1 principal angle"), (1, "worst (largest) principal angle"))):
+            ax = axes[row][col]
+            if here:
+                ax.boxplot([groups[p][which] for p in here], showfliers=False)
+                ax.set_xticks(range(1, len(here) + 1), [f"{lab(a)}–{lab(b)}" for a, b in here],
+                              rotation=45, ha="right", fontsize=7)
+            ax.set_ylim(0, 90)
+            ax.set_ylabel(f"{title} (degrees)", fontsize=8)
+            ax.set_title(f"{title}, {_step_title(step)}", fontsize=9)
+    return _save(fig, path)
+
+
+def lmc_curves(rows: list[dict], path: str) -> Optional[str]:
+    """Seed Fig. 5: masked-answer CE along α·ΔW_a + (1−α)·ΔW_b."""
+    if not rows:
+        return None
+    pairs = sorted({(r["adapter_a"], r["adapter_b"]) for r in rows})
+    lab = Labeler([n for p in pairs for n in p])
+    steps = panel_steps([n for p in pairs for n in p])
+    fig, axes = _panels(len(steps))
+    for ax, step in zip(axes[0], steps):
+        _pair_lines(ax, rows, [p for p in pairs if in_panel(p, step, steps[-1])], lab, x="alpha", y="ce")
+        ax.set_xlabel("α (1 = adapter_a, the first name; 0 = adapter_b)")
+        ax.set_ylabel("masked-answer CE (nats / answer token)")
+        ax.set_title(f"linear mode connectivity, {_step_title(step)}", fontsize=10)
+    return _save(fig, path)
+
+
+def cka_layers(rows: list[dict], path: str) -> Optional[str]:
+    """Seed Fig. 6: linear CKA of per-layer hidden states, per pair."""
+    if not rows:
+        return None
+    pairs = sorted({(r["adapter_a"], r["adapter_b"]) for r in rows})
+    lab = Labeler([n for p in pairs for n in p])
+    steps = panel_steps([n for p in pairs for n in p])
+    fig, axes = _panels(len(steps))
+    for ax, step in zip(axes[0], steps):
+        _pair_lines(ax, rows, [p for p in pairs if in_panel(p, step, steps[-1])], lab, x="layer", y="cka")
+        ax.set_xlabel("decoder block")
+        ax.set_ylabel("linear CKA of hidden states (0–1)")
+        ax.set_title(f"representational similarity, {_step_title(step)}", fontsize=10)
+    return _save(fig, path)
+
+
+def accuracy_bars(rows: list[dict], path: str) -> Optional[str]:
+    """Seed Fig. 3: greedy pass@1 with Wilson 95% intervals, per eval set."""
+    if not rows:
+        return None
+    datasets = sorted({r["dataset"] for r in rows})
+    lab = Labeler([r["model"] for r in rows])
+    fig, axes = _panels(len(datasets), width=max(5.0, 0.45 * len(rows) / len(datasets) + 2), height=4.4)
+    for ax, ds in zip(axes[0], datasets):
+        here = sorted((r for r in rows if r["dataset"] == ds),
+                      key=lambda r: (r["model"] != BASE, describe(r["model"])["step"], r["model"]))
+        acc = np.array([100 * r["accuracy"] for r in here])
+        err = np.array([[100 * (r["accuracy"] - r["ci_low"]) for r in here],
+                        [100 * (r["ci_high"] - r["accuracy"]) for r in here]])
+        steps = sorted({describe(r["model"])["step"] for r in here})
+        colours = {s: plt.cm.tab10(k % 10) for k, s in enumerate(steps)}
+        ax.bar(range(len(here)), acc, yerr=err, capsize=3,
+               color=[colours[describe(r["model"])["step"]] for r in here])
+        ax.set_xticks(range(len(here)), [lab(r["model"], step=r["model"] != BASE) for r in here],
+                      rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("greedy pass@1 (%), Wilson 95% CI")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{ds} (n = {here[0]['n']})", fontsize=10)
+    return _save(fig, path)
+
+
+def _global_norms(module_rows: list[dict]) -> dict[str, float]:
+    """‖ΔW‖_F over all modules = sqrt(Σ_j ‖ΔW_j‖_F²)."""
+    sq = defaultdict(float)
+    for r in module_rows:
+        sq[r["adapter"]] += r["fro_norm"] ** 2
+    return {k: math.sqrt(v) for k, v in sq.items()}
+
+
+def varies_seed_or_lr(names: Iterable[str]) -> bool:
+    lab = Labeler(names)
+    return lab.vary_seed or lab.vary_lr
+
+
+def seed_lr_panels(global_rows: list[dict], module_rows: list[dict], path: str) -> Optional[str]:
+    """Seed Fig. 2: (left) cosine / top-1 u / top-1 v agreement between seeds of
+    the same loss vs LR; (middle) ‖ΔW‖_F vs LR; (right) cosine between two LRs
+    of the same loss and seed vs their ratio."""
+    seed_pts, lr_pts = defaultdict(list), defaultdict(list)
+    for r in global_rows:
+        a, b = describe(r["adapter_a"]), describe(r["adapter_b"])
+        if not (a["loss"] and a["loss"] == b["loss"] and a["step"] == b["step"]):
+            continue
+        if a["lr"] == b["lr"] and a["seed"] != b["seed"]:
+            seed_pts[a["loss"]].append((a["lr"], r["cosine"], r["mean_u1_abs_dot"], r["mean_v1_abs_dot"]))
+        elif a["seed"] == b["seed"] and a["lr"] != b["lr"]:
+            lr_pts[a["loss"]].append((max(a["lr"], b["lr"]) / min(a["lr"], b["lr"]), r["cosine"]))
+    norms = defaultdict(list)
+    for name, v in _global_norms(module_rows).items():
+        d = describe(name)
+        if d["loss"]:
+            norms[(d["loss"], d["seed"], d["step"])].append((d["lr"], v))
+    norms = {k: sorted(v) for k, v in norms.items() if len(v) > 1}
+    if not (seed_pts or lr_pts or norms):
+        return None
+    fig, axes = _panels(3, width=4.8)
+    ax = axes[0][0]
+    for k, (loss, pts) in enumerate(sorted(seed_pts.items())):
+        pts.sort()
+        lr, cos, u1, v1 = (np.array(c) for c in zip(*pts))
+        c = plt.cm.tab10(k % 10)
+        ax.plot(lr, cos, "o-", color=c, label=f"{loss}: cosine")
+        ax.plot(lr, u1, "s--", color=c, alpha=0.7, label=f"{loss}: |u1·u1'|")
+        ax.plot(lr, v1, "^:", color=c, alpha=0.7, label=f"{loss}: |v1·v1'|")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("agreement between two seeds (unitless)")
+    ax.set_title("same loss, two seeds", fontsize=10)
+    if seed_pts:
+        ax.legend(fontsize=6)
+    ax = axes[0][1]
+    for (loss, seed, step), pts in sorted(norms.items()):
+        lr, v = zip(*pts)
+        ax.plot(lr, v, "o-", label=f"{loss} s{seed} @{step}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("global ‖ΔW‖_F")
+    ax.set_title("update norm vs learning rate", fontsize=10)
+    if norms:
+        ax.legend(fontsize=6)
+    ax = axes[0][2]
+    for loss, pts in sorted(lr_pts.items()):
+        ratio, cos = zip(*sorted(pts))
+        ax.plot(ratio, cos, "o", label=loss)
+    ax.set_xscale("log")
+    ax.set_xlabel("LR ratio of the two cells")
+    ax.set_ylabel("global cosine of ΔW (unitless)")
+    ax.set_title("same loss and seed, two LRs", fontsize=10)
+    if lr_pts:
+        ax.legend(fontsize=6)
+    return _save(fig, path)
