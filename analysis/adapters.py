@@ -22,7 +22,7 @@ from sweep.errors import WsgError
 BASE = "base"
 SEP = "@"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_CELL_ID = re.compile(r"^(?P<loss>[a-z0-9_]+)-s(?P<seed>-?\d+)-lr(?P<lr>[0-9.]+(?:e[+-]?\d+)?)$")
+_CELL_ID = re.compile(r"^(?P<loss>[a-z][a-z0-9_]*)-s(?P<seed>-?\d+)-lr(?P<lr>[0-9.]+(?:e[+-]?\d+)?)$")
 # Extra adapter names become file names (eval/models/<name>.parquet) and
 # table keys: keep them to a safe alphabet.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+\-]*$")

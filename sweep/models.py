@@ -175,7 +175,13 @@ def _read_marker(folder: Path) -> dict | None:
 def _file_lock(path: Path) -> Iterator[None]:
     # The lock file stays: deleting it would let a third process lock a new
     # inode while the second still waits on the old one.
-    with open(path, "a") as fh:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a")
+    except OSError as exc:
+        raise WsgError(f"cannot write the model cache {str(path.parent)!r} ({exc}); "
+                       "set WSG_CACHE to a writable folder") from exc
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -193,7 +199,6 @@ def _materialize(final: Path, build: Callable[[Path], dict]) -> Path:
     """
     if _read_marker(final) is not None:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(final.parent / f"{final.name}.lock"):
         if _read_marker(final) is not None:  # another process built it meanwhile
             return final

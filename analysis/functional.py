@@ -1,0 +1,309 @@
+"""The functional-analysis stage: linear mode connectivity, CKA and logit lens
+(seed paper §2 Analysis (iii)-(iv), §3.5, §3.6; DESIGN.md "Functional analyses").
+
+Work is split into units, each run inside a Ray task that loads the base model
+once and swaps adapters with peft (`load_adapter` + `set_adapter`):
+
+- `hidden` unit, per adapter (and the base): mean-pooled per-layer hidden
+  states of `analysis.cka_prompts` chat-templated eval prompts (for CKA) and
+  the logit-lens mean prediction depth on the same prompts;
+- `lmc` unit, per pair: the masked-answer CE of the gold `\\boxed{answer}`
+  right after the prompt on `analysis.lmc_items` eval items, at every α of
+  `analysis.lmc_alphas`, each point served by the rank-(r_a + r_b) LoRA of
+  α·ΔW_a + (1−α)·ΔW_b (analysis/lmc.py). α = 1 is adapter_a.
+
+Units write their results to `<run>/analysis/parts/` with a fingerprint of
+their inputs (model, items, adapter contents, α grid); a rerun skips units
+whose part matches, so the stage is incremental and resumable. The driver then
+assembles `<run>/analysis/{lmc,cka,logit_lens}.parquet`. Items come from the
+first eval set (`analysis.eval_sets[0]`), prompts exactly as the eval stage
+feeds them to vLLM.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tempfile
+from itertools import combinations
+
+import numpy as np
+import pyarrow as pa
+
+from analysis.adapters import BASE, Adapter, content_hash, list_adapters, reference_pairs, split_name
+from sweep import rundir
+from sweep.errors import WsgError
+
+LMC_SCHEMA = pa.schema([("adapter_a", pa.string()), ("adapter_b", pa.string()), ("alpha", pa.float64()),
+                        ("ce", pa.float64()), ("n_items", pa.int64()), ("n_tokens", pa.int64())])
+CKA_SCHEMA = pa.schema([("adapter_a", pa.string()), ("adapter_b", pa.string()), ("layer", pa.int32()),
+                        ("cka", pa.float64()), ("n_prompts", pa.int64())])
+LOGIT_LENS_SCHEMA = pa.schema([("adapter", pa.string()), ("mean_depth", pa.float64()), ("n_layers", pa.int32()),
+                               ("n_prompts", pa.int64())])
+# Rows per forward pass; small enough for a 4B model at 1k tokens on one GPU.
+BATCH_SIZE = 8
+
+
+def analysis_dir(run: str) -> str:
+    return rundir.join(run, "analysis")
+
+
+# --- which pairs ---------------------------------------------------------------
+def lmc_pair_list(cfg, adapters: list[Adapter]) -> list[tuple[str, str]]:
+    """Pairs for LMC per `analysis.lmc_pairs`: "reference" (reference loss vs
+    every other cell at the same step, adapters.reference_pairs), "all" (every
+    unordered pair at the same step; extras pair with everything) or an
+    explicit list of [a, b] names; a name without `@step` means every analysed
+    step where both cells exist."""
+    rule = cfg.analysis.lmc_pairs
+    names = [a.name for a in adapters]
+    if rule == "reference":
+        return reference_pairs(adapters, cfg.analysis.reference_loss)
+    if rule == "all":
+        return [(a.name, b.name) for a, b in combinations(adapters, 2)
+                if a.step == b.step or a.step < 0 or b.step < 0]
+    out = []
+    for k, pair in enumerate(rule):
+        if len(pair) != 2:
+            raise WsgError(f"analysis.lmc_pairs[{k}] must be [adapter_a, adapter_b], got {pair}")
+        a, b = pair
+        if a in names and b in names:
+            out.append((a, b))
+            continue
+        steps = sorted({x.step for x in adapters})
+        hits = [(f"{a}@{s}", f"{b}@{s}") for s in steps if f"{a}@{s}" in names and f"{b}@{s}" in names]
+        if not hits:
+            raise WsgError(f"analysis.lmc_pairs[{k}]: no analysed adapters {a!r} and {b!r} (as names or cell ids "
+                           f"at a common step); valid names: {', '.join(names)}")
+        out += hits
+    return out
+
+
+def cka_pair_list(cfg, adapters: list[Adapter]) -> list[tuple[str, str]]:
+    """Reference pairs plus (base, adapter) for every adapter."""
+    return reference_pairs(adapters, cfg.analysis.reference_loss) + [(BASE, a.name) for a in adapters]
+
+
+# --- parts (cached unit results) ---------------------------------------------
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _part_path(run: str, unit: dict) -> str:
+    if unit["kind"] == "hidden":
+        return rundir.join(analysis_dir(run), "parts", "hidden", f"{unit['name']}.npz")
+    return rundir.join(analysis_dir(run), "parts", "lmc", f"{unit['a']}__{unit['b']}.parquet")
+
+
+def _read_part(path: str):
+    if path.endswith(".npz"):
+        with np.load(io.BytesIO(rundir.read_bytes(path))) as z:
+            return {k: z[k] for k in z.files}
+    t = rundir.read_table(path)
+    return {"table": t, "fingerprint": (t.schema.metadata or {}).get(b"fingerprint", b"").decode()}
+
+
+def _part_valid(run: str, unit: dict) -> bool:
+    path = _part_path(run, unit)
+    if not rundir.exists(path):
+        return False
+    return str(_read_part(path)["fingerprint"]) == unit["fingerprint"]
+
+
+# --- the Ray task --------------------------------------------------------------
+class _Host:
+    """The base model plus at most one loaded adapter at a time."""
+
+    def __init__(self, model_name: str, dtype: str, trust_remote_code: bool):
+        import torch
+
+        from sweep.models import load_causal_lm, load_tokenizer
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tok = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+        self.base = load_causal_lm(model_name, dtype=getattr(torch, dtype),
+                                   trust_remote_code=trust_remote_code).to(self.device)
+        self.peft = None
+        self.current = None
+        self.count = 0
+
+    def model(self, adapter_path: str | None):
+        """The model with `adapter_path` applied (the base when None)."""
+        from peft import PeftModel
+
+        if adapter_path is None:
+            if self.peft is None:
+                return self.base
+            self.peft.base_model.disable_adapter_layers()
+            return self.peft
+        name, self.count = f"a{self.count}", self.count + 1
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, adapter_path, adapter_name=name, is_trainable=False)
+        else:
+            self.peft.base_model.enable_adapter_layers()
+            self.peft.load_adapter(adapter_path, adapter_name=name, is_trainable=False)
+            self.peft.set_adapter(name)
+            self.peft.delete_adapter(self.current)
+        self.current = name
+        return self.peft.eval()
+
+
+def _hidden_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
+    from analysis.adapters import _local_copy
+    from analysis.cka import collect_hidden_states, pad_token_id, right_pad
+    from analysis.logit_lens import prediction_depth
+
+    model = host.model(None if unit["uri"] is None else _local_copy(unit["uri"]))
+    prompts = items["cka_prompts"]
+    hs = collect_hidden_states(model, host.tok, prompts, max_length=items["max_length"], batch_size=BATCH_SIZE)
+    seqs = [host.tok(p, add_special_tokens=True)["input_ids"][: items["max_length"]] for p in prompts]
+    ids, mask = right_pad(seqs, pad_token_id(host.tok))
+    depth = prediction_depth(model, ids, mask, batch_size=BATCH_SIZE)
+    buf = io.BytesIO()
+    # float32 on disk halves the parts; CKA itself is computed in float64.
+    np.savez(buf, hidden=np.stack(hs).astype(np.float32), depth=np.float64(depth),
+             fingerprint=np.str_(unit["fingerprint"]))
+    rundir.write_bytes(_part_path(run, unit), buf.getvalue())
+
+
+def _lmc_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
+    from analysis.adapters import _local_copy
+    from analysis.lmc import masked_answer_nll, write_interpolated_adapter
+
+    pa_, pb_ = _local_copy(unit["uri_a"]), _local_copy(unit["uri_b"])
+    pairs = list(zip(items["lmc_prompts"], items["lmc_answers"]))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="wsg-lmc-") as tmp:
+        for k, alpha in enumerate(unit["alphas"]):
+            folder = write_interpolated_adapter(pa_, pb_, alpha, f"{tmp}/{k}")
+            nll, ntok = masked_answer_nll(host.model(folder), host.tok, pairs, batch_size=BATCH_SIZE)
+            rows.append({"adapter_a": unit["a"], "adapter_b": unit["b"], "alpha": float(alpha),
+                         "ce": float(nll.sum() / ntok.sum()), "n_items": len(pairs), "n_tokens": int(ntok.sum())})
+    table = pa.Table.from_pylist(rows, schema=LMC_SCHEMA.with_metadata({"fingerprint": unit["fingerprint"]}))
+    rundir.write_table(_part_path(run, unit), table)
+
+
+def functional_worker(spec: dict) -> list[str]:
+    """Body of one Ray task: load the base once, run the units in order."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
+    torch.set_num_threads(max(1, int(cpus)))
+    host = _Host(spec["model"], spec["dtype"], spec["trust_remote_code"])
+    done = []
+    # The base unit first, before any adapter wraps the model.
+    for unit in sorted(spec["units"], key=lambda u: u.get("name") != BASE):
+        (_hidden_unit if unit["kind"] == "hidden" else _lmc_unit)(host, unit, spec["items"], spec["run"])
+        done.append(unit["id"])
+    return done
+
+
+# --- the driver ----------------------------------------------------------------
+def _items(cfg) -> dict:
+    from analysis.evaluate import eval_prompts
+
+    es = cfg.analysis.eval_sets[0]
+    problems, prompts = eval_prompts(cfg, es)
+    n_cka, n_lmc = min(cfg.analysis.cka_prompts, len(prompts)), min(cfg.analysis.lmc_items, len(prompts))
+    if n_cka < 2:
+        raise WsgError(f"analysis.eval_sets[0] ({es.name}) has {len(prompts)} problem(s); CKA needs at least 2")
+    return {"dataset": es.name, "cka_prompts": prompts[:n_cka], "lmc_prompts": prompts[:n_lmc],
+            # Seed §3.5: the gold answer as it is asked for, boxed, right after the prompt.
+            "lmc_answers": [f"\\boxed{{{p.answer}}}" for p in problems[:n_lmc]],
+            "max_length": cfg.model.max_model_len}
+
+
+def _units(cfg, adapters: list[Adapter], items: dict) -> list[dict]:
+    by = {a.name: a for a in adapters}
+    hashes = {a.name: content_hash(a.path) for a in adapters}
+    common = {"model": cfg.model.name, "dtype": cfg.model.dtype}
+    h_items = _fingerprint({"p": items["cka_prompts"], "max_length": items["max_length"]})
+    l_items = _fingerprint({"p": items["lmc_prompts"], "a": items["lmc_answers"]})
+    needed = {n for p in cka_pair_list(cfg, adapters) for n in p}
+    units = []
+    for name in [BASE] + [a.name for a in adapters]:
+        if name in needed:
+            units.append({"kind": "hidden", "name": name, "id": f"hidden:{name}",
+                          "uri": None if name == BASE else by[name].uri, "cost": len(items["cka_prompts"]),
+                          "fingerprint": _fingerprint({**common, "items": h_items, "adapter": hashes.get(name)})})
+    alphas = [float(x) for x in cfg.analysis.lmc_alphas]
+    for a, b in lmc_pair_list(cfg, adapters):
+        units.append({"kind": "lmc", "a": a, "b": b, "id": f"lmc:{a}:{b}", "uri_a": by[a].uri, "uri_b": by[b].uri,
+                      "alphas": alphas, "cost": len(alphas) * len(items["lmc_prompts"]),
+                      "fingerprint": _fingerprint({**common, "items": l_items, "alphas": alphas,
+                                                   "a": hashes[a], "b": hashes[b]})})
+    return units
+
+
+def _shards(units: list[dict], n: int) -> list[list[dict]]:
+    """Greedy longest-processing-time split of the units over n tasks."""
+    shards, load = [[] for _ in range(n)], [0] * n
+    for u in sorted(units, key=lambda u: -u["cost"]):
+        k = load.index(min(load))
+        shards[k].append(u)
+        load[k] += u["cost"]
+    return [s for s in shards if s]
+
+
+def _run_tasks(cfg, run: str, todo: list[dict], items: dict, progress: bool) -> None:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    slots = int(gpus) if gpus >= 1 else max(1, int(ray.available_resources().get("CPU", 1)))
+    task = ray.remote(num_cpus=1, num_gpus=1 if gpus >= 1 else 0, max_retries=1)(functional_worker)
+    refs = []
+    for shard in _shards(todo, min(slots, len(todo))):
+        refs.append(task.remote({"model": cfg.model.name, "dtype": cfg.model.dtype,
+                                 "trust_remote_code": cfg.model.trust_remote_code, "run": run,
+                                 "items": items, "units": shard}))
+    pending, n = list(refs), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        done = ray.get(ready[0])
+        n += len(done)
+        if progress:
+            print(f"wsg: [functional] {n}/{len(todo)} units done", flush=True)
+
+
+def run_functional(cfg, run: str, *, progress: bool = True) -> dict:
+    """Stage entry: compute (or reuse) every unit, then write the three tables."""
+    import ray
+
+    from analysis.cka import layerwise_cka
+
+    adapters = list_adapters(cfg, run)
+    if not adapters:
+        raise WsgError(f"{run} has no complete adapters to analyse; run the grid first (`wsg run`)")
+    items = _items(cfg)
+    units = _units(cfg, adapters, items)
+    todo = [u for u in units if not _part_valid(run, u)]
+    if progress:
+        print(f"wsg: [functional] {len(units)} units, {len(units) - len(todo)} cached", flush=True)
+    if todo:
+        owned = not ray.is_initialized()
+        if owned:
+            ray.init(address=cfg.resources.ray_address, log_to_driver=progress)
+        try:
+            _run_tasks(cfg, run, todo, items, progress)
+        finally:
+            if owned:
+                ray.shutdown()
+
+    parts = {u["id"]: _read_part(_part_path(run, u)) for u in units}
+    hidden = {u["name"]: parts[u["id"]] for u in units if u["kind"] == "hidden"}
+    cka_rows = []
+    for a, b in cka_pair_list(cfg, adapters):
+        vals = layerwise_cka(list(hidden[a]["hidden"]), list(hidden[b]["hidden"]))
+        cka_rows += [{"adapter_a": a, "adapter_b": b, "layer": k, "cka": float(v),
+                      "n_prompts": len(items["cka_prompts"])} for k, v in enumerate(vals)]
+    lens_rows = [{"adapter": n, "mean_depth": float(h["depth"]), "n_layers": int(h["hidden"].shape[0]),
+                  "n_prompts": len(items["cka_prompts"])} for n, h in hidden.items()]
+    lmc = [parts[u["id"]]["table"] for u in units if u["kind"] == "lmc"]
+    lmc_table = pa.concat_tables(lmc).replace_schema_metadata(None) if lmc else LMC_SCHEMA.empty_table()
+    out = analysis_dir(run)
+    rundir.write_table(rundir.join(out, "lmc.parquet"), lmc_table.cast(LMC_SCHEMA))
+    rundir.write_table(rundir.join(out, "cka.parquet"), pa.Table.from_pylist(cka_rows, schema=CKA_SCHEMA))
+    rundir.write_table(rundir.join(out, "logit_lens.parquet"), pa.Table.from_pylist(lens_rows, schema=LOGIT_LENS_SCHEMA))
+    return {"adapters": len(adapters), "units": len(units), "computed": len(todo), "lmc_rows": lmc_table.num_rows,
+            "cka_rows": len(cka_rows), "logit_lens_rows": len(lens_rows)}

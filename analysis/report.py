@@ -1,0 +1,272 @@
+"""The run's HTML report: `<run>/report/index.html` + `figures/*.png`.
+
+Built from whatever tables exist (DESIGN.md "Run directory"): each section
+names the table it needs and, when that table is absent, says so and which
+stage writes it, instead of failing. The page is self-contained offline:
+images by relative path, no scripts or styles from the network.
+"""
+from __future__ import annotations
+
+import html
+import math
+import os
+import tempfile
+from collections import defaultdict
+from datetime import datetime, timezone
+
+from analysis import figures as F
+from analysis.adapters import BASE, describe, reference_pairs, Adapter
+from sweep import rundir
+
+# key -> (path in the run, what writes it)
+TABLES = {
+    "accuracy": ("eval/accuracy.parquet", "the eval stage (`wsg eval --run RUN`)"),
+    "mcnemar": ("eval/mcnemar.parquet", "the eval stage (`wsg eval --run RUN`)"),
+    "global_pairs": ("geometry/global_pairs.parquet", "the geometry stage (`wsg geometry --run RUN`)"),
+    "layer_pairs": ("geometry/layer_pairs.parquet", "the geometry stage (`wsg geometry --run RUN`)"),
+    "module_pairs": ("geometry/module_pairs.parquet", "the geometry stage (`wsg geometry --run RUN`)"),
+    "adapter_modules": ("geometry/adapter_modules.parquet", "the geometry stage (`wsg geometry --run RUN`)"),
+    "lmc": ("analysis/lmc.parquet", "the functional stage (`wsg functional --run RUN`)"),
+    "cka": ("analysis/cka.parquet", "the functional stage (`wsg functional --run RUN`)"),
+    "logit_lens": ("analysis/logit_lens.parquet", "the functional stage (`wsg functional --run RUN`)"),
+}
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}
+.missing{background:#fff4e0;border-left:4px solid #e69500;padding:.5em 1em}
+.meta td{text-align:left}img{max-width:100%;border:1px solid #eee}
+.sig{font-weight:bold}.note{color:#555;font-size:.9em}
+"""
+
+
+def _read(run: str, key: str):
+    path = rundir.join(run, TABLES[key][0])
+    if not rundir.exists(path):
+        return None
+    return rundir.read_table(path).to_pylist()
+
+
+def _run_config(run: str) -> tuple[str, dict]:
+    """(config hash, the resolved config as a dict); ('unknown', {}) if absent."""
+    path = rundir.config_path(run)
+    if not rundir.exists(path):
+        return "unknown (no config.yaml)", {}
+    import yaml
+
+    text = rundir.read_text(path)
+    first = text.splitlines()[0] if text else ""
+    h = first.rsplit(" ", 1)[-1] if first.startswith("# wsg resolved config") else None
+    data = yaml.safe_load(text) or {}
+    if h is None:
+        from sweep.config import config_hash, parse_config
+
+        h = config_hash(parse_config(data, path))
+    return h, data
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.3g}" if (abs(v) < 1e-3 and v != 0) else f"{v:.4f}".rstrip("0").rstrip(".") or "0"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v[:6]) + (" …" if len(v) > 6 else "")
+    return html.escape(str(v))
+
+
+def _table(rows: list[dict], cols: list[str], *, bold=None, cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for r in rows:
+        cls = ' class="sig"' if bold and bold(r) else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>")
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _missing(keys: list[str]) -> str:
+    items = "".join(f"<li><code>{TABLES[k][0]}</code> is absent: written by {html.escape(TABLES[k][1])}</li>"
+                    for k in keys)
+    return f'<div class="missing">This section is missing because its table(s) are absent:<ul>{items}</ul></div>'
+
+
+def _figure(path, rel: str, caption: str) -> str:
+    if path is None:
+        return f'<p class="note">No figure: the table has no rows for it ({html.escape(caption)}).</p>'
+    return f'<figure><img src="{rel}" alt="{html.escape(caption)}"><figcaption class="note">{caption}</figcaption></figure>'
+
+
+def _adapters_from_names(names) -> list[Adapter]:
+    out = []
+    for n in sorted(set(names) - {BASE}):
+        d = describe(n)
+        out.append(Adapter(name=n, path="", uri="", step=d["step"], cell_id=d["cell_id"], loss=d["loss"],
+                           seed=d["seed"], lr=d["lr"]))
+    return out
+
+
+def _norm_table(module_rows: list[dict]) -> list[dict]:
+    """Per adapter: modules, global ‖ΔW‖_F and effective rank summary."""
+    by = defaultdict(list)
+    for r in module_rows:
+        by[r["adapter"]].append(r)
+    out = []
+    for name in sorted(by):
+        rs = by[name]
+        er = [r["effective_rank"] for r in rs]
+        out.append({"adapter": name, "modules": len(rs),
+                    "global_fro_norm": math.sqrt(sum(r["fro_norm"] ** 2 for r in rs)),
+                    "mean_module_fro_norm": sum(r["fro_norm"] for r in rs) / len(rs),
+                    "effective_rank_mean": sum(er) / len(er), "effective_rank_min": min(er),
+                    "effective_rank_max": max(er)})
+    return out
+
+
+def _render(run: str, out_dir: str) -> None:
+    """Write index.html and figures/ into the local folder out_dir."""
+    fig_dir = os.path.join(out_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    t = {k: _read(run, k) for k in TABLES}
+    cfg_hash, cfg = _run_config(run)
+    ref_loss = (cfg.get("analysis") or {}).get("reference_loss", "sft")
+    names = set()
+    for k in ("global_pairs", "layer_pairs", "module_pairs", "lmc", "cka"):
+        for r in t[k] or []:
+            names.update((r["adapter_a"], r["adapter_b"]))
+    for r in t["adapter_modules"] or []:
+        names.add(r["adapter"])
+    for r in t["accuracy"] or []:
+        names.add(r["model"])
+    ref_pairs = reference_pairs(_adapters_from_names(names), ref_loss)
+    order = sorted(names - {BASE}, key=lambda n: (describe(n)["step"], n))
+
+    def fig(name, fn, *args, **kw):
+        return fn(*args, os.path.join(fig_dir, name), **kw)
+
+    sections = []
+
+    def section(title, keys, body_fn):
+        absent = [k for k in keys if t[k] is None]
+        body = _missing(absent) if absent else body_fn()
+        sections.append((title, body, bool(absent)))
+
+    def accuracy():
+        p = fig("accuracy.png", F.accuracy_bars, t["accuracy"])
+        cols = ["model", "step", "dataset", "n", "correct", "accuracy", "ci_low", "ci_high"]
+        return (_figure(p, "figures/accuracy.png", "Greedy pass@1 with Wilson 95% intervals (seed Fig. 3).")
+                + _table(t["accuracy"], cols))
+
+    def mcnemar():
+        rows = sorted(t["mcnemar"], key=lambda r: (r["dataset"], r["p_value"], r["model_a"], r["model_b"]))
+        return ('<p class="note">Exact McNemar test on the items both models were scored on; b01 = items '
+                'model_a got wrong and model_b right, b10 the reverse. Bold: p &lt; 0.05 (uncorrected).</p>'
+                + _table(rows, ["dataset", "model_a", "model_b", "n", "a_correct", "b_correct", "b01", "b10",
+                                "p_value"], bold=lambda r: r["p_value"] < 0.05))
+
+    def global_cos():
+        p = fig("global_cosine.png", F.global_cosine_heatmap, t["global_pairs"], order=order)
+        ref = {tuple(sorted(x)) for x in ref_pairs}
+        rows = [r for r in t["global_pairs"] if (r["adapter_a"], r["adapter_b"]) in ref] or t["global_pairs"]
+        return (_figure(p, "figures/global_cosine.png", "Global cosine of the LoRA updates ΔW (seed Fig. 1).")
+                + "<h3>Pairs with the reference loss</h3>"
+                + _table(rows, ["adapter_a", "adapter_b", "cosine", "orth_frac_b_off_a", "orth_frac_a_off_b",
+                                "median_top1_angle_deg", "median_worst_angle_deg", "mean_u1_abs_dot",
+                                "mean_v1_abs_dot"]))
+
+    def layer_cos():
+        p = fig("layer_cosine.png", F.layer_cosine, t["layer_pairs"], ref_pairs=ref_pairs)
+        return _figure(p, "figures/layer_cosine.png",
+                       f"Per-layer cosine of ΔW to the reference loss {html.escape(ref_loss)} (seed Fig. 4).")
+
+    def angles():
+        p = fig("principal_angles.png", F.principal_angles, t["module_pairs"], ref_pairs=ref_pairs)
+        return _figure(p, "figures/principal_angles.png",
+                       "Principal angles between top-k left singular subspaces, distribution over modules, "
+                       f"for pairs with {html.escape(ref_loss)} (seed §3.3).")
+
+    def norms():
+        return ('<p class="note">‖ΔW‖_F over all modules; effective rank exp(−Σ p log p) of each module\'s '
+                'singular values (Roy &amp; Vetterli).</p>'
+                + _table(_norm_table(t["adapter_modules"]),
+                         ["adapter", "modules", "global_fro_norm", "mean_module_fro_norm", "effective_rank_mean",
+                          "effective_rank_min", "effective_rank_max"]))
+
+    def seed_lr():
+        p = fig("seed_lr.png", F.seed_lr_panels, t["global_pairs"], t["adapter_modules"])
+        return _figure(p, "figures/seed_lr.png", "Seed and learning-rate sensitivity (seed Fig. 2).")
+
+    def lmc():
+        p = fig("lmc.png", F.lmc_curves, t["lmc"])
+        return _figure(p, "figures/lmc.png", "Linear mode connectivity: masked-answer CE of the gold "
+                       "\\boxed{answer} along α·ΔW_a + (1−α)·ΔW_b (seed Fig. 5).") + _table(
+            t["lmc"], [c for c in ("adapter_a", "adapter_b", "alpha", "ce", "n_items") if t["lmc"]
+                       and c in t["lmc"][0]])
+
+    def cka():
+        p = fig("cka.png", F.cka_layers, t["cka"])
+        return _figure(p, "figures/cka.png", "Linear CKA of per-layer hidden states (seed Fig. 6).")
+
+    def lens():
+        rows = t["logit_lens"]
+        cols = list(rows[0]) if rows else ["adapter"]
+        return ('<p class="note">Mean prediction depth: the first layer from which the logit-lens top-1 '
+                'prediction equals the final one and stays (seed §3.6).</p>' + _table(rows, cols))
+
+    section("Accuracy", ["accuracy"], accuracy)
+    section("McNemar tests", ["mcnemar"], mcnemar)
+    section("Global cosine of weight updates", ["global_pairs"], global_cos)
+    section("Per-layer cosine to the reference loss", ["layer_pairs"], layer_cos)
+    section("Principal angles", ["module_pairs"], angles)
+    section("Update norm and effective rank", ["adapter_modules"], norms)
+    if F.varies_seed_or_lr(names):
+        section("Seed and learning-rate sensitivity", ["global_pairs", "adapter_modules"], seed_lr)
+    section("Linear mode connectivity", ["lmc"], lmc)
+    section("Representational similarity (CKA)", ["cka"], cka)
+    section("Logit lens", ["logit_lens"], lens)
+
+    absent = [k for k in TABLES if t[k] is None]
+    meta = _table([{"item": "run directory", "value": str(run)},
+                   {"item": "config hash", "value": cfg_hash},
+                   {"item": "model", "value": (cfg.get("model") or {}).get("name", "unknown")},
+                   {"item": "reference loss", "value": ref_loss},
+                   {"item": "adapters in the tables", "value": str(len(names - {BASE}))},
+                   {"item": "built", "value": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}],
+                  ["item", "value"], cls="meta")
+    summary = ("<p>All tables present.</p>" if not absent else
+               f'<div class="missing">Missing tables, so some sections are empty: '
+               f'{", ".join("<code>" + TABLES[k][0] + "</code>" for k in absent)}.</div>')
+    toc = "".join(f'<li><a href="#s{k}">{html.escape(title)}</a>{" (missing)" if miss else ""}</li>'
+                  for k, (title, _, miss) in enumerate(sections))
+    body = "".join(f'<h2 id="s{k}">{html.escape(title)}</h2>{b}' for k, (title, b, _) in enumerate(sections))
+    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wsg report: "
+            f"{html.escape(os.path.basename(str(run).rstrip('/')))}</title><style>{_CSS}</style></head><body>"
+            f"<h1>wsg report</h1>{meta}{summary}<ul>{toc}</ul>{body}</body></html>")
+    with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
+        f.write(page)
+
+
+def build_report(run: str) -> str:
+    """Build `<run>/report/index.html` (and figures/) from the run's tables;
+    return its path. Works with any subset of the tables."""
+    if not rundir.exists(run):
+        from sweep.errors import WsgError
+
+        raise WsgError(f"run directory {run} does not exist; pass the folder given to `wsg run --run`")
+    dest = rundir.report_dir(run)
+    with tempfile.TemporaryDirectory(prefix="wsg-report-") as tmp:
+        _render(run, tmp)
+        # Figures first, the page last: a reader never sees a page whose
+        # images are not there yet (rundir writes are atomic per file).
+        for name in sorted(os.listdir(os.path.join(tmp, "figures"))):
+            with open(os.path.join(tmp, "figures", name), "rb") as f:
+                rundir.write_bytes(rundir.join(dest, "figures", name), f.read())
+        with open(os.path.join(tmp, "index.html"), "rb") as f:
+            rundir.write_bytes(rundir.join(dest, "index.html"), f.read())
+    return rundir.join(dest, "index.html") if not rundir.is_local(dest) else rundir.resolve(
+        rundir.join(dest, "index.html"))[1]

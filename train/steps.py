@@ -1,0 +1,229 @@
+"""The reusable pieces of a LoRA training step (offline cells use them via
+train/worker.py; online cells call the same functions).
+
+- `build_policy`: base model + PEFT LoRA on the configured attention
+  projections, LoRA init seeded (seed paper §2 Training).
+- `CompletionLogprobs` / `sequence_logprobs`: per-token log π of completion
+  tokens only. The base transformer runs once; the LM head (vocab 49k on
+  SmolLM2, a large share of the step) runs on completion positions only
+  (FACTS.md "Training": 1.8x TRL's SFTTrainer with length buckets).
+- `reference_logprobs`: π_ref = the same model with the adapter disabled,
+  under no_grad: no second copy of the model (DESIGN.md, DPO row).
+- `PolicyTrainer`: AdamW on the LoRA parameters, cosine schedule with
+  warmup, grad-norm clipping, gradient accumulation, and either DDP
+  (ray.train.torch.prepare_model) or DeepSpeed ZeRO as the backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+from sweep.config import ExperimentConfig
+
+
+def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the hardware has it ("auto": CUDA with bf16), fp32
+    otherwise; "bf16" forces it (CPU autocast too), "fp32" disables it."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def build_policy(cfg: ExperimentConfig, *, seed: int, device: torch.device | str = "cpu"):
+    """The base model with a fresh LoRA adapter; same seed → same adapter init."""
+    from peft import LoraConfig, get_peft_model
+
+    from sweep.models import load_causal_lm
+
+    lc = cfg.train.lora
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    base = load_causal_lm(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    base.config.use_cache = False
+    alpha = int(lc.alpha) if float(lc.alpha).is_integer() else float(lc.alpha)
+    lora = LoraConfig(r=lc.r, lora_alpha=alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                      use_rslora=lc.use_rslora, bias="none", task_type="CAUSAL_LM")
+    # The LoRA A matrices are drawn from torch's global RNG: seed it right here
+    # so the init depends on `seed` only (seed §3.3 disentangles seed effects).
+    torch.manual_seed(seed)
+    policy = get_peft_model(base, lora)
+    policy.to(device)
+    policy.train()
+    return policy
+
+
+class CompletionLogprobs(torch.nn.Module):
+    """policy + (input ids, completion positions) → flat log-probs [N].
+
+    A module (not a function) so DDP/DeepSpeed wrap the whole forward."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, rows, cols, targets):
+        base = self.policy.get_base_model()
+        # Right padding + causal attention: real tokens never see the pads
+        # after them, so no attention mask is needed (and SDPA stays causal).
+        hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        logits = base.get_output_embeddings()(hidden[rows, cols]).float()
+        cap = getattr(base.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sequence_logprobs(module, mb, *, autocast: torch.dtype | None = None) -> torch.Tensor:
+    """[B, T] log π of every completion token of micro-batch `mb` (0 off-mask).
+
+    `module` is a CompletionLogprobs, possibly wrapped by DDP or DeepSpeed."""
+    device = mb.input_ids.device
+    with _autocast(device, autocast):
+        flat = module(mb.input_ids, mb.rows, mb.cols, mb.targets)
+    out = flat.new_zeros(tuple(mb.mask.shape))
+    return out.index_put((mb.rows, mb.tpos), flat)
+
+
+def reference_logprobs(module: CompletionLogprobs, mb, *, autocast: torch.dtype | None = None) -> torch.Tensor:
+    """log π_ref: the same weights with the LoRA adapter disabled, no grad."""
+    with torch.no_grad(), module.policy.disable_adapter():
+        return sequence_logprobs(module, mb, autocast=autocast)
+
+
+def lora_parameters(policy) -> list[torch.nn.Parameter]:
+    return [p for p in policy.parameters() if p.requires_grad]
+
+
+def warmup_steps(max_steps: int, warmup_frac: float) -> int:
+    return int(math.ceil(warmup_frac * max_steps))
+
+
+class PolicyTrainer:
+    """Optimizer side of a cell for one rank.
+
+    Loss scaling: every loss is SUM(units of a micro-batch) / (units of the
+    whole global batch), so the gradient wanted is the plain SUM of the
+    micro-batch gradients over micro-batches and ranks. DDP and DeepSpeed
+    AVERAGE over ranks (and DeepSpeed also over accumulation steps), so
+    `backward` multiplies by what they divide by."""
+
+    def __init__(self, policy, *, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
+                 max_grad_norm: float, device: torch.device, world_size: int = 1, micro_per_step: int = 1,
+                 units_per_micro: int = 1, autocast: torch.dtype | None = None, deepspeed_stage: int | None = None):
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.policy, self.device, self.world = policy, torch.device(device), world_size
+        self.max_grad_norm, self.autocast = max_grad_norm, autocast
+        self.module = CompletionLogprobs(policy)
+        self.deepspeed = deepspeed_stage is not None
+        params = lora_parameters(policy)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+        def sched(o):
+            return get_cosine_schedule_with_warmup(o, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+
+        if self.deepspeed:
+            self.engine = _deepspeed_engine(self.module, opt, sched, stage=deepspeed_stage, micro=units_per_micro,
+                                            gas=micro_per_step, clip=max_grad_norm, bf16=autocast is torch.bfloat16)
+            self.wrapped, self.optimizer, self.scheduler = self.engine, self.engine.optimizer, self.engine.lr_scheduler
+            self.autocast = None  # DeepSpeed casts the model itself when bf16 is on
+            self.scale = float(world_size * micro_per_step)
+        else:
+            self.optimizer, self.scheduler = opt, sched(opt)
+            self.wrapped = self.module
+            if world_size > 1:
+                import ray.train.torch
+
+                self.wrapped = ray.train.torch.prepare_model(self.module, parallel_strategy="ddp")
+            self.scale = float(world_size)
+        self.params = params
+
+    # -- forward ------------------------------------------------------------
+    def logprobs(self, mb) -> torch.Tensor:
+        return sequence_logprobs(self.wrapped, mb, autocast=self.autocast)
+
+    def ref_logprobs(self, mb) -> torch.Tensor:
+        return reference_logprobs(self.module, mb, autocast=self.autocast)
+
+    def accumulate(self, last: bool):
+        """Context for one micro-batch's forward+backward: DDP syncs
+        gradients only on the last micro-batch of a step."""
+        if not self.deepspeed and not last and hasattr(self.wrapped, "no_sync"):
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.deepspeed:
+            self._lr = float(self.optimizer.param_groups[0]["lr"])  # before the boundary step moves it
+            self.engine.backward(loss * self.scale)
+            self.engine.step()  # acts only at the accumulation boundary
+        else:
+            (loss * self.scale).backward()
+
+    def step(self) -> dict:
+        """Clip, step optimizer and schedule, zero grads; returns the pre-clip
+        global grad norm and the LR this step used."""
+        if self.deepspeed:
+            lr = self._lr
+            norm = self.engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else float("nan")
+        else:
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": norm, "lr": lr}
+
+    def gathered(self):
+        """Context in which every rank holds the full LoRA tensors (ZeRO-3
+        partitions them); collective: all ranks must enter."""
+        if self.deepspeed and self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(self.params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+
+def _deepspeed_engine(module, optimizer, scheduler, *, stage: int, micro: int, gas: int, clip: float, bf16: bool):
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # The shm comm op serves only inference all-reduce; skipping it avoids a
+        # ~1 min JIT build on first use (FACTS.md "Training"). The torch AdamW
+        # passed in avoids DeepSpeed's own Adam ops (another 2-3 min build).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bool(bf16)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                           dist_init_required=False)
+    return engine
+
+
+def configure_threads(cpus: float) -> int:
+    """Give torch exactly the CPUs Ray granted this worker: more threads than
+    cores collapse throughput when the box is shared (FACTS.md "Training")."""
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    return n
