@@ -136,6 +136,9 @@ class TrainCfg(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     max_failures: int = Field(2, ge=0)
+    # Extra resume-only checkpoints (optimizer/RNG state, no adapter folder)
+    # every N steps; 0 = only at checkpoint_steps and the last step.
+    resume_every: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _batch_and_steps(self):

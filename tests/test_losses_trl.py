@@ -20,7 +20,7 @@ import torch
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # TRL warns about the vLLM version at import
-    trl = pytest.importorskip("trl")
+    import trl  # a pinned test dependency (requirements/test.txt): fail, never skip
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
     from trl.trainer.dpo_trainer import DPOTrainer
     from trl.trainer.grpo_trainer import GRPOTrainer

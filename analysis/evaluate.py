@@ -1,0 +1,260 @@
+"""The eval stage: greedy pass@1 of the base model and of every adapter
+(seed paper §3.1, Fig. 3; DESIGN.md "Functional analyses and evaluation").
+
+One vLLM engine (a Ray actor) serves every model in turn, on the prompts the
+rollout stage would build for the same problems (rollouts.prompts). Adapters
+are served one of two ways (`analysis.eval_mode`):
+
+- "lora": a vLLM LoRA request per adapter (the GPU path);
+- "merged": the adapter merged into the base weights with peft
+  `merge_and_unload`, saved in the base's safetensors format and hot-reloaded
+  into the engine (`EngineActor.load_merged_weights`, ~0.5 s, exact). On CPU
+  vLLM's LoRA path is 7-12x slower than the base model (FACTS.md "vLLM"), so
+  "auto" picks this one there and "lora" where the cluster has GPUs.
+
+Completions are scored by the strict numeric reward (rollouts.reward: the final
+answer must be a number). Per-model predictions are cached in
+`<run>/eval/models/<name>.parquet` with a fingerprint of everything that
+decides them (model, dtype, eval sets, prompt format, max tokens, adapter
+content), so a rerun evaluates only new or changed models. The stage then
+writes `eval/predictions.parquet`, `accuracy.parquet` (Wilson 95% intervals)
+and `mcnemar.parquet` (exact McNemar for every pair of models on the same
+items) with analysis/stats.py. The `model` column is the adapter name
+(`<cell_id>@<step>`, analysis/adapters.py) or `base`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import pyarrow as pa
+
+from analysis.adapters import BASE, Adapter, content_hash, list_adapters
+from analysis.stats import PREDICTIONS_SCHEMA, accuracy_table, mcnemar_table
+from rollouts.engine import EngineActor, EngineOptions
+from sweep import rundir
+from sweep.errors import WsgError
+
+# vLLM accepts these LoRA ranks only (max_lora_rank).
+_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def eval_prompts(cfg, eval_set) -> tuple[list, list[str]]:
+    """(problems, chat-templated prompts) of one eval set, formatted exactly as
+    the rollouts are (data.instruction, data.system_prompt)."""
+    from rollouts.datasets import load_problems
+    from rollouts.prompts import render_prompts
+    from sweep.models import load_tokenizer
+
+    problems = list(load_problems(eval_set))
+    if not problems:
+        raise WsgError(f"analysis.eval_sets: set {eval_set.name!r} has no problems; check its source/path")
+    tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    prompts = render_prompts(tok, problems, instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt)
+    return problems, prompts
+
+
+def resolve_mode(mode: str, *, gpus: float) -> str:
+    """"auto" -> "lora" with GPUs, "merged" without (see the module docstring)."""
+    if mode not in ("auto", "lora", "merged"):
+        raise WsgError(f"analysis.eval_mode={mode!r}; valid: auto, lora, merged")
+    if mode == "auto":
+        return "lora" if gpus >= 1 else "merged"
+    return mode
+
+
+def lora_rank_cap(ranks: list[int]) -> int:
+    """Smallest vLLM-supported max_lora_rank that fits every adapter."""
+    need = max(ranks, default=8)
+    for r in _VLLM_LORA_RANKS:
+        if r >= need:
+            return r
+    raise WsgError(f"adapter rank {need} exceeds vLLM's largest max_lora_rank {_VLLM_LORA_RANKS[-1]}; "
+                   "use analysis.eval_mode: merged")
+
+
+class EvalEngine(EngineActor):
+    """The engine plus what evaluation needs next to it: merging adapters in
+    the engine's own process, so merged folders never cross machines."""
+
+    def __init__(self, opts: EngineOptions):
+        super().__init__(opts)
+        self._hf = None  # the base as a transformers model, for merging
+        self._orig = None
+
+    def _merge(self, adapter_dir: str, out_dir: str) -> None:
+        import torch
+        from peft import PeftModel
+
+        from sweep.models import load_causal_lm
+
+        if self._hf is None:
+            # Merge in float32 (the converted checkpoints' dtype); vLLM casts
+            # to its own dtype on reload, as it does for the base.
+            self._hf = load_causal_lm(self.opts.model, dtype=torch.float32,
+                                      trust_remote_code=self.opts.trust_remote_code)
+            self._orig = {k: v.detach().clone() for k, v in self._hf.state_dict().items()}
+        merged = PeftModel.from_pretrained(self._hf, adapter_dir, is_trainable=False).merge_and_unload()
+        merged.save_pretrained(out_dir)
+        # Restore the pristine base (unmerging would leave rounding residue).
+        with torch.no_grad():
+            state = merged.state_dict()
+            for k, v in self._orig.items():
+                state[k].copy_(v)
+        self._hf = merged
+
+    def serve(self, adapter: dict | None, mode: str) -> tuple | None:
+        """Make the engine serve `adapter` ({name, uri, lora_id}) or the base;
+        returns the LoRA request tuple to pass to generate (None if merged)."""
+        from analysis.adapters import _local_copy
+
+        if adapter is None:
+            if self._weights != self.opts.model:
+                self.load_merged_weights(self.opts.model)
+                self._weights = self.opts.model
+            return None
+        local = _local_copy(adapter["uri"])
+        if mode == "lora":
+            return (adapter["name"], int(adapter["lora_id"]), local)
+        out = tempfile.mkdtemp(prefix="merged-", dir=self.work_dir)
+        try:
+            self._merge(local, out)
+            self.load_merged_weights(out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return None
+
+    def greedy(self, prompts: list[str], *, adapter: dict | None, mode: str, max_tokens: int) -> list[dict]:
+        lora = self.serve(adapter, mode)
+        outs = self.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, lora=lora)
+        return [{"text": o["samples"][0]["text"], "finish_reason": o["samples"][0]["finish_reason"]} for o in outs]
+
+
+def _fingerprint(cfg, adapter: Adapter | None) -> str:
+    blob = {"model": cfg.model.name, "dtype": cfg.rollouts.dtype, "max_model_len": cfg.model.max_model_len,
+            "eval_sets": [e.model_dump(mode="json") for e in cfg.analysis.eval_sets],
+            "max_tokens": cfg.analysis.eval_max_tokens, "instruction": cfg.data.instruction,
+            "system_prompt": cfg.data.system_prompt, "adapter": content_hash(adapter.path) if adapter else None}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def model_cache_path(run: str, name: str) -> str:
+    return rundir.join(rundir.eval_dir(run), "models", f"{name}.parquet")
+
+
+def _cached(run: str, name: str, fingerprint: str) -> pa.Table | None:
+    path = model_cache_path(run, name)
+    if not rundir.exists(path):
+        return None
+    t = rundir.read_table(path)
+    return t if (t.schema.metadata or {}).get(b"fingerprint", b"").decode() == fingerprint else None
+
+
+def _score(completions: list[str], golds: list[str], timeout_s: float) -> tuple[list[bool], list[str | None]]:
+    from rollouts.reward import extract_final_answer, score_many
+
+    rewards, _info = score_many(completions, golds, timeout_s=timeout_s)
+    return [r > 0.5 for r in rewards], [extract_final_answer(c)[0] for c in completions]
+
+
+def _start_engine(cfg, mode: str, adapters: list[Adapter], gpus: float):
+    import ray
+
+    from sweep.models import resolve_model
+
+    ranks = [int(rundir.read_json(rundir.join(a.path, "adapter_config.json"))["r"]) for a in adapters]
+    opts = EngineOptions(model=resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
+                         dtype=cfg.rollouts.dtype, seed=cfg.rollouts.seed, max_model_len=cfg.model.max_model_len,
+                         enforce_eager=cfg.rollouts.enforce_eager, enable_lora=mode == "lora",
+                         max_lora_rank=lora_rank_cap(ranks), max_loras=1,
+                         trust_remote_code=cfg.model.trust_remote_code)
+    actor = ray.remote(EvalEngine).options(num_cpus=cfg.rollouts.cpus_per_engine,
+                                           num_gpus=max(1.0, cfg.rollouts.gpus_per_engine) if gpus >= 1 else 0,
+                                           max_concurrency=1, max_restarts=0)
+    engine = actor.remote(opts)
+    from rollouts.engine import wait_ready
+
+    wait_ready([engine], model=cfg.model.name)
+    return engine
+
+
+def _evaluate_model(cfg, engine, name: str, adapter: dict | None, mode: str, sets: list) -> pa.Table:
+    import ray
+
+    rows = {f.name: [] for f in PREDICTIONS_SCHEMA}
+    step = -1 if adapter is None else adapter["step"]
+    for es, problems, prompts in sets:
+        outs = ray.get(engine.greedy.remote(prompts, adapter=adapter, mode=mode,
+                                            max_tokens=cfg.analysis.eval_max_tokens))
+        texts = [o["text"] for o in outs]
+        correct, extracted = _score(texts, [p.answer for p in problems], cfg.rollouts.reward_timeout_s)
+        rows["model"] += [name] * len(problems)
+        rows["step"] += [step] * len(problems)
+        rows["dataset"] += [es.name] * len(problems)
+        rows["item_id"] += [str(p.id) for p in problems]
+        rows["prompt"] += prompts
+        rows["gold"] += [str(p.answer) for p in problems]
+        rows["completion"] += texts
+        rows["extracted"] += extracted
+        rows["correct"] += correct
+    return pa.table(rows, schema=PREDICTIONS_SCHEMA)
+
+
+def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
+    """Stage entry: evaluate the base and every analysed adapter (cached per
+    model), then write predictions, accuracy and McNemar tables."""
+    import ray
+
+    adapters = list_adapters(cfg, run)
+    names = [a.name for a in adapters]
+    if len(set(es.name for es in cfg.analysis.eval_sets)) != len(cfg.analysis.eval_sets):
+        raise WsgError("analysis.eval_sets: set names repeat; give every set a distinct name")
+    models = [(BASE, None)] + [(a.name, a) for a in adapters]
+    fps = {n: _fingerprint(cfg, a) for n, a in models}
+    tables = {n: t for n, _ in models if (t := _cached(run, n, fps[n])) is not None}
+    todo = [(n, a) for n, a in models if n not in tables]
+    if progress:
+        print(f"wsg: [eval] {len(models)} models ({len(tables)} cached), {len(cfg.analysis.eval_sets)} eval set(s)",
+              flush=True)
+    mode = None
+    if todo:
+        owned = not ray.is_initialized()
+        if owned:
+            ray.init(address=cfg.resources.ray_address, log_to_driver=progress)
+        engine = None
+        try:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            mode = resolve_mode(cfg.analysis.eval_mode, gpus=gpus)
+            sets = [(es, *eval_prompts(cfg, es)) for es in cfg.analysis.eval_sets]
+            engine = _start_engine(cfg, mode, adapters, gpus)
+            for k, (name, a) in enumerate(todo):
+                t0 = time.time()
+                spec = None if a is None else {"name": a.name, "uri": a.uri, "step": a.step,
+                                               "lora_id": names.index(a.name) + 1}
+                table = _evaluate_model(cfg, engine, name, spec, mode, sets)
+                table = table.replace_schema_metadata({"fingerprint": fps[name]})
+                rundir.write_table(model_cache_path(run, name), table)
+                tables[name] = table
+                if progress:
+                    acc = sum(table.column("correct").to_pylist()) / max(1, table.num_rows)
+                    print(f"wsg: [eval] {k + 1}/{len(todo)} {name}: pass@1 {acc:.3f} ({time.time() - t0:.1f}s, {mode})",
+                          flush=True)
+        finally:
+            if engine is not None:
+                from rollouts.engine import shutdown_engines
+
+                shutdown_engines([engine])
+            if owned:
+                ray.shutdown()
+    preds = pa.concat_tables([tables[n].replace_schema_metadata(None) for n, _ in models])
+    acc, mc = accuracy_table(preds), mcnemar_table(preds)
+    out = rundir.eval_dir(run)
+    rundir.write_table(rundir.join(out, "predictions.parquet"), preds)
+    rundir.write_table(rundir.join(out, "accuracy.parquet"), acc)
+    rundir.write_table(rundir.join(out, "mcnemar.parquet"), mc)
+    return {"models": len(models), "evaluated": len(todo), "cached": len(models) - len(todo), "mode": mode,
+            "items": preds.num_rows, "pairs": mc.num_rows}

@@ -1,0 +1,374 @@
+"""Exact factored geometry of LoRA updates (DESIGN.md "Geometry").
+
+dW = s * B @ A (B: d_out x r, A: r x d_in) is never materialised. Everything
+comes from r x r Gram blocks of the stacked factors of all adapters of one
+module (one stacked product gives every pair):
+
+- inner products: <B1 A1, B2 A2>_F = sum (B1^T B2) * (A1 A2^T)  (elementwise);
+- thin SVD: R factors of B and A^T from their Gram matrices (Cholesky-QR,
+  with an eigendecomposition so that rank-deficient factors, e.g. B = 0 at
+  init, are handled), then the SVD of the r x r core s * R_B R_A^T. Then
+  U = B M and V = A^T N for small r x r matrices M, N;
+- principal angles between the top-k left singular subspaces:
+  U_a^T U_b = M_a^T (B_a^T B_b) M_b, again from the Gram block.
+
+Why Gram/Cholesky-QR and not Householder QR: on this CPU a float64 Householder
+QR of a 4096 x 32 factor costs ~5-30 ms, its Gram ~0.1 ms (docs/geometry.md).
+Why float64 Grams: the factors are float32, so their products are exact in
+float64 and only the accumulation rounds; a float32 Gram (eps ~1e-7, squared
+by the Gram) would blur small singular values and put a ~0.3 degree floor
+under near-zero principal angles. Costs are in docs/benchmarks.geometry.md.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+
+from analysis import geometry_io as gio
+from analysis import geometry_tables as gt
+from analysis.geometry_io import parse_adapter_args  # noqa: F401  (public API)
+from analysis.geometry_tables import effective_rank  # noqa: F401  (public API)
+from sweep import rundir
+from sweep.errors import WsgError
+
+# Eigenvalues of a factor's Gram below EIG_RTOL * largest are dropped: factor
+# directions below ~1e-6 of the largest singular value are below the float32
+# resolution of the stored factors.
+EIG_RTOL = 1e-12
+# Numerical rank of dW for the principal-angle cap: singular values above
+# RANK_RTOL * s_1 (the float32 resolution of the stored factors).
+RANK_RTOL = 1e-7
+CACHE_VERSION = "geometry-v1"
+
+
+# --- pure math -----------------------------------------------------------------
+def _factor(gb: np.ndarray, ga: np.ndarray, scale: np.ndarray):
+    """Batched thin SVD of dW_i = s_i B_i A_i from Grams gb = B^T B, ga = A A^T
+    (n, r, r), float64. Returns (sigma (n, r), M (n, r, r), N (n, r, r)) with
+    U = B M and V = A^T N (columns by descending singular value)."""
+    lb, wb = np.linalg.eigh(gb)
+    la, wa = np.linalg.eigh(ga)
+
+    def half(lam):
+        keep = lam > EIG_RTOL * np.max(lam, axis=-1, keepdims=True)
+        keep &= lam > 0
+        root = np.sqrt(np.where(keep, lam, 1.0))
+        return np.where(keep, root, 0.0), np.where(keep, 1.0 / root, 0.0)
+
+    (sb, ib), (sa, ia) = half(lb), half(la)
+    rb = sb[..., :, None] * np.swapaxes(wb, -1, -2)  # B = Q_B R_B, R_B = L^1/2 W^T
+    ra = sa[..., :, None] * np.swapaxes(wa, -1, -2)
+    core = np.asarray(scale, dtype=np.float64)[:, None, None] * (rb @ np.swapaxes(ra, -1, -2))
+    uc, sigma, vch = np.linalg.svd(core)
+    m = (wb * ib[..., None, :]) @ uc
+    n = (wa * ia[..., None, :]) @ np.swapaxes(vch, -1, -2)
+    return sigma, m, n
+
+
+def numerical_rank(sigma: np.ndarray) -> int:
+    s = np.asarray(sigma)
+    return int(np.sum(s > RANK_RTOL * s[0])) if s.size and s[0] > 0 else 0
+
+
+def factored_inner(b1, a1, b2, a2, *, scale_a: float = 1.0, scale_b: float = 1.0) -> float:
+    """<s_a B1 A1, s_b B2 A2>_F from the r x r products only."""
+    b1, a1, b2, a2 = (np.asarray(x, dtype=np.float64) for x in (b1, a1, b2, a2))
+    return float(scale_a * scale_b * np.sum((b1.T @ b2) * (a1 @ a2.T)))
+
+
+def factored_cosine(b1, a1, b2, a2, *, scale_a: float = 1.0, scale_b: float = 1.0) -> float:
+    """Frobenius cosine of s_a B1 A1 and s_b B2 A2 (NaN if either is zero)."""
+    ab = factored_inner(b1, a1, b2, a2, scale_a=scale_a, scale_b=scale_b)
+    aa = factored_inner(b1, a1, b1, a1, scale_a=scale_a, scale_b=scale_a)
+    bb = factored_inner(b2, a2, b2, a2, scale_a=scale_b, scale_b=scale_b)
+    return ab / np.sqrt(aa * bb) if aa > 0 and bb > 0 else float("nan")
+
+
+def factored_svd(b, a, *, scale: float = 1.0):
+    """Thin SVD of s * B @ A without forming it: (U d_out x r, S (r,), Vh r x d_in)."""
+    b, a = np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64)
+    sigma, m, n = _factor((b.T @ b)[None], (a @ a.T)[None], np.array([scale]))
+    return b @ m[0], sigma[0], (a.T @ n[0]).T
+
+
+def principal_angles(u_a, u_b) -> np.ndarray:
+    """Principal angles (degrees, ascending) between the spans of two
+    orthonormal column sets."""
+    c = np.linalg.svd(np.asarray(u_a, np.float64).T @ np.asarray(u_b, np.float64), compute_uv=False)
+    return np.sort(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+
+
+def _angles_from_block(blk: np.ndarray) -> list[float]:
+    if blk.size == 0:
+        return []
+    c = np.linalg.svd(blk, compute_uv=False)
+    return np.sort(np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))).tolist()
+
+
+def module_geometry(factors, *, top_k: int = 10, pairs=None, device=None):
+    """Geometry of one module across n adapters, batched.
+
+    factors: list of (B d_out x r_i, A r_i x d_in, scale) as torch tensors or
+    arrays; ranks may differ (padded with zero columns/rows, which change no
+    dW). pairs: iterable of (i, j), i <= j, to compute (default: all i < j).
+    Returns (sigma: list of (r_i,) arrays, results: {(i, j): (inner,
+    angles_deg, u1_abs_dot, v1_abs_dot)}).
+    """
+    import torch
+
+    n = len(factors)
+    ranks = [int(f[0].shape[1]) for f in factors]
+    r = max(ranks)
+    d_out, d_in = int(factors[0][0].shape[0]), int(factors[0][1].shape[1])
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    # Transposed B (rows = rank index) so that every block is a contiguous slice.
+    bt = torch.zeros(n, r, d_out, dtype=torch.float64, device=dev)
+    at = torch.zeros(n, r, d_in, dtype=torch.float64, device=dev)
+    for i, (b, a, _) in enumerate(factors):
+        bt[i, :ranks[i]] = torch.as_tensor(b).to(dev, torch.float64).T
+        at[i, :ranks[i]] = torch.as_tensor(a).to(dev, torch.float64)
+    scale = np.array([float(f[2]) for f in factors])
+    gb_diag = (bt @ bt.transpose(1, 2)).cpu().numpy()
+    ga_diag = (at @ at.transpose(1, 2)).cpu().numpy()
+    sigma, m, nn = _factor(gb_diag, ga_diag, scale)
+    kcap = [min(top_k, numerical_rank(s)) for s in sigma]
+
+    want = defaultdict(set)
+    for i, j in (pairs if pairs is not None else [(i, j) for i in range(n) for j in range(i + 1, n)]):
+        want[min(i, j)].add(max(i, j))
+    results = {}
+    for i, js in want.items():
+        j0 = min(js)
+        rest = range(j0, n)
+        gb = (bt[i] @ bt[j0:].reshape(-1, d_out).T).reshape(r, n - j0, r).permute(1, 0, 2).cpu().numpy()
+        ga = (at[i] @ at[j0:].reshape(-1, d_in).T).reshape(r, n - j0, r).permute(1, 0, 2).cpu().numpy()
+        inner = scale[i] * scale[j0:] * np.einsum("mab,mab->m", gb, ga)
+        ki = kcap[i]
+        ublk = np.einsum("ak,mab,mbl->mkl", m[i][:, :ki], gb, m[j0:, :, :top_k])
+        v1 = np.einsum("a,mab,mb->m", nn[i][:, 0], ga, nn[j0:, :, 0])
+        for off, j in enumerate(rest):
+            if j not in js:
+                continue
+            kj = kcap[j]
+            live = ki > 0 and kj > 0
+            results[(i, j)] = (
+                float(inner[off]),
+                _angles_from_block(ublk[off, :ki, :kj]),
+                float(abs(ublk[off, 0, 0])) if live else float("nan"),
+                float(abs(v1[off])) if live else float("nan"),
+            )
+    return [sigma[i][:ranks[i]] for i in range(n)], results
+
+
+# --- one shard (a Ray task, or in-process) -------------------------------------
+def compute_shard(modules: list[str], adapters: list[tuple[str, str, dict]], need_sigma: list[str],
+                  need_pairs: list[tuple[str, str]], top_k: int):
+    """Raw results for these modules. adapters: (hash, weights file,
+    {module: ModuleSpec}) in processing order, each hash once; need_sigma:
+    hashes whose singular values are wanted; need_pairs: (h_a, h_b), h_a <= h_b.
+    Returns (RAW_ADAPTERS batch, RAW_PAIRS batch)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else None
+    pos = {h: i for i, (h, _, _) in enumerate(adapters)}
+    factors = {h: gio.load_factors(w, [specs[m] for m in modules]) for h, w, specs in adapters}
+    idx_pairs = [(pos[a], pos[b]) for a, b in need_pairs]
+    ar = {k: [] for k in gt.RAW_ADAPTERS.names}
+    pr = {k: [] for k in gt.RAW_PAIRS.names}
+    hashes = [h for h, _, _ in adapters]
+    for k, mod in enumerate(modules):
+        fac = [(*factors[h][k], specs[mod].scale) for h, _, specs in adapters]
+        sigma, res = module_geometry(fac, top_k=top_k, pairs=idx_pairs, device=device)
+        for h in need_sigma:
+            ar["hash"].append(h), ar["module"].append(mod), ar["singular_values"].append(sigma[pos[h]].tolist())
+        for (i, j), (inner, ang, u1, v1) in res.items():
+            ha, hb = sorted((hashes[i], hashes[j]))  # every pair result is symmetric in a, b
+            for key, v in zip(gt.RAW_PAIRS.names, (ha, hb, top_k, mod, inner, ang, u1, v1)):
+                pr[key].append(v)
+    return (pa.RecordBatch.from_pydict(ar, schema=gt.RAW_ADAPTERS),
+            pa.RecordBatch.from_pydict(pr, schema=gt.RAW_PAIRS))
+
+
+# --- cache -----------------------------------------------------------------------
+def _cache_dir(out: str) -> str:
+    return rundir.join(out, ".cache", CACHE_VERSION)
+
+
+def _load_cache(out: str, hashes: set[str], top_k: int):
+    sigma, pairs = {}, {}
+    folder = _cache_dir(out)
+    for fname in rundir.listdir(folder):
+        if not fname.endswith(".parquet"):
+            continue
+        try:
+            t = rundir.read_table(rundir.join(folder, fname)).to_pydict()
+        except Exception:  # a damaged cache file only costs recomputation
+            continue
+        if fname.startswith("adapters-") and "singular_values" in t:
+            for h, m, s in zip(t["hash"], t["module"], t["singular_values"]):
+                if h in hashes:
+                    sigma[(h, m)] = np.asarray(s, dtype=np.float64)
+        elif fname.startswith("pairs-") and "inner" in t:
+            for row in zip(*(t[k] for k in gt.RAW_PAIRS.names)):
+                ha, hb, k, m, inner, ang, u1, v1 = row
+                if k == top_k and ha in hashes and hb in hashes:
+                    pairs[(ha, hb, m)] = (inner, ang, u1, v1)
+    return sigma, pairs
+
+
+def _write_cache(out: str, kind: str, batches: list[pa.RecordBatch], schema: pa.Schema) -> None:
+    batches = [b for b in batches if b.num_rows]
+    if batches:
+        rundir.write_table(rundir.join(_cache_dir(out), f"{kind}-{uuid.uuid4().hex[:12]}.parquet"),
+                           pa.Table.from_batches(batches, schema=schema))
+
+
+# --- driver ------------------------------------------------------------------------
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wsg")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _hash_all(specs: list[gio.AdapterSpec]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(4, len(specs))) as ex:  # hashlib releases the GIL
+        for spec, h in zip(specs, ex.map(gio.content_hash, specs)):
+            spec.content_hash = h
+
+
+def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc="geometry shards", unit="shard", disable=not progress)
+    results = []
+    try:
+        if not use_ray:
+            for job in jobs:
+                results.append(compute_shard(**job))
+                bar.update(1)
+            return results
+        import ray
+
+        opts = {"num_cpus": 1}
+        if ray.cluster_resources().get("GPU", 0) >= 1:
+            opts["num_gpus"] = 0.25  # small tasks: pack a few per GPU
+        task = ray.remote(compute_shard).options(**opts)
+        pending = {task.remote(**job): i for i, job in enumerate(jobs)}
+        done = [None] * len(jobs)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                try:
+                    done[pending.pop(ref)] = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    for ref2 in pending:
+                        ray.cancel(ref2)
+                    if isinstance(e.cause, WsgError):
+                        raise WsgError(str(e.cause)) from None
+                    raise
+                bar.update(1)
+        return done
+    finally:
+        bar.close()
+
+
+def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_hash: str = "",
+                 use_ray: bool = True, progress: bool = True) -> dict[str, pa.Table]:
+    """Compute and write adapter_modules / module_pairs / layer_pairs /
+    global_pairs .parquet to `out` (local path or URI); return the tables.
+
+    Results are cached under <out>/.cache/ by adapter content hash (+ top_k),
+    so adding one adapter to a grid of N computes only the N new pairs.
+    """
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise WsgError(f"--top-k must be a positive integer (got {top_k!r})")
+    if not adapters:
+        raise WsgError("geometry needs at least one adapter (--adapter NAME=PATH)")
+    specs = [gio.read_adapter_spec(name, path) for name, path in sorted(adapters.items())]
+    gio.check_compatible(specs)
+    _hash_all(specs)
+    names = {s.name: s.content_hash for s in specs}
+    by_hash = {}
+    for s in specs:
+        by_hash.setdefault(s.content_hash, s)
+    ref = specs[0]
+    mod_list = [(m.module, m.layer, m.proj) for m in ref.modules.values()]
+    mods = [m for m, _, _ in mod_list]
+
+    sigma, pairs = _load_cache(out, set(by_hash), top_k)
+    need_sigma = sorted(h for h in by_hash if any((h, m) not in sigma for m in mods))
+    wanted = set()
+    order = sorted(names)
+    for ia, a in enumerate(order):
+        for b in order[ia + 1:]:
+            wanted.add(tuple(sorted((names[a], names[b]))))
+    need_pairs = sorted(p for p in wanted if any((p[0], p[1], m) not in pairs for m in mods))
+
+    if need_sigma or need_pairs:
+        involved = set(need_sigma) | {h for p in need_pairs for h in p}
+        # Cached adapters first, new ones last: each row of Gram blocks then
+        # starts at the first adapter it has a missing pair with (module_geometry).
+        proc = sorted(involved, key=lambda h: (h in need_sigma, h))
+        ad = [(h, by_hash[h].weights, by_hash[h].modules) for h in proc]
+        by_layer = defaultdict(list)
+        for m, layer, _ in mod_list:
+            by_layer[layer].append(m)
+        jobs = [dict(modules=ms, adapters=ad, need_sigma=need_sigma, need_pairs=need_pairs, top_k=top_k)
+                for _, ms in sorted(by_layer.items())]
+        started_ray = False
+        if use_ray:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+                started_ray = True
+        else:
+            try:
+                import ray
+
+                use_ray = ray.is_initialized()
+            except ImportError:
+                use_ray = False
+        try:
+            results = _run_shards(jobs, use_ray=use_ray, progress=progress)
+        finally:
+            if started_ray:
+                ray.shutdown()
+        _write_cache(out, "adapters", [r[0] for r in results], gt.RAW_ADAPTERS)
+        _write_cache(out, "pairs", [r[1] for r in results], gt.RAW_PAIRS)
+        for ab, _ in results:
+            for h, m, s in zip(*(ab.column(k).to_pylist() for k in gt.RAW_ADAPTERS.names)):
+                sigma[(h, m)] = np.asarray(s, dtype=np.float64)
+        for _, pb in results:
+            for ha, hb, _, m, inner, ang, u1, v1 in zip(*(pb.column(k).to_pylist() for k in gt.RAW_PAIRS.names)):
+                pairs[(ha, hb, m)] = (inner, ang, u1, v1)
+
+    meta = gt.metadata(tool_version=_tool_version(), config_hash=config_hash, top_k=top_k,
+                       adapters={s.name: (s.path, s.content_hash) for s in specs})
+    tables = gt.assemble(names=names, modules=mod_list, sigma=sigma, pairs=pairs, meta=meta)
+    for name, table in tables.items():
+        rundir.write_table(rundir.join(out, f"{name}.parquet"), table)
+    return tables
+
+
+def read_metadata(table: pa.Table) -> dict:
+    """The provenance written by run_geometry, decoded."""
+    md = table.schema.metadata or {}
+    return {"tool_version": md.get(b"wsg.tool_version", b"").decode(),
+            "config_hash": md.get(b"wsg.config_hash", b"").decode(),
+            "top_k": int(md.get(b"wsg.top_k", b"0") or 0),
+            "adapters": json.loads(md.get(b"wsg.adapters", b"{}") or b"{}")}
+
+
+__all__ = ["run_geometry", "parse_adapter_args", "factored_inner", "factored_cosine", "factored_svd",
+           "principal_angles", "effective_rank", "module_geometry", "compute_shard", "read_metadata",
+           "numerical_rank"]

@@ -1,0 +1,120 @@
+"""Deterministic synthetic arithmetic word problems (the embedded default's data).
+
+A family fixes the operation and the operand ranges (its difficulty); the seed
+fixes which operand pairs and which phrasings are drawn. The same (family,
+seed, n) always gives the same problems, on any machine: the generator is
+`random.Random` seeded from the family name and the seed, never from Python's
+salted `hash`. Operand pairs are drawn without replacement while the family
+has enough distinct pairs, so small families do not repeat questions.
+
+Difficulty matters for the sweep: every loss needs prompts whose K samples
+are partly right (DESIGN.md "The embedded default"); see docs/rollouts.md for
+measured accuracies per family.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Family:
+    op: str                                   # "+", "-", "*"
+    a: tuple[int, int]                        # inclusive range of the first operand
+    b: tuple[int, int]                        # inclusive range of the second operand
+    # Keep only pairs for which this holds (e.g. non-negative differences).
+    keep: Callable[[int, int], bool] = lambda a, b: True
+    doc: str = ""
+
+
+FAMILIES: dict[str, Family] = {
+    "add_single_digit": Family("+", (0, 9), (0, 9), doc="a + b, a, b in 0..9"),
+    "add_1_20": Family("+", (1, 20), (1, 20), doc="a + b, a, b in 1..20"),
+    "add_two_digit": Family("+", (10, 99), (10, 99), doc="a + b, a, b in 10..99"),
+    "add_three_digit": Family("+", (100, 999), (100, 999), doc="a + b, a, b in 100..999"),
+    "sub_single_digit": Family("-", (0, 9), (0, 9), keep=lambda a, b: a >= b,
+                               doc="a - b, 0 <= b <= a <= 9"),
+    "sub_two_digit": Family("-", (10, 99), (10, 99), keep=lambda a, b: a >= b,
+                            doc="a - b, 10 <= b <= a <= 99"),
+    "mul_single_digit": Family("*", (1, 9), (1, 9), doc="a * b, a, b in 1..9"),
+    "mul_two_by_one": Family("*", (10, 99), (2, 9), doc="a * b, a in 10..99, b in 2..9"),
+}
+
+# Phrasings per operation. Names/items vary the surface form so the model
+# cannot lean on one memorised template; every phrasing states both operands.
+_NAMES = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack")
+_ITEMS = ("apples", "marbles", "stickers", "books", "pencils", "coins", "shells", "cards")
+_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "+": (
+        "What is {a} + {b}?",
+        "{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?",
+        "There are {a} {item} in a box and {b} {item} on the table. How many {item} are there in total?",
+        "Add {a} and {b}.",
+    ),
+    "-": (
+        "What is {a} - {b}?",
+        "{name} has {a} {item} and gives away {b} of them. How many {item} does {name} have left?",
+        "There were {a} {item} in a jar. {b} were taken out. How many {item} are in the jar now?",
+        "Subtract {b} from {a}.",
+    ),
+    "*": (
+        "What is {a} * {b}?",
+        "{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have?",
+        "There are {a} rows of {item} with {b} {item} in each row. How many {item} are there?",
+        "Multiply {a} by {b}.",
+    ),
+}
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def family_names() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"unknown synthetic family {name!r}; valid: {', '.join(family_names())}") from None
+
+
+def _rng(family: str, seed: int) -> random.Random:
+    return random.Random(zlib.crc32(family.encode()) * 1_000_003 + int(seed))
+
+
+def _pairs(fam: Family, n: int, rng: random.Random) -> list[tuple[int, int]]:
+    (a0, a1), (b0, b1) = fam.a, fam.b
+    space = (a1 - a0 + 1) * (b1 - b0 + 1)
+    if space <= 200_000:
+        allp = [(a, b) for a in range(a0, a1 + 1) for b in range(b0, b1 + 1) if fam.keep(a, b)]
+        rng.shuffle(allp)
+        # Without replacement while possible, then cycle through new shuffles.
+        out = list(allp[:n])
+        while len(out) < n:
+            rng.shuffle(allp)
+            out.extend(allp[: n - len(out)])
+        return out
+    out = []
+    while len(out) < n:
+        a, b = rng.randint(a0, a1), rng.randint(b0, b1)
+        if fam.keep(a, b):
+            out.append((a, b))
+    return out
+
+
+def generate(family: str, n: int, seed: int) -> list[dict]:
+    """`n` problems of a family: dicts with id, problem, answer (a string
+    integer), a, b, op. Deterministic in (family, n, seed)."""
+    fam = get_family(family)
+    if n <= 0:
+        return []
+    rng = _rng(family, seed)
+    out = []
+    for i, (a, b) in enumerate(_pairs(fam, n, rng)):
+        tpl = rng.choice(_TEMPLATES[fam.op])
+        text = tpl.format(a=a, b=b, name=rng.choice(_NAMES), item=rng.choice(_ITEMS))
+        out.append({"id": f"{family}-s{seed}-{i:05d}", "problem": text,
+                    "answer": str(_APPLY[fam.op](a, b)), "a": a, "b": b, "op": fam.op})
+    return out

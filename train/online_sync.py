@@ -1,0 +1,140 @@
+"""Weight sync from the trainer's LoRA policy to the rollout engine.
+
+After every optimizer step the engine must sample from the *new* policy.
+Sampling silently from the base model (an adapter never attached, or a
+cached adapter name reused for new weights) is a known bug class of RL
+frameworks (verl, OpenRLHF); tests/test_online_sync.py guards it by
+comparing the engine's teacher-forced log-probs with the trainer's.
+
+Two strategies (cfg.online.sync, docs/online.md):
+
+- "lora": the adapter is saved as a PEFT folder and served as a vLLM
+  LoRARequest with a fresh (name, id) per version: vLLM caches adapters by
+  id, so a reused id would keep serving the old weights.
+- "merged": W0 + ΔW is written for every parameter of each module that
+  holds a LoRA layer (the whole attention block, so vLLM's fused q/k/v
+  projection always receives all of its parts) and loaded into the engine
+  in place; the engine then runs at base-model speed. On CPU vLLM's LoRA
+  path is 7-12x slower than the base model (FACTS.md "vLLM"), so "auto"
+  means merged on CPU and lora on GPU.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Callable
+
+import torch
+
+from sweep.errors import WsgError
+
+SYNC_MODES = ("auto", "lora", "merged")
+#: vLLM 0.32's accepted `max_lora_rank` values (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+MERGED_FILE = "model.safetensors"
+
+
+def resolve_sync(mode: str, *, on_gpu: bool) -> str:
+    """"auto" → "lora" on GPU, "merged" on CPU (measured: docs/benchmarks.online.md)."""
+    if mode not in SYNC_MODES:
+        raise WsgError(f"online.sync={mode!r} is not one of {', '.join(SYNC_MODES)}")
+    if mode == "auto":
+        return "lora" if on_gpu else "merged"
+    return mode
+
+
+def vllm_lora_rank(r: int) -> int:
+    """Smallest rank vLLM accepts as max_lora_rank that holds rank r."""
+    for v in VLLM_LORA_RANKS:
+        if v >= r:
+            return v
+    raise WsgError(f"train.lora.r={r} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}; "
+                   "lower it or use online.sync: merged")
+
+
+def _lora_layers(policy) -> dict[str, torch.nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in policy.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _checkpoint_name(peft_name: str) -> str:
+    """peft module path → the base checkpoint's name (what vLLM's load_weights reads)."""
+    for prefix in ("base_model.model.",):
+        if peft_name.startswith(prefix):
+            peft_name = peft_name[len(prefix):]
+    return peft_name.replace(".base_layer", "")
+
+
+@torch.no_grad()
+def merged_weights(policy, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """{checkpoint name: tensor} of W0 + ΔW for every parameter of each module
+    that contains a LoRA layer, computed from the frozen base weights (so the
+    result never accumulates across syncs). ΔW = s·B·A as peft defines it
+    (`get_delta_weight`, the scaling s included)."""
+    layers = _lora_layers(policy)
+    if not layers:
+        raise WsgError("the policy has no LoRA layers to merge; check train.lora.target_modules")
+    adapter = policy.active_adapter if isinstance(policy.active_adapter, str) else policy.active_adapter[0]
+    parents = sorted({n.rpartition(".")[0] for n in layers})
+    modules = dict(policy.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for parent in parents:
+        for pname, p in modules[parent].named_parameters():
+            if "lora_" in pname:
+                continue
+            full = f"{parent}.{pname}"
+            owner = full.rpartition(".")[0].replace(".base_layer", "")
+            t = p.detach()
+            if owner in layers and pname.endswith("base_layer.weight"):
+                t = t + layers[owner].get_delta_weight(adapter).to(t.dtype)
+            out[_checkpoint_name(full)] = t.to("cpu", dtype=dtype or t.dtype).contiguous()
+    return out
+
+
+def write_merged(policy, folder: str, *, dtype: torch.dtype | None = None) -> str:
+    """Write the merged tensors to `folder`/model.safetensors (temp + rename,
+    so the engine never reads half a file); returns the folder."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, MERGED_FILE + ".tmp")
+    save_file(merged_weights(policy, dtype=dtype), tmp)
+    os.replace(tmp, os.path.join(folder, MERGED_FILE))
+    return folder
+
+
+class WeightSync:
+    """Pushes the trainer's current policy to one engine.
+
+    `load_merged(path) -> None` performs the engine's in-place load (a Ray
+    call in train/online.py). After `push`, `lora` is the LoRA request tuple
+    (name, id, path) to pass to generation, or None with merged weights."""
+
+    def __init__(self, strategy: str, *, work_dir: str, name: str, load_merged: Callable[[str], object],
+                 dtype: torch.dtype | None = None):
+        if strategy not in ("lora", "merged"):
+            raise WsgError(f"sync strategy must be 'lora' or 'merged' (resolve 'auto' first), got {strategy!r}")
+        self.strategy, self.work_dir, self.name = strategy, work_dir, name
+        self.load_merged, self.dtype = load_merged, dtype
+        self.version = 0
+        self.lora: tuple[str, int, str] | None = None
+        os.makedirs(work_dir, exist_ok=True)
+
+    def push(self, policy) -> float:
+        """Sync the current weights; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.version += 1
+        if self.strategy == "lora":
+            path = os.path.join(self.work_dir, f"v{self.version}")
+            policy.save_pretrained(path, safe_serialization=True)
+            # A fresh name AND id per version: vLLM keys its adapter cache by id.
+            self.lora = (f"{self.name}-v{self.version}", self.version, path)
+            stale = os.path.join(self.work_dir, f"v{self.version - 2}")
+            shutil.rmtree(stale, ignore_errors=True)  # v-1 may still be cached/loading
+        else:
+            path = write_merged(policy, os.path.join(self.work_dir, "merged"), dtype=self.dtype)
+            self.load_merged(path)
+            self.lora = None
+        return time.perf_counter() - t0

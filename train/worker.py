@@ -1,0 +1,190 @@
+"""The Ray Train loop of an offline cell (one process per rank).
+
+Per optimizer step (seed paper §2 Training: AdamW, cosine with warmup, weight
+decay, clip 1.0): take the step's global batch from the seeded data order,
+count its loss units over every micro-batch and rank (one normaliser per
+step, train/losses.py), run forward+backward per micro-batch (reference
+log-probs first, adapter disabled, for DPO/IPO), then clip and step. Metrics
+of every step go to `ray.train.report` and `<cell>/metrics.parquet`;
+adapters and resume state are written at the checkpoint steps.
+
+A NaN/inf loss or gradient norm stops the cell: every rank sees the same
+all-reduced value, so all stop together, and rank 0 records the step in
+`<cell>/status.json` (the driver raises it as a WsgError; raising here would
+make Ray Train retry a deterministic failure).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from sweep import rundir
+from sweep.config import parse_config
+from train import checkpoint as ck
+from train.data import collate, epoch_at, micro_batches_per_rank, plan_step
+from train.steps import PolicyTrainer, build_policy, configure_threads, resolve_autocast, warmup_steps
+
+STATUS_FILE = "status.json"
+METRICS_EVERY = 10  # also rewrite metrics.parquet every this many steps (progress)
+
+
+def _allreduce(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _loss_batch(mb, lp, ref):
+    from train.losses import LossBatch
+
+    return LossBatch(logprobs=lp, mask=mb.mask, rewards=mb.rewards, group_ids=mb.group_ids, ref_logprobs=ref,
+                     pair_index=mb.pair_index, advantages=mb.advantages)
+
+
+def _setup_env(use_gpu: bool) -> None:
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        from sweep.models import cache_root
+
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache_root() / "torch_extensions")  # DeepSpeed op builds, cached
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of `TorchTrainer`: config holds the cell, the resolved
+    config dict and an ObjectRef to the driver-built TrainSet."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _setup_env(config["use_gpu"])
+    configure_threads(config["cpus_per_worker"])
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    ts = ray.get(config["data"])
+    device = ray.train.torch.get_device()
+    ckpt = ray.train.get_checkpoint()
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        c = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        name = f"step_{int(metrics['step']):08d}" if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=c, checkpoint_dir_name=name)
+
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            train_offline(config, ts, rank=rank, world=world, device=device, report=report, resume_dir=d)
+    else:
+        train_offline(config, ts, rank=rank, world=world, device=device, report=report, resume_dir=None)
+
+
+def train_offline(config: dict, ts, *, rank: int, world: int, device, report, resume_dir: str | None) -> None:
+    """The loop itself, with Ray's report/checkpoint passed in."""
+    from train.losses import count_units, get_loss, normaliser_from_count, required_fields, validate_hyper
+
+    cfg = parse_config(config["cfg"])
+    run, cid, loss, seed, lr = config["run"], config["cell_id"], config["loss"], config["seed"], config["lr"]
+    t, lcfg = cfg.train, cfg.loss_cfg(loss)
+    spec = get_loss(loss, lcfg.variant)
+    hyper = validate_hyper(loss, lcfg.variant, lcfg.hyper)
+    needs_ref = "ref_logprobs" in required_fields(spec, hyper)
+    m_per_rank, upm = micro_batches_per_rank(paired=ts.paired, per_device_batch=t.per_device_batch,
+                                             grad_accum=t.grad_accum)
+    policy = build_policy(cfg, seed=seed, device=device)
+    torch.manual_seed(seed * 1009 + rank)  # dropout stream: per rank, from the seed only
+    trainer = PolicyTrainer(
+        policy, lr=lr, weight_decay=t.weight_decay, warmup_steps=warmup_steps(t.max_steps, t.warmup_frac),
+        max_steps=t.max_steps, max_grad_norm=t.max_grad_norm, device=device, world_size=world,
+        micro_per_step=m_per_rank, units_per_micro=upm, autocast=resolve_autocast(t.precision, torch.device(device)),
+        deepspeed_stage=t.deepspeed.zero_stage if t.deepspeed.enabled else None)
+
+    start, history = 0, []
+    if resume_dir is not None:
+        state = ck.load_resume_state(trainer, resume_dir, rank=rank)
+        start, history = int(state["step"]), list(state["history"])[: int(state["step"])]
+    publish = set(t.checkpoint_steps) | {t.max_steps}
+    stop_after = config.get("stop_after")
+    cdir = rundir.cell_dir(run, cid)
+    status = {"state": "complete", "step": t.max_steps}
+
+    for step in range(start, t.max_steps):
+        s = step + 1
+        t0 = time.perf_counter()
+        mine = [collate(ts, idx) for idx in plan_step(
+            ts, seed=seed, step=step, effective_batch=t.effective_batch, num_workers=world,
+            per_device_batch=t.per_device_batch, grad_accum=t.grad_accum)[rank]]
+        # One normaliser for the whole global batch: units summed over this
+        # rank's micro-batches, then over ranks.
+        local_units = sum(count_units(spec, _loss_batch(mb, torch.zeros(mb.mask.shape), None), hyper) for mb in mine)
+        total_units = _allreduce([float(local_units)], world)[0]
+        normaliser = normaliser_from_count(total_units)
+        loss_sum, tokens, comp_tokens, stat_w, stat_sum = 0.0, 0, 0, {}, {}
+        for j, mb in enumerate(mine):
+            mb = mb.to(device)
+            with trainer.accumulate(last=j == len(mine) - 1):
+                ref = trainer.ref_logprobs(mb) if needs_ref else None
+                lp = trainer.logprobs(mb)
+                batch = _loss_batch(mb, lp, ref)
+                value, stats = spec.fn(batch, normaliser=normaliser, **hyper)
+                trainer.backward(value)
+            w = count_units(spec, batch, hyper)
+            loss_sum += float(value.detach())
+            tokens += mb.n_tokens
+            comp_tokens += int(mb.mask.sum())
+            for k, v in sorted(stats.items()):
+                if math.isfinite(float(v)) and w > 0:
+                    stat_w[k] = stat_w.get(k, 0.0) + w
+                    stat_sum[k] = stat_sum.get(k, 0.0) + w * float(v)
+        keys = sorted(stats)  # every micro-batch of every rank returns the same keys
+        vec = [loss_sum, tokens, comp_tokens] + [stat_sum.get(k, 0.0) for k in keys] + [stat_w.get(k, 0.0) for k in keys]
+        red = _allreduce(vec, world)
+        global_loss = red[0]
+        opt = trainer.step() if math.isfinite(global_loss) else {"grad_norm": float("nan"), "lr": float("nan")}
+        dt = time.perf_counter() - t0
+        row = {"step": s, "loss": global_loss, "grad_norm": opt["grad_norm"], "lr": opt["lr"],
+               "tokens": red[1], "completion_tokens": red[2], "tokens_per_s": red[1] / dt, "step_time_s": dt,
+               "units": total_units, "epoch": epoch_at(ts, step=s, effective_batch=t.effective_batch)}
+        n = len(keys)
+        for i, k in enumerate(keys):
+            row[f"loss_{k}"] = red[3 + i] / red[3 + n + i] if red[3 + n + i] > 0 else float("nan")
+        history.append(row)
+
+        if not (math.isfinite(global_loss) and math.isfinite(opt["grad_norm"])):
+            what = "loss" if not math.isfinite(global_loss) else "gradient norm"
+            status = {"state": "failed", "step": s, "reason": "nan",
+                      "message": f"cell {cid}: the {what} is not finite at step {s} "
+                                 f"(loss={global_loss}, grad_norm={opt['grad_norm']}); lower the learning "
+                                 f"rate ({lr:g}) or check the rollouts"}
+            if rank == 0:
+                ck.write_metrics(run, cid, history)
+            report(row, None)
+            break
+        if s in publish:
+            ck.publish_adapter(trainer, run, cid, s, rank=rank)
+        stopping = stop_after is not None and s >= stop_after and s < t.max_steps
+        want_state = s in publish or stopping or (t.resume_every and s % t.resume_every == 0)
+        if rank == 0 and (want_state or s % METRICS_EVERY == 0):
+            ck.write_metrics(run, cid, history)
+        if want_state:
+            with tempfile.TemporaryDirectory(prefix="wsg-resume-", ignore_cleanup_errors=True) as tmp:
+                ck.save_resume_state(trainer, tmp, rank=rank, state={"step": s, "history": history,
+                                                                     "fingerprint": config["fingerprint"]})
+                report(row, tmp)
+        else:
+            report(row, None)
+        if stopping:
+            status = {"state": "stopped", "step": s}
+            break
+    if rank == 0:
+        status["final"] = history[-1] if history else {}
+        rundir.write_json(rundir.join(cdir, STATUS_FILE), status)
