@@ -77,7 +77,7 @@ def describe(name: str) -> dict:
             "step": -1 if step is None else step}
 
 
-def _local_copy(uri: str) -> str:
+def local_copy(uri: str) -> str:
     """A local folder with the adapter's files (object-store runs are copied
     once into the user cache, keyed by the URI)."""
     if rundir.is_local(uri):
@@ -111,7 +111,7 @@ def list_adapters(cfg, run: str) -> list[Adapter]:
                        if (m := _STEP_DIR.match(d)) and rundir.is_complete(rundir.step_dir(run, cell, int(m[1]))))
         for step in _select_steps(steps, cfg.analysis.steps):
             uri = rundir.step_dir(run, cell, step)
-            out.append(Adapter(name=adapter_name(cell, step), path=_local_copy(uri), uri=uri, step=step,
+            out.append(Adapter(name=adapter_name(cell, step), path=local_copy(uri), uri=uri, step=step,
                                cell_id=cell, loss=loss, seed=seed, lr=lr))
     taken = {a.name for a in out} | {BASE}
     for name, path in cfg.analysis.extra_adapters.items():
@@ -125,7 +125,7 @@ def list_adapters(cfg, run: str) -> list[Adapter]:
                            "(no adapter_config.json); give the folder written by save_pretrained")
         cell, step = split_name(name)
         info = describe(name)
-        out.append(Adapter(name=name, path=_local_copy(path), uri=path, step=-1 if step is None else step,
+        out.append(Adapter(name=name, path=local_copy(path), uri=path, step=-1 if step is None else step,
                            cell_id=info["cell_id"], loss=info["loss"], seed=info["seed"], lr=info["lr"]))
         taken.add(name)
     return out

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -110,14 +109,14 @@ class EvalEngine(EngineActor):
     def serve(self, adapter: dict | None, mode: str) -> tuple | None:
         """Make the engine serve `adapter` ({name, uri, lora_id}) or the base;
         returns the LoRA request tuple to pass to generate (None if merged)."""
-        from analysis.adapters import _local_copy
+        from analysis.adapters import local_copy
 
         if adapter is None:
             if self._weights != self.opts.model:
                 self.load_merged_weights(self.opts.model)
                 self._weights = self.opts.model
             return None
-        local = _local_copy(adapter["uri"])
+        local = local_copy(adapter["uri"])
         if mode == "lora":
             return (adapter["name"], int(adapter["lora_id"]), local)
         out = tempfile.mkdtemp(prefix="merged-", dir=self.work_dir)

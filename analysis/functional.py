@@ -30,7 +30,7 @@ from itertools import combinations
 import numpy as np
 import pyarrow as pa
 
-from analysis.adapters import BASE, Adapter, content_hash, list_adapters, reference_pairs, split_name
+from analysis.adapters import BASE, Adapter, content_hash, list_adapters, reference_pairs
 from sweep import rundir
 from sweep.errors import WsgError
 
@@ -148,16 +148,23 @@ class _Host:
         return self.peft.eval()
 
 
+def _prompt_ids(host: _Host, prompts: list[str], max_length: int) -> list[list[int]]:
+    # Token ids exactly as the vLLM engines see these texts (no special tokens
+    # added: the chat template already wrote any BOS), truncated.
+    from rollouts.prompts import encode_prompts
+
+    return [ids[:max_length] for ids in encode_prompts(host.tok, prompts)]
+
+
 def _hidden_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
-    from analysis.adapters import _local_copy
+    from analysis.adapters import local_copy
     from analysis.cka import collect_hidden_states, pad_token_id, right_pad
     from analysis.logit_lens import prediction_depth
 
-    model = host.model(None if unit["uri"] is None else _local_copy(unit["uri"]))
-    prompts = items["cka_prompts"]
-    hs = collect_hidden_states(model, host.tok, prompts, max_length=items["max_length"], batch_size=BATCH_SIZE)
-    seqs = [host.tok(p, add_special_tokens=True)["input_ids"][: items["max_length"]] for p in prompts]
-    ids, mask = right_pad(seqs, pad_token_id(host.tok))
+    model = host.model(None if unit["uri"] is None else local_copy(unit["uri"]))
+    ids, mask = right_pad(_prompt_ids(host, items["cka_prompts"], items["max_length"]), pad_token_id(host.tok))
+    hs = collect_hidden_states(model, host.tok, input_ids=ids, attention_mask=mask,
+                               max_length=items["max_length"], batch_size=BATCH_SIZE)
     depth = prediction_depth(model, ids, mask, batch_size=BATCH_SIZE)
     buf = io.BytesIO()
     # float32 on disk halves the parts; CKA itself is computed in float64.
@@ -167,11 +174,13 @@ def _hidden_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
 
 
 def _lmc_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
-    from analysis.adapters import _local_copy
+    from analysis.adapters import local_copy
     from analysis.lmc import masked_answer_nll, write_interpolated_adapter
 
-    pa_, pb_ = _local_copy(unit["uri_a"]), _local_copy(unit["uri_b"])
-    pairs = list(zip(items["lmc_prompts"], items["lmc_answers"]))
+    pa_, pb_ = local_copy(unit["uri_a"]), local_copy(unit["uri_b"])
+    prompts = _prompt_ids(host, items["lmc_prompts"], items["max_length"])
+    answers = [host.tok(a, add_special_tokens=False)["input_ids"] for a in items["lmc_answers"]]
+    pairs = list(zip(prompts, answers))
     rows = []
     with tempfile.TemporaryDirectory(prefix="wsg-lmc-") as tmp:
         for k, alpha in enumerate(unit["alphas"]):
@@ -185,11 +194,13 @@ def _lmc_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
 
 def functional_worker(spec: dict) -> list[str]:
     """Body of one Ray task: load the base once, run the units in order."""
-    import ray
-    import torch
+    if spec.get("in_ray"):
+        import ray
+        import torch
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
-    torch.set_num_threads(max(1, int(cpus)))
+        # As many torch threads as CPUs Ray gave the task: more collapse when
+        # tasks share the box (FACTS.md "Training").
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     host = _Host(spec["model"], spec["dtype"], spec["trust_remote_code"])
     done = []
     # The base unit first, before any adapter wraps the model.
@@ -256,7 +267,7 @@ def _run_tasks(cfg, run: str, todo: list[dict], items: dict, progress: bool) -> 
     for shard in _shards(todo, min(slots, len(todo))):
         refs.append(task.remote({"model": cfg.model.name, "dtype": cfg.model.dtype,
                                  "trust_remote_code": cfg.model.trust_remote_code, "run": run,
-                                 "items": items, "units": shard}))
+                                 "items": items, "units": shard, "in_ray": True}))
     pending, n = list(refs), 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
@@ -266,8 +277,11 @@ def _run_tasks(cfg, run: str, todo: list[dict], items: dict, progress: bool) -> 
             print(f"wsg: [functional] {n}/{len(todo)} units done", flush=True)
 
 
-def run_functional(cfg, run: str, *, progress: bool = True) -> dict:
-    """Stage entry: compute (or reuse) every unit, then write the three tables."""
+def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True) -> dict:
+    """Stage entry: compute (or reuse) every unit, then write the three tables.
+
+    `use_ray=False` runs the units in this process (one model load), as
+    `run_geometry(use_ray=False)` does: for debugging and small tests."""
     import ray
 
     from analysis.cka import layerwise_cka
@@ -280,7 +294,10 @@ def run_functional(cfg, run: str, *, progress: bool = True) -> dict:
     todo = [u for u in units if not _part_valid(run, u)]
     if progress:
         print(f"wsg: [functional] {len(units)} units, {len(units) - len(todo)} cached", flush=True)
-    if todo:
+    if todo and not use_ray:
+        functional_worker({"model": cfg.model.name, "dtype": cfg.model.dtype, "run": run, "items": items,
+                           "trust_remote_code": cfg.model.trust_remote_code, "units": todo})
+    elif todo:
         owned = not ray.is_initialized()
         if owned:
             ray.init(address=cfg.resources.ray_address, log_to_driver=progress)

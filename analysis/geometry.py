@@ -146,10 +146,10 @@ def module_geometry(factors, *, top_k: int = 10, pairs=None, device=None):
         rest = range(j0, n)
         gb = (bt[i] @ bt[j0:].reshape(-1, d_out).T).reshape(r, n - j0, r).permute(1, 0, 2).cpu().numpy()
         ga = (at[i] @ at[j0:].reshape(-1, d_in).T).reshape(r, n - j0, r).permute(1, 0, 2).cpu().numpy()
-        inner = scale[i] * scale[j0:] * np.einsum("mab,mab->m", gb, ga)
+        inner = scale[i] * scale[j0:] * (gb * ga).sum(axis=(1, 2))
         ki = kcap[i]
-        ublk = np.einsum("ak,mab,mbl->mkl", m[i][:, :ki], gb, m[j0:, :, :top_k])
-        v1 = np.einsum("a,mab,mb->m", nn[i][:, 0], ga, nn[j0:, :, 0])
+        ublk = (m[i][:, :ki].T @ gb) @ m[j0:, :, :top_k]  # (n - j0, ki, k): U_i^T U_j, top-k columns
+        v1 = ((nn[i][:, 0] @ ga) * nn[j0:, :, 0]).sum(axis=-1)  # v1_i^T v1_j
         for off, j in enumerate(rest):
             if j not in js:
                 continue

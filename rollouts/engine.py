@@ -59,6 +59,8 @@ class EngineOptions:
     # Raw logprobs of the model distribution (before temperature/top-p), which
     # is what importance ratios and the stored completion_logprobs mean.
     logprobs_mode: str = "raw_logprobs"
+    # vLLM's own log level inside the engine (its INFO lines are per request).
+    log_level: str = "ERROR"
     extra: dict = field(default_factory=dict)
 
     def llm_kwargs(self, *, on_gpu: bool) -> dict[str, Any]:
@@ -87,6 +89,7 @@ def engine_env(work_dir: str, opts: EngineOptions) -> dict[str, str]:
         "VLLM_CACHE_ROOT": os.path.join(work_dir, "cache"),
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_DO_NOT_TRACK": "1",
+        "VLLM_LOGGING_LEVEL": opts.log_level,
     }
     if opts.cpu_threads_bind != "auto":
         env["VLLM_CPU_OMP_THREADS_BIND"] = opts.cpu_threads_bind

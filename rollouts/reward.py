@@ -75,7 +75,7 @@ def find_last_boxed(text: str) -> str | None:
 def normalize_answer(s: str) -> str:
     """Strip formatting that never changes the value: $, \\text{units},
     spacing commands, \\dfrac, trailing period, %, degrees, thousands commas."""
-    s = s.strip()
+    s = _strip_outer_braces(s.strip())
     s = re.sub(r"\\(?:text|mbox|mathrm|textbf|mathbf)\{\s*([^{}]*?)\s*\}",
                lambda m: m.group(1) if re.fullmatch(r"[\d.,+\-/ ]+", m.group(1)) else " ", s)
     s = re.sub(r"\\[!,;: ]|~", "", s)
@@ -92,6 +92,18 @@ def normalize_answer(s: str) -> str:
     s = re.sub(r"\s+", "", s) if re.fullmatch(r"[\d\s.,+\-/]+", s) else s
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
+    return s
+
+
+def _strip_outer_braces(s: str) -> str:
+    """"{9}" -> "9" (but not "{1}{2}", whose braces are two groups)."""
+    while len(s) >= 2 and s[0] == "{" and s[-1] == "}":
+        depth = 0
+        for j, ch in enumerate(s):
+            depth += (ch == "{") - (ch == "}")
+            if depth == 0 and j < len(s) - 1:
+                return s
+        s = s[1:-1].strip()
     return s
 
 
@@ -152,6 +164,10 @@ def parse_gold(gold: str, *, alarm_s: int | None = None):
     if gold is None or not str(gold).strip():
         return None
     g = normalize_answer(str(gold))
+    # math_verify reads prose as a product of symbols ("see the solution" ->
+    # s*e*e*...): a gold with a word outside a LaTeX command is not an answer.
+    if not g or re.search(r"[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+", "", g)):
+        return None
     parsed = _parse(g, alarm_s)
     return parsed or None
 
@@ -187,15 +203,22 @@ def _remote_batch():
     return ray.remote(num_cpus=1, max_retries=0)(score_batch)
 
 
+def warm_up(num_cpus: float = 1.0):
+    """Start a reward worker and import math_verify/sympy in it (a few seconds)
+    while something else waits, e.g. engines loading. Returns the ObjectRef."""
+    return _remote_batch().options(num_cpus=num_cpus).remote(["\\boxed{1}"], ["1"])
+
+
 def score_many(completions: Sequence[str], golds: Sequence[str], *, timeout_s: float = 5.0,
                chunk_size: int = 64, scorer: Callable[[str, str], float] = score,
-               num_cpus: float = 1.0) -> tuple[list[float], dict]:
+               num_cpus: float = 1.0, startup_s: float = 60.0) -> tuple[list[float], dict]:
     """Rewards for many (completion, gold) pairs, in parallel Ray tasks.
 
     Each chunk task gets `timeout_s` per item (+ a start-up allowance); a chunk
     that overruns is killed (`ray.cancel(force=True)`) and its items are
     rescored one per task with `timeout_s` each. Items that still overrun get
-    0.0. Returns (rewards, {"n_timeouts", "n_chunks"})."""
+    0.0. Returns (rewards, {"n_timeouts", "n_chunks"}). `scorer` must be
+    picklable by Ray (a module-level function or a closure)."""
     import ray
 
     if len(completions) != len(golds):
@@ -203,8 +226,7 @@ def score_many(completions: Sequence[str], golds: Sequence[str], *, timeout_s: f
     if not completions:
         return [], {"n_timeouts": 0, "n_chunks": 0}
     fn = _remote_batch().options(num_cpus=num_cpus)
-    # Worker start-up and the first import of sympy take a few seconds.
-    startup_s = 60.0
+    # `startup_s`: a (re)started worker's first import of sympy takes seconds.
     chunks = [(i, min(i + chunk_size, len(completions))) for i in range(0, len(completions), chunk_size)]
     refs = {fn.remote(list(completions[a:b]), list(golds[a:b]), scorer): (a, b) for a, b in chunks}
     rewards: list[float | None] = [None] * len(completions)

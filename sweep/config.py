@@ -74,6 +74,10 @@ class EndpointCfg(_Strict):
     concurrency: int = Field(8, gt=0)
     max_retries: int = Field(3, ge=0)
     timeout_s: float = Field(120.0, gt=0)
+    # "chat": /chat/completions with messages (any OpenAI-compatible server; the
+    # server applies its own template). "completions": /completions with the
+    # policy's chat-templated text, so prompt_text is exactly what was sent.
+    api: Literal["chat", "completions"] = "chat"
 
 
 class RolloutsCfg(_Strict):
@@ -185,6 +189,8 @@ class OnlineCfg(_Strict):
     max_resample_rounds: int = Field(4, ge=0)
     overlong_buffer: int = Field(32, ge=0)
     overlong_penalty: float = Field(1.0, ge=0)
+    # DAPO overlong filtering: truncated samples (finish_reason "length") get no loss.
+    overlong_filter: bool = True
     temperature: float = Field(1.0, gt=0)
     max_tokens: int = Field(128, gt=0)
     engine_cpus: float = Field(1.0, gt=0)

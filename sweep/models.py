@@ -286,8 +286,8 @@ def _gguf_tokenizer(gguf: Path, *, max_length: int):
 
 
 def _save_tokenizer(tok, folder: Path) -> None:
-    # The chat template goes into tokenizer_config.json (not only
-    # chat_template.jinja) so that older transformers on a cluster find it too.
+    # The chat template goes into tokenizer_config.json (transformers 5 would
+    # write only chat_template.jinja) so loaders that read just that file find it.
     tok.save_pretrained(folder, save_jinja_files=False)
 
 

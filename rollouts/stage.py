@@ -1,0 +1,320 @@
+"""The rollouts stage: K teacher samples per prompt, binary rewards, DPO pairs.
+
+    problems (rollouts.datasets) -> shards of `shard_size` prompts
+      -> teacher: vLLM EngineActors on Ray (default) or an OpenAI endpoint
+      -> math rewards in Ray tasks (rollouts.reward)
+      -> <run>/rollouts/shards/shard_00000.parquet ...   (one per shard)
+      -> rollouts.parquet, pairs.parquet, then the _COMPLETE marker.
+
+Idempotent (DESIGN.md "Run directory"): a finished stage (marker present) is
+skipped; a rerun after a crash keeps the shards already written and samples
+only the missing ones. Each shard records the hash of the settings that made
+it; a shard from different settings is refused rather than mixed in. Each
+shard is sampled with its own seed (rollouts.seed + shard index) so a resumed
+run samples a missing shard as a fresh run would have.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from rollouts import schema
+from rollouts.datasets import Problem, load_problems_with_report
+from rollouts.engine import EngineOptions, shutdown_engines, start_engines, wait_ready
+from rollouts.prompts import build_messages, encode_prompts, render_prompts
+from rollouts.reward import score_many, warm_up
+from sweep import rundir
+from sweep.errors import WsgError
+
+SHARD_DIR = "shards"
+# Shards queued per engine: the next one is already waiting while the driver
+# scores and writes the previous one, so engines never idle between shards.
+QUEUE_DEPTH = 2
+
+
+def teacher_name(cfg) -> str:
+    if cfg.rollouts.backend == "openai":
+        return f"openai:{cfg.rollouts.endpoint.model}"
+    return cfg.rollouts.teacher or cfg.model.name
+
+
+def spec_hash(cfg) -> str:
+    """Hash of every setting that changes the rollouts (not how many engines)."""
+    r = cfg.rollouts.model_dump(mode="json")
+    for k in ("num_engines", "cpus_per_engine", "gpus_per_engine", "reward_timeout_s"):
+        r.pop(k, None)
+    if r.get("endpoint"):
+        for k in ("concurrency", "max_retries", "timeout_s", "api_key_env"):
+            r["endpoint"].pop(k, None)
+    spec = {"model": cfg.model.name, "max_model_len": cfg.model.max_model_len,
+            "data": cfg.data.model_dump(mode="json"), "rollouts": r}
+    blob = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def engine_options(cfg, model_path: str, **overrides) -> EngineOptions:
+    """The rollout engines' options from the config (also used by bench/)."""
+    ro = cfg.rollouts
+    kw = dict(model=model_path, dtype=ro.dtype, seed=ro.seed, max_model_len=cfg.model.max_model_len,
+              enforce_eager=ro.enforce_eager, trust_remote_code=cfg.model.trust_remote_code,
+              tensor_parallel_size=max(1, int(ro.gpus_per_engine)))
+    kw.update(overrides)
+    return EngineOptions(**kw)
+
+
+def pool_size(num_engines, *, cpus_per_engine: float, gpus_per_engine: float,
+              n_shards: int, resources: dict) -> tuple[int, float]:
+    """(engines, GPUs per engine). "auto": one engine per `gpus_per_engine`
+    GPUs (1 if unset) on a GPU cluster, one engine on a CPU box (vLLM keeps a
+    core for its scheduler, FACTS.md). Never more engines than shards."""
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    g = gpus_per_engine if gpus_per_engine > 0 else (1.0 if gpus > 0 else 0.0)
+    if num_engines == "auto":
+        n = int(gpus // g) if g > 0 else 1
+    else:
+        n = int(num_engines)
+    n = max(1, min(n, n_shards))
+    if n * cpus_per_engine > cpus:
+        raise WsgError(f"rollouts.num_engines={num_engines} x rollouts.cpus_per_engine={cpus_per_engine} "
+                       f"needs {n * cpus_per_engine:g} CPUs but the Ray cluster has {cpus:g}; "
+                       "lower one of them")
+    if g > 0 and n * g > gpus:
+        raise WsgError(f"rollouts.num_engines={num_engines} x gpus_per_engine={g:g} needs {n * g:g} GPUs "
+                       f"but the Ray cluster has {gpus:g}; lower rollouts.num_engines or use 'auto'")
+    return n, g
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[rollouts] {msg}", file=sys.stderr, flush=True)
+
+
+def _shard_path(run: str, i: int) -> str:
+    return rundir.join(rundir.rollouts_dir(run), SHARD_DIR, f"shard_{i:05d}.parquet")
+
+
+def _existing_shard(run: str, i: int, spec: str, ids: list[str]) -> bool:
+    path = _shard_path(run, i)
+    if not rundir.exists(path):
+        return False
+    t = rundir.read_table(path, columns=["prompt_id"])
+    meta = {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items()}
+    if meta.get("spec_hash") != spec:
+        raise WsgError(f"{path} was written with other rollout settings (spec {meta.get('spec_hash')} "
+                       f"!= {spec}); use a new --run folder, or delete {rundir.rollouts_dir(run)} "
+                       "to resample")
+    if sorted(set(t.column("prompt_id").to_pylist())) != sorted(ids):
+        raise WsgError(f"{path} holds other prompts than this config selects (did the data file "
+                       f"change?); delete {rundir.rollouts_dir(run)} to resample")
+    return True
+
+
+def _rows_for_shard(cfg, problems: list[Problem], texts: list[str], results: list[dict],
+                    rewards: list[float]) -> list[dict]:
+    ro, teacher = cfg.rollouts, teacher_name(cfg)
+    rows, k = [], 0
+    for p, text, res in zip(problems, texts, results):
+        pids = [int(t) for t in res["prompt_token_ids"]]
+        for j, s in enumerate(res["samples"]):
+            rows.append({
+                "prompt_id": p.id, "sample_idx": j, "problem": p.problem, "prompt_text": text,
+                "completion": s["text"], "gold": p.answer, "reward": float(rewards[k]),
+                "prompt_token_ids": pids, "completion_token_ids": [int(t) for t in s["token_ids"]],
+                "completion_logprobs": s.get("logprobs"), "n_prompt_tokens": len(pids),
+                "n_completion_tokens": len(s["token_ids"]), "finish_reason": s["finish_reason"],
+                "teacher": teacher, "temperature": float(ro.temperature), "top_p": float(ro.top_p),
+                "max_tokens": int(ro.max_tokens)})
+            k += 1
+    return rows
+
+
+class _Stats:
+    def __init__(self):
+        self.tokens = 0
+        self.samples = 0
+        self.reward_timeouts = 0
+        self.t_first = None
+        self.t_last = None
+        self.reward_cpus = 1.0
+
+
+def _finish_shard(cfg, run, i, spec, problems, texts, results, stats: _Stats, progress, n_shards):
+    comps = [s["text"] for r in results for s in r["samples"]]
+    golds = [p.answer for p, r in zip(problems, results) for _ in r["samples"]]
+    rewards, rstats = score_many(comps, golds, timeout_s=cfg.rollouts.reward_timeout_s,
+                                 num_cpus=stats.reward_cpus)
+    rows = _rows_for_shard(cfg, problems, texts, results, rewards)
+    rundir.write_table(_shard_path(run, i), schema.rollouts_table(
+        rows, {"spec_hash": spec, "shard": i, "n_shards": n_shards}))
+    n_tok = sum(r["n_completion_tokens"] for r in rows)
+    stats.tokens += n_tok
+    stats.samples += len(rows)
+    stats.reward_timeouts += rstats["n_timeouts"]
+    stats.t_last = time.perf_counter()
+    el = stats.t_last - stats.t_first
+    _log(progress, f"shard {i + 1}/{n_shards}: {len(rows)} samples, reward "
+                   f"{sum(rewards) / max(len(rewards), 1):.3f}, {stats.tokens / el:.0f} tok/s so far")
+
+
+# ------------------------------------------------------------------- backends
+def _run_vllm(cfg, run, spec, shards, pending, stats, progress) -> dict:
+    import ray
+
+    from sweep.models import resolve_model
+
+    name = teacher_name(cfg)
+    path = resolve_model(name, trust_remote_code=cfg.model.trust_remote_code)
+    ro = cfg.rollouts
+    n, g = pool_size(ro.num_engines, cpus_per_engine=ro.cpus_per_engine, gpus_per_engine=ro.gpus_per_engine,
+                     n_shards=len(pending), resources=ray.cluster_resources())
+    spare = float(ray.cluster_resources().get("CPU", 0)) - n * ro.cpus_per_engine
+    # Reward tasks must be schedulable while the engines hold their CPUs.
+    stats.reward_cpus = 1.0 if spare >= 1 else 0.0
+    t0 = time.perf_counter()
+    engines = start_engines(engine_options(cfg, path), n, num_cpus=ro.cpus_per_engine, num_gpus=g)
+    warm = warm_up(stats.reward_cpus)
+    try:
+        infos = wait_ready(engines, model=name)
+        ray.get(warm)
+        start_s = time.perf_counter() - t0
+        _log(progress, f"{n} engine(s) of {name} ready in {start_s:.1f} s")
+        todo = [i for i in pending]
+        all_probs = [p for i in pending for p in shards[i]]
+        texts_all = ray.get(engines[0].apply_chat_template.remote(
+            all_probs, instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt))
+        ids_all = ray.get(engines[0].tokenize.remote(texts_all))
+        off, texts, ids = 0, {}, {}
+        for i in pending:
+            texts[i], ids[i] = texts_all[off:off + len(shards[i])], ids_all[off:off + len(shards[i])]
+            off += len(shards[i])
+        inflight: dict[Any, tuple[int, int]] = {}
+
+        def submit(e: int) -> None:
+            if todo:
+                i = todo.pop(0)
+                ref = engines[e].generate.remote(
+                    ids[i], n=ro.k, temperature=ro.temperature, top_p=ro.top_p,
+                    max_tokens=ro.max_tokens, logprobs=True, seed=ro.seed * 1_000_003 + i)
+                inflight[ref] = (i, e)
+
+        stats.t_first = time.perf_counter()
+        for e in range(n):
+            for _ in range(QUEUE_DEPTH):
+                submit(e)
+        while inflight:
+            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            i, e = inflight.pop(ref)
+            submit(e)
+            try:
+                results = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                raise WsgError(f"a vLLM engine of {name!r} failed while sampling shard {i}: "
+                               f"{str(exc).strip().splitlines()[-1][:400]}; rerun the same command "
+                               "to resume (finished shards are kept)") from None
+            _finish_shard(cfg, run, i, spec, shards[i], texts[i], results, stats, progress, len(shards))
+        return {"n_engines": n, "engine_start_s": round(start_s, 2), "engine": infos[0]}
+    finally:
+        shutdown_engines(engines)
+
+
+def _run_openai(cfg, run, spec, shards, pending, stats, progress) -> dict:
+    from rollouts.endpoint import EndpointClient
+    from sweep.models import load_tokenizer
+
+    import ray
+
+    ro, ep = cfg.rollouts, cfg.rollouts.endpoint
+    client = EndpointClient.from_config(ep)
+    stats.reward_cpus = 1.0 if float(ray.cluster_resources().get("CPU", 0)) >= 1 else 0.0
+    # prompt_text/token ids are the POLICY's: that is what training consumes.
+    tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    stats.t_first = time.perf_counter()
+    for i in pending:
+        probs = shards[i]
+        texts = render_prompts(tok, probs, instruction=cfg.data.instruction,
+                               system_prompt=cfg.data.system_prompt)
+        sent = texts if ep.api == "completions" else [
+            build_messages(p.problem, instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt)
+            for p in probs]
+        outs = client.generate(sent, n=ro.k, temperature=ro.temperature, top_p=ro.top_p,
+                               max_tokens=ro.max_tokens)
+        pids = encode_prompts(tok, texts)
+        results = []
+        for pid, o in zip(pids, outs):
+            samples = [{"text": s["text"], "finish_reason": s["finish_reason"], "logprobs": None,
+                        "token_ids": tok.encode(s["text"], add_special_tokens=False)} for s in o["samples"]]
+            results.append({"prompt_token_ids": pid, "samples": samples})
+        _finish_shard(cfg, run, i, spec, probs, texts, results, stats, progress, len(shards))
+    return {"n_engines": 0, "endpoint": ep.base_url}
+
+
+# ---------------------------------------------------------------------- stage
+def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
+    """Run (or resume, or skip) the rollouts stage of `run`; returns a summary:
+    n_prompts, n_samples, reward_mean, frac_prompts_mixed, n_pairs, tok_s,
+    skipped, and details (load report, engines, timings)."""
+    import ray
+
+    out_dir = rundir.rollouts_dir(run)
+    final_r, final_p = rundir.join(out_dir, "rollouts.parquet"), rundir.join(out_dir, "pairs.parquet")
+    spec = spec_hash(cfg)
+    if rundir.is_complete(out_dir) and rundir.exists(final_r) and rundir.exists(final_p):
+        info = rundir.read_json(rundir.join(out_dir, rundir.COMPLETE_MARKER))
+        if info.get("spec_hash") not in (None, spec):
+            raise WsgError(f"{out_dir} holds finished rollouts of other settings (spec "
+                           f"{info.get('spec_hash')} != {spec}); use a new --run folder or delete it")
+        _log(progress, f"already complete: {final_r}")
+        return {**info, "skipped": True}
+
+    problems, report = load_problems_with_report(cfg.data)
+    size = cfg.rollouts.shard_size
+    shards = [problems[a:a + size] for a in range(0, len(problems), size)]
+    pending = [i for i, sh in enumerate(shards) if not _existing_shard(run, i, spec, [p.id for p in sh])]
+    _log(progress, f"{len(problems)} prompts in {len(shards)} shard(s), {len(pending)} to sample "
+                   f"(K={cfg.rollouts.k}, T={cfg.rollouts.temperature}, teacher {teacher_name(cfg)})")
+
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(address=cfg.resources.ray_address, include_dashboard=False, log_to_driver=progress)
+        started_ray = True
+    stats = _Stats()
+    t0 = time.perf_counter()
+    try:
+        extra: dict = {"n_engines": 0}
+        if pending:
+            backend = _run_vllm if cfg.rollouts.backend == "vllm" else _run_openai
+            extra = backend(cfg, run, spec, shards, pending, stats, progress)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    gen_s = (stats.t_last - stats.t_first) if stats.t_first and stats.t_last else 0.0
+
+    tables = [rundir.read_table(_shard_path(run, i)) for i in range(len(shards))]
+    import pyarrow as pa
+
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    rows = table.to_pylist()
+    pairs = schema.make_pairs(rows, max_pairs_per_prompt=cfg.rollouts.max_pairs_per_prompt)
+    meta = {"spec_hash": spec, "teacher": teacher_name(cfg)}
+    # Final tables last, the marker after them: readers trust only the marker.
+    rundir.write_table(final_r, table.replace_schema_metadata(schema._meta(meta)))
+    rundir.write_table(final_p, schema.pairs_table(pairs, meta))
+    summ = schema.reward_summary(rows)
+    summary = {
+        **summ, "n_pairs": len(pairs), "skipped": False, "spec_hash": spec,
+        "teacher": teacher_name(cfg), "n_shards": len(shards), "n_shards_sampled": len(pending),
+        "n_completion_tokens_sampled": stats.tokens, "gen_s": round(gen_s, 3),
+        "tok_s": round(stats.tokens / gen_s, 2) if gen_s > 0 else None,
+        "stage_s": round(time.perf_counter() - t0, 3), "n_reward_timeouts": stats.reward_timeouts,
+        "finish_reasons": dict(Counter(r["finish_reason"] for r in rows)),
+        "data": report.as_dict(), **{k: v for k, v in extra.items() if k != "engine"},
+    }
+    rundir.mark_complete(out_dir, summary)
+    _log(progress, f"done: {summary['n_samples']} samples, reward {summary['reward_mean']:.3f}, "
+                   f"{summary['frac_prompts_mixed']:.0%} prompts mixed, {len(pairs)} pairs, "
+                   f"{summary['tok_s']} tok/s")
+    return summary

@@ -1,0 +1,184 @@
+"""Weight sync from the trainer to the rollout engine (train/online_sync.py).
+
+The slow guard test is the one issue #5 asks for: silent base-model
+sampling is a known bug class of RL frameworks (verl, OpenRLHF). After a few
+real training steps (real vLLM, real rewards, SmolLM2-135M in float32 on
+both sides), the engine's teacher-forced log-probs of a fixed completion
+must equal the trainer's under the current adapter, and differ from the
+base model's, for both sync strategies.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sweep.config import parse_config
+from sweep.errors import WsgError
+from train.online_sync import WeightSync, merged_weights, resolve_sync, vllm_lora_rank, write_merged
+from train.steps import CompletionLogprobs, build_policy
+
+# fp32 vLLM vs fp32 transformers agree within 5e-5 (FACTS.md "vLLM"); the bound
+# leaves room for summation-order differences over a longer completion.
+MATCH_TOL = 1e-3
+
+
+def tiny_cfg(**online):
+    return parse_config({
+        "model": {"name": "tiny-qwen3", "max_model_len": 512}, "rollouts": {"dtype": "float32"},
+        "train": {"lora": {"r": 4, "alpha": 8}, "effective_batch": 4, "per_device_batch": 4, "grad_accum": 1,
+                  "max_steps": 4, "checkpoint_steps": [4]},
+        "online": online, "grid": {"losses": ["online_grpo"]}, "analysis": {"reference_loss": "online_grpo"}})
+
+
+def randomized_policy(cfg, seed=1):
+    policy = build_policy(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return policy
+
+
+def test_auto_is_merged_on_cpu_and_lora_on_gpu():
+    assert resolve_sync("auto", on_gpu=False) == "merged"
+    assert resolve_sync("auto", on_gpu=True) == "lora"
+    assert resolve_sync("lora", on_gpu=False) == "lora"
+    with pytest.raises(WsgError, match="online.sync"):
+        resolve_sync("both", on_gpu=False)
+
+
+def test_vllm_lora_rank_rounds_up_to_an_accepted_rank():
+    assert [vllm_lora_rank(r) for r in (1, 4, 8, 9, 32, 33)] == [1, 8, 8, 16, 32, 64]
+    with pytest.raises(WsgError, match="train.lora.r"):
+        vllm_lora_rank(1000)
+
+
+def test_merged_weights_equal_peft_merge_and_unload():
+    cfg = tiny_cfg()
+    policy = randomized_policy(cfg)
+    got = merged_weights(policy)
+    want = copy.deepcopy(policy).merge_and_unload().state_dict()
+    # every parameter of each attention block, nothing else, none of LoRA's own
+    layers = {k.rsplit(".self_attn.", 1)[0] for k in got}
+    assert layers == {f"model.layers.{i}" for i in range(2)}
+    for k, v in got.items():
+        assert ".self_attn." in k and "lora" not in k
+        torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6)
+    attn = {k for k in want if ".self_attn." in k}
+    assert set(got) == attn
+    # the merge starts from the frozen base: merging twice does not accumulate
+    again = merged_weights(policy)
+    for k in got:
+        assert torch.equal(got[k], again[k])
+    from sweep.models import load_causal_lm
+
+    base = load_causal_lm("tiny-qwen3").state_dict()
+    moved = [k for k in got if k.endswith("q_proj.weight")]
+    assert all(not torch.allclose(got[k], base[k]) for k in moved)
+
+
+def test_lora_sync_uses_a_fresh_name_and_id_per_version(tmp_path):
+    cfg = tiny_cfg()
+    policy = randomized_policy(cfg)
+    published = []
+    sync = WeightSync("lora", work_dir=str(tmp_path), name="cell", load_merged=lambda p: None,
+                      publish=lambda folder, tag, drop: published.append((tag, drop)) or folder)
+    seen = set()
+    for v in range(1, 5):
+        sync.push(policy)
+        name, lid, path = sync.lora
+        assert (name, lid) not in seen and name.endswith(f"v{v}") and lid == v
+        seen.add((name, lid))
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(path))
+    # only the current and the previous version stay on disk
+    assert sorted(os.listdir(tmp_path)) == ["v3", "v4"]
+    assert published[-1] == ("v4", ["v2"])
+
+
+def test_merged_sync_writes_what_the_engine_loads(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg()
+    policy = randomized_policy(cfg)
+    loaded = []
+    sync = WeightSync("merged", work_dir=str(tmp_path), name="cell", load_merged=loaded.append,
+                      dtype=torch.bfloat16)
+    sync.push(policy)
+    assert sync.lora is None and len(loaded) == 1
+    tensors = load_file(os.path.join(loaded[0], "model.safetensors"))
+    want = merged_weights(policy)
+    assert set(tensors) == set(want)
+    for k in want:
+        assert tensors[k].dtype == torch.bfloat16
+        torch.testing.assert_close(tensors[k].float(), want[k], rtol=1e-2, atol=1e-2)
+    assert write_merged(policy, str(tmp_path / "again")) == str(tmp_path / "again")
+
+
+# --------------------------------------------------------------------------- the guard (real vLLM)
+
+def smollm2_cfg():
+    return parse_config({
+        "model": {"name": "smollm2-135m-instruct", "max_model_len": 512}, "rollouts": {"dtype": "float32"},
+        "data": {"n_prompts": 32, "seed": 3},
+        "train": {"lora": {"r": 8, "alpha": 16}, "effective_batch": 8, "per_device_batch": 8, "grad_accum": 1,
+                  "max_steps": 10, "checkpoint_steps": [10], "max_seq_len": 256, "warmup_frac": 0.0},
+        "online": {"group_size": 4, "prompts_per_step": 4, "max_tokens": 40},
+        "grid": {"losses": ["online_grpo"]}, "analysis": {"reference_loss": "online_grpo"}})
+
+
+def trainer_logprobs(policy, prompt, comp, *, adapter: bool) -> list[float]:
+    mod = CompletionLogprobs(policy).eval()
+    ids = torch.tensor([prompt + comp])
+    n0, t = len(prompt), len(comp)
+    rows, cols = torch.zeros(t, dtype=torch.long), torch.arange(n0 - 1, n0 - 1 + t)
+    with torch.no_grad():
+        if adapter:
+            return mod(ids, rows, cols, torch.tensor(comp)).tolist()
+        with policy.disable_adapter():
+            return mod(ids, rows, cols, torch.tensor(comp)).tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["merged", "lora"])
+def test_engine_samples_from_the_current_adapter(tmp_path, strategy):
+    from rollouts.engine import EngineActor
+    from train.online import OnlineWorker, engine_options, prepare_prompts, worker_config
+
+    cfg = smollm2_cfg()
+    prompt_ids, golds = prepare_prompts(cfg)
+    conf = worker_config(cfg, str(tmp_path / "run"), loss="online_grpo", seed=42, lr=2e-3, sync=strategy)
+    engine = EngineActor(engine_options(cfg, strategy), work_dir=str(tmp_path / "vllm"))
+    worker = OnlineWorker(conf)
+    try:
+        worker.setup(engine, {"prompt_ids": prompt_ids, "golds": golds})
+        assert engine.info()["dtype"] == "float32"
+        rows = [worker.step(s) for s in (1, 2, 3)]
+        assert sum(r["trained_groups"] * (r["filtered_group_frac"] < 1) for r in rows) > 0, \
+            "no step had a group with both outcomes: nothing was learned, the guard cannot discriminate"
+        # while sampling, the engine used the weights the trainer then scored with
+        assert max(r["behaviour_gap_max"] for r in rows) < MATCH_TOL
+
+        tok = engine.tokenizer
+        comp = tok.encode("The sum is 7, so the answer is \\boxed{7}.", add_special_tokens=False)
+        comp.append(tok.eos_token_id)
+        prompt = prompt_ids[0]
+        got = np.array(engine.score_logprobs(prompt, comp, lora=worker.sync.lora))
+        current = np.array(trainer_logprobs(worker.policy, prompt, comp, adapter=True))
+        base = np.array(trainer_logprobs(worker.policy, prompt, comp, adapter=False))
+        assert np.abs(got - current).max() < MATCH_TOL
+        # the adapter moved the policy well beyond the tolerance, so a base-model
+        # engine would have failed the check above
+        assert np.abs(base - current).max() > 20 * MATCH_TOL
+        assert np.abs(got - base).max() > 20 * MATCH_TOL
+        if strategy == "lora":
+            # the same engine without the LoRA request is the base model
+            plain = np.array(engine.score_logprobs(prompt, comp))
+            assert np.abs(plain - base).max() < MATCH_TOL
+    finally:
+        worker.close()
+        engine.shutdown()
