@@ -88,6 +88,7 @@ class EvalEngine(EngineActor):
     def _merge(self, adapter_dir: str, out_dir: str) -> None:
         import torch
         from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
 
         from sweep.models import load_causal_lm
 
@@ -96,10 +97,19 @@ class EvalEngine(EngineActor):
             # to its own dtype on reload, as it does for the base.
             self._hf = load_causal_lm(self.opts.model, dtype=torch.float32,
                                       trust_remote_code=self.opts.trust_remote_code)
-            self._orig = {k: v.detach().clone() for k, v in self._hf.state_dict().items()}
-        merged = PeftModel.from_pretrained(self._hf, adapter_dir, is_trainable=False).merge_and_unload()
+            self._orig = {}
+        wrapped = PeftModel.from_pretrained(self._hf, adapter_dir, is_trainable=False)
+        # Keep a pristine copy of every weight a LoRA layer sits on (restoring
+        # it beats unmerging, which leaves rounding residue in the base).
+        state = self._hf.state_dict()
+        prefix = "base_model.model."
+        for name, module in wrapped.named_modules():
+            if isinstance(module, LoraLayer):
+                key = name.removeprefix(prefix) + ".weight"
+                if key not in self._orig:
+                    self._orig[key] = state[key.replace(".weight", ".base_layer.weight")].detach().clone()
+        merged = wrapped.merge_and_unload()
         merged.save_pretrained(out_dir)
-        # Restore the pristine base (unmerging would leave rounding residue).
         with torch.no_grad():
             state = merged.state_dict()
             for k, v in self._orig.items():

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.adapters import BASE, describe  # noqa: E402
 
@@ -122,8 +123,12 @@ def _pair_lines(ax, rows, pairs, lab, *, x: str, y: str) -> int:
         pts = sorted((r[x], r[y]) for r in rows if r["adapter_a"] == a and r["adapter_b"] == b)
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", ms=3, label=f"{lab(a)} – {lab(b)}")
+            # Pairs with the base model dashed: they are a different question
+            # (how far training moved) from adapter-vs-adapter pairs.
+            ax.plot(xs, ys, marker="o", ms=3, ls="--" if BASE in (a, b) else "-", label=f"{lab(a)} – {lab(b)}")
             drawn += 1
+    if x == "layer":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if drawn:
         ax.legend(fontsize=7, loc="best")
     return drawn
@@ -214,6 +219,13 @@ def cka_layers(rows: list[dict], path: str) -> Optional[str]:
     return _save(fig, path)
 
 
+def _acc_group(model: str) -> str:
+    if model == BASE:
+        return "base"
+    step = describe(model)["step"]
+    return "extra adapter" if step < 0 else f"step {step}"
+
+
 def accuracy_bars(rows: list[dict], path: str) -> Optional[str]:
     """Seed Fig. 3: greedy pass@1 with Wilson 95% intervals, per eval set."""
     if not rows:
@@ -227,10 +239,16 @@ def accuracy_bars(rows: list[dict], path: str) -> Optional[str]:
         acc = np.array([100 * r["accuracy"] for r in here])
         err = np.array([[100 * (r["accuracy"] - r["ci_low"]) for r in here],
                         [100 * (r["ci_high"] - r["accuracy"]) for r in here]])
-        steps = sorted({describe(r["model"])["step"] for r in here})
-        colours = {s: plt.cm.tab10(k % 10) for k, s in enumerate(steps)}
-        ax.bar(range(len(here)), acc, yerr=err, capsize=3,
-               color=[colours[describe(r["model"])["step"]] for r in here])
+        groups = [_acc_group(r["model"]) for r in here]
+        colours = {g: ("0.6" if g == "base" else plt.cm.tab10(k % 10))
+                   for k, g in enumerate(dict.fromkeys(groups))}
+        for g in colours:
+            ks = [k for k, x in enumerate(groups) if x == g]
+            ax.bar(ks, acc[ks], color=colours[g], label=g)
+        # One errorbar call for all bars (bar(yerr=) on a single bar trips a
+        # numpy deprecation inside matplotlib 3.11).
+        ax.errorbar(np.arange(len(here)), acc, yerr=err, fmt="none", ecolor="black", capsize=3)
+        ax.legend(fontsize=7, loc="upper right")
         ax.set_xticks(range(len(here)), [lab(r["model"], step=r["model"] != BASE) for r in here],
                       rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("greedy pass@1 (%), Wilson 95% CI")
@@ -252,6 +270,13 @@ def varies_seed_or_lr(names: Iterable[str]) -> bool:
     return lab.vary_seed or lab.vary_lr
 
 
+def _legend_or_note(ax, data, why: str) -> None:
+    if data:
+        ax.legend(fontsize=6)
+    else:
+        ax.text(0.5, 0.5, f"no data: {why}", ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
 def seed_lr_panels(global_rows: list[dict], module_rows: list[dict], path: str) -> Optional[str]:
     """Seed Fig. 2: (left) cosine / top-1 u / top-1 v agreement between seeds of
     the same loss vs LR; (middle) ‖ΔW‖_F vs LR; (right) cosine between two LRs
@@ -261,10 +286,11 @@ def seed_lr_panels(global_rows: list[dict], module_rows: list[dict], path: str) 
         a, b = describe(r["adapter_a"]), describe(r["adapter_b"])
         if not (a["loss"] and a["loss"] == b["loss"] and a["step"] == b["step"]):
             continue
+        key = f"{a['loss']} @{a['step']}"
         if a["lr"] == b["lr"] and a["seed"] != b["seed"]:
-            seed_pts[a["loss"]].append((a["lr"], r["cosine"], r["mean_u1_abs_dot"], r["mean_v1_abs_dot"]))
+            seed_pts[key].append((a["lr"], r["cosine"], r["mean_u1_abs_dot"], r["mean_v1_abs_dot"]))
         elif a["seed"] == b["seed"] and a["lr"] != b["lr"]:
-            lr_pts[a["loss"]].append((max(a["lr"], b["lr"]) / min(a["lr"], b["lr"]), r["cosine"]))
+            lr_pts[key].append((max(a["lr"], b["lr"]) / min(a["lr"], b["lr"]), r["cosine"]))
     norms = defaultdict(list)
     for name, v in _global_norms(module_rows).items():
         d = describe(name)
@@ -275,19 +301,22 @@ def seed_lr_panels(global_rows: list[dict], module_rows: list[dict], path: str) 
         return None
     fig, axes = _panels(3, width=4.8)
     ax = axes[0][0]
-    for k, (loss, pts) in enumerate(sorted(seed_pts.items())):
-        pts.sort()
-        lr, cos, u1, v1 = (np.array(c) for c in zip(*pts))
+    for k, (key, pts) in enumerate(sorted(seed_pts.items())):
+        # Several seed pairs at one LR (3+ seeds): their mean, the spread as points.
+        by_lr = defaultdict(list)
+        for p in pts:
+            by_lr[p[0]].append(p[1:])
+        lr = np.array(sorted(by_lr))
+        mean = np.array([np.mean(by_lr[x], axis=0) for x in lr])
         c = plt.cm.tab10(k % 10)
-        ax.plot(lr, cos, "o-", color=c, label=f"{loss}: cosine")
-        ax.plot(lr, u1, "s--", color=c, alpha=0.7, label=f"{loss}: |u1·u1'|")
-        ax.plot(lr, v1, "^:", color=c, alpha=0.7, label=f"{loss}: |v1·v1'|")
+        for j, (mark, what) in enumerate((("o-", "cosine"), ("s--", "|u1·u1'|"), ("^:", "|v1·v1'|"))):
+            ax.plot(lr, mean[:, j], mark, color=c, alpha=1.0 if j == 0 else 0.7, label=f"{key}: {what}")
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, color=c, alpha=0.4)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("agreement between two seeds (unitless)")
     ax.set_title("same loss, two seeds", fontsize=10)
-    if seed_pts:
-        ax.legend(fontsize=6)
+    _legend_or_note(ax, seed_pts, "one seed per loss and LR")
     ax = axes[0][1]
     for (loss, seed, step), pts in sorted(norms.items()):
         lr, v = zip(*pts)
@@ -296,8 +325,7 @@ def seed_lr_panels(global_rows: list[dict], module_rows: list[dict], path: str) 
     ax.set_xlabel("learning rate")
     ax.set_ylabel("global ‖ΔW‖_F")
     ax.set_title("update norm vs learning rate", fontsize=10)
-    if norms:
-        ax.legend(fontsize=6)
+    _legend_or_note(ax, norms, "one LR per loss and seed")
     ax = axes[0][2]
     for loss, pts in sorted(lr_pts.items()):
         ratio, cos = zip(*sorted(pts))
@@ -306,6 +334,5 @@ def seed_lr_panels(global_rows: list[dict], module_rows: list[dict], path: str) 
     ax.set_xlabel("LR ratio of the two cells")
     ax.set_ylabel("global cosine of ΔW (unitless)")
     ax.set_title("same loss and seed, two LRs", fontsize=10)
-    if lr_pts:
-        ax.legend(fontsize=6)
+    _legend_or_note(ax, lr_pts, "one LR per loss and seed")
     return _save(fig, path)

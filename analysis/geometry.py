@@ -45,28 +45,53 @@ RANK_RTOL = 1e-7
 CACHE_VERSION = "geometry-v1"
 
 
+class NonFiniteFactors(ValueError):
+    """Factors of these adapter indices hold NaN or inf."""
+
+    def __init__(self, indices):
+        super().__init__(f"non-finite LoRA factors at adapter indices {indices}")
+        self.indices = indices
+
+
 # --- pure math -----------------------------------------------------------------
+def _r_factor(g: np.ndarray):
+    """For Grams g = X^T X (n, r, r): R with X = Q R, and P with Q = X P
+    (orthonormal Q). Cholesky where it is well conditioned (Cholesky-QR), else
+    an eigendecomposition that drops directions below EIG_RTOL (rank-deficient
+    factors, e.g. B = 0 at peft's init)."""
+    import torch
+
+    gt = torch.from_numpy(np.ascontiguousarray(g))
+    low, info = torch.linalg.cholesky_ex(gt)
+    diag2 = torch.diagonal(low, dim1=-2, dim2=-1) ** 2
+    trace = torch.diagonal(gt, dim1=-2, dim2=-1).sum(-1)
+    ok = (info == 0) & (diag2.min(-1).values > EIG_RTOL * trace)
+    r_fac = low.transpose(-1, -2).clone()  # upper triangular, R^T R = G
+    eye = torch.eye(g.shape[-1], dtype=gt.dtype).expand_as(gt)
+    p_fac = torch.linalg.solve_triangular(torch.where(ok[:, None, None], r_fac, eye), eye, upper=True)
+    for i in torch.nonzero(~ok).flatten().tolist():
+        lam, w = torch.linalg.eigh(gt[i])
+        keep = (lam > EIG_RTOL * lam.max()) & (lam > 0)
+        root = torch.sqrt(torch.where(keep, lam, torch.ones_like(lam)))
+        r_fac[i] = torch.where(keep, root, torch.zeros_like(lam))[:, None] * w.T
+        p_fac[i] = w * torch.where(keep, 1.0 / root, torch.zeros_like(lam))[None, :]
+    return r_fac, p_fac
+
+
 def _factor(gb: np.ndarray, ga: np.ndarray, scale: np.ndarray):
     """Batched thin SVD of dW_i = s_i B_i A_i from Grams gb = B^T B, ga = A A^T
     (n, r, r), float64. Returns (sigma (n, r), M (n, r, r), N (n, r, r)) with
-    U = B M and V = A^T N (columns by descending singular value)."""
-    lb, wb = np.linalg.eigh(gb)
-    la, wa = np.linalg.eigh(ga)
+    U = B M and V = A^T N (columns by descending singular value).
 
-    def half(lam):
-        keep = lam > EIG_RTOL * np.max(lam, axis=-1, keepdims=True)
-        keep &= lam > 0
-        root = np.sqrt(np.where(keep, lam, 1.0))
-        return np.where(keep, root, 0.0), np.where(keep, 1.0 / root, 0.0)
+    B = Q_B R_B, A^T = Q_A R_A, so dW = Q_B (s R_B R_A^T) Q_A^T and the SVD of
+    the r x r core gives dW's: U = Q_B U_c = B (P_B U_c), V = A^T (P_A V_c)."""
+    import torch
 
-    (sb, ib), (sa, ia) = half(lb), half(la)
-    rb = sb[..., :, None] * np.swapaxes(wb, -1, -2)  # B = Q_B R_B, R_B = L^1/2 W^T
-    ra = sa[..., :, None] * np.swapaxes(wa, -1, -2)
-    core = np.asarray(scale, dtype=np.float64)[:, None, None] * (rb @ np.swapaxes(ra, -1, -2))
-    uc, sigma, vch = np.linalg.svd(core)
-    m = (wb * ib[..., None, :]) @ uc
-    n = (wa * ia[..., None, :]) @ np.swapaxes(vch, -1, -2)
-    return sigma, m, n
+    rb, pb = _r_factor(gb)
+    ra, pa_ = _r_factor(ga)
+    core = torch.from_numpy(np.asarray(scale, dtype=np.float64))[:, None, None] * (rb @ ra.transpose(-1, -2))
+    uc, sigma, vch = torch.linalg.svd(core)
+    return sigma.numpy(), (pb @ uc).numpy(), (pa_ @ vch.transpose(-1, -2)).numpy()
 
 
 def numerical_rank(sigma: np.ndarray) -> int:
@@ -102,13 +127,6 @@ def principal_angles(u_a, u_b) -> np.ndarray:
     return np.sort(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
 
 
-def _angles_from_block(blk: np.ndarray) -> list[float]:
-    if blk.size == 0:
-        return []
-    c = np.linalg.svd(blk, compute_uv=False)
-    return np.sort(np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))).tolist()
-
-
 def module_geometry(factors, *, top_k: int = 10, pairs=None, device=None):
     """Geometry of one module across n adapters, batched.
 
@@ -123,44 +141,72 @@ def module_geometry(factors, *, top_k: int = 10, pairs=None, device=None):
     n = len(factors)
     ranks = [int(f[0].shape[1]) for f in factors]
     r = max(ranks)
-    d_out, d_in = int(factors[0][0].shape[0]), int(factors[0][1].shape[1])
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    # Transposed B (rows = rank index) so that every block is a contiguous slice.
-    bt = torch.zeros(n, r, d_out, dtype=torch.float64, device=dev)
-    at = torch.zeros(n, r, d_in, dtype=torch.float64, device=dev)
-    for i, (b, a, _) in enumerate(factors):
-        bt[i, :ranks[i]] = torch.as_tensor(b).to(dev, torch.float64).T
-        at[i, :ranks[i]] = torch.as_tensor(a).to(dev, torch.float64)
+
+    def stack(mats, dim):  # pad to rank r (zero columns of B / rows of A), one cast to float64
+        parts = []
+        for x in mats:
+            x = torch.as_tensor(x).to(dev)
+            short = r - x.shape[dim]
+            parts.append(x if not short else torch.nn.functional.pad(x, (0, short) if dim == 1 else (0, 0, 0, short)))
+        return torch.cat(parts, dim=dim).to(torch.float64)
+
+    bcat = stack([f[0] for f in factors], 1)  # d_out x n*r
+    acat = stack([f[1] for f in factors], 0)  # n*r x d_in
     scale = np.array([float(f[2]) for f in factors])
-    gb_diag = (bt @ bt.transpose(1, 2)).cpu().numpy()
-    ga_diag = (at @ at.transpose(1, 2)).cpu().numpy()
-    sigma, m, nn = _factor(gb_diag, ga_diag, scale)
-    kcap = [min(top_k, numerical_rank(s)) for s in sigma]
+
+    def grams(i, c0, c1):
+        """(B_i^T B_j, A_i A_j^T) for j in [c0, c1), as (c1 - c0, r, r) float64 arrays."""
+        gb = bcat[:, i * r:(i + 1) * r].T @ bcat[:, c0 * r:c1 * r]
+        ga = acat[i * r:(i + 1) * r] @ acat[c0 * r:c1 * r].T
+        return tuple(g.cpu().numpy().reshape(r, c1 - c0, r).transpose(1, 0, 2) for g in (gb, ga))
 
     want = defaultdict(set)
     for i, j in (pairs if pairs is not None else [(i, j) for i in range(n) for j in range(i + 1, n)]):
         want[min(i, j)].add(max(i, j))
+    # Row i of the Gram blocks starts at its first wanted partner j0 (the
+    # caller orders adapters so that cached pairs fall before j0).
+    rows, gb_diag, ga_diag = {}, np.empty((n, r, r)), np.empty((n, r, r))
+    for i in range(n):
+        j0 = min(want[i]) if i in want else n
+        if j0 <= i + 1:
+            rows[i] = (i, *grams(i, i, n))
+            gb_diag[i], ga_diag[i] = rows[i][1][0], rows[i][2][0]
+        else:
+            (gb,), (ga,) = grams(i, i, i + 1)
+            gb_diag[i], ga_diag[i] = gb, ga
+            if j0 < n:
+                rows[i] = (j0, *grams(i, j0, n))
+    # NaN/inf anywhere in a factor reaches its Gram: one r x r check per adapter.
+    bad = [i for i in range(n) if not (np.isfinite(gb_diag[i]).all() and np.isfinite(ga_diag[i]).all())]
+    if bad:
+        raise NonFiniteFactors(bad)
+    sigma, m, nn = _factor(gb_diag, ga_diag, scale)
+    kcap = [min(top_k, numerical_rank(s)) for s in sigma]
+
     results = {}
     for i, js in want.items():
-        j0 = min(js)
-        rest = range(j0, n)
-        gb = (bt[i] @ bt[j0:].reshape(-1, d_out).T).reshape(r, n - j0, r).permute(1, 0, 2).cpu().numpy()
-        ga = (at[i] @ at[j0:].reshape(-1, d_in).T).reshape(r, n - j0, r).permute(1, 0, 2).cpu().numpy()
-        inner = scale[i] * scale[j0:] * (gb * ga).sum(axis=(1, 2))
+        j0, gb, ga = rows[i]
+        jj = sorted(js)
+        gb, ga = gb[np.array(jj) - j0], ga[np.array(jj) - j0]
+        inner = scale[i] * scale[jj] * (gb * ga).sum(axis=(1, 2))
         ki = kcap[i]
-        ublk = (m[i][:, :ki].T @ gb) @ m[j0:, :, :top_k]  # (n - j0, ki, k): U_i^T U_j, top-k columns
-        v1 = ((nn[i][:, 0] @ ga) * nn[j0:, :, 0]).sum(axis=-1)  # v1_i^T v1_j
-        for off, j in enumerate(rest):
-            if j not in js:
-                continue
-            kj = kcap[j]
-            live = ki > 0 and kj > 0
-            results[(i, j)] = (
-                float(inner[off]),
-                _angles_from_block(ublk[off, :ki, :kj]),
-                float(abs(ublk[off, 0, 0])) if live else float("nan"),
-                float(abs(v1[off])) if live else float("nan"),
-            )
+        ublk = (m[i][:, :ki].T @ gb) @ m[jj][:, :, :top_k]  # U_i^T U_j, top-k columns: (len(jj), ki, k)
+        v1 = ((nn[i][:, 0] @ ga) * nn[jj][:, :, 0]).sum(axis=-1)  # v1_i^T v1_j
+        kj = np.array([kcap[j] for j in jj])
+        angles = [[] for _ in jj]
+        for kval in set(kj.tolist()) if ki else ():
+            sel = np.flatnonzero(kj == kval)
+            if kval:  # one batched SVD for all partners of this rank cap
+                cos = np.linalg.svd(ublk[sel, :ki, :kval], compute_uv=False)
+                deg = np.sort(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))), axis=-1)
+                for s_, d in zip(sel, deg):
+                    angles[s_] = d.tolist()
+        for off, j in enumerate(jj):
+            live = ki > 0 and kcap[j] > 0
+            results[(i, j)] = (float(inner[off]), angles[off],
+                               float(abs(ublk[off, 0, 0])) if live else float("nan"),
+                               float(abs(v1[off])) if live else float("nan"))
     return [sigma[i][:ranks[i]] for i in range(n)], results
 
 
@@ -182,7 +228,12 @@ def compute_shard(modules: list[str], adapters: list[tuple[str, str, dict]], nee
     hashes = [h for h, _, _ in adapters]
     for k, mod in enumerate(modules):
         fac = [(*factors[h][k], specs[mod].scale) for h, _, specs in adapters]
-        sigma, res = module_geometry(fac, top_k=top_k, pairs=idx_pairs, device=device)
+        try:
+            sigma, res = module_geometry(fac, top_k=top_k, pairs=idx_pairs, device=device)
+        except NonFiniteFactors as e:
+            files = ", ".join(adapters[i][1] for i in e.indices)
+            raise WsgError(f"{files}: module {mod} holds NaN or inf values; the adapter is corrupt (or its "
+                           "training diverged): geometry needs finite LoRA factors") from None
         for h in need_sigma:
             ar["hash"].append(h), ar["module"].append(mod), ar["singular_values"].append(sigma[pos[h]].tolist())
         for (i, j), (inner, ang, u1, v1) in res.items():

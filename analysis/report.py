@@ -36,7 +36,7 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#22
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}
+td:first-child,th:first-child,td.s{text-align:left}summary{cursor:pointer;color:#345}
 .missing{background:#fff4e0;border-left:4px solid #e69500;padding:.5em 1em}
 .meta td{text-align:left}img{max-width:100%;border:1px solid #eee}
 .sig{font-weight:bold}.note{color:#555;font-size:.9em}
@@ -57,15 +57,22 @@ def _run_config(run: str) -> tuple[str, dict]:
         return "unknown (no config.yaml)", {}
     import yaml
 
+    from sweep.errors import WsgError
+
     text = rundir.read_text(path)
     first = text.splitlines()[0] if text else ""
     h = first.rsplit(" ", 1)[-1] if first.startswith("# wsg resolved config") else None
-    data = yaml.safe_load(text) or {}
-    if h is None:
-        from sweep.config import config_hash, parse_config
+    try:
+        data = yaml.safe_load(text) or {}
+        if h is None:
+            from sweep.config import config_hash, parse_config
 
-        h = config_hash(parse_config(data, path))
-    return h, data
+            h = config_hash(parse_config(data, path))
+    except (yaml.YAMLError, WsgError) as err:
+        # The report degrades, it does not fail: say why the hash is unknown.
+        first_line = str(err).splitlines()[0]
+        return f"unknown (config.yaml unreadable: {first_line})", {}
+    return h, data if isinstance(data, dict) else {}
 
 
 def _fmt(v) -> str:
@@ -80,14 +87,25 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _cell(v) -> str:
+    # Text left-aligned, numbers right-aligned (CSS class "s").
+    return f'<td class="s">{_fmt(v)}</td>' if isinstance(v, str) else f"<td>{_fmt(v)}</td>"
+
+
 def _table(rows: list[dict], cols: list[str], *, bold=None, cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = []
     for r in rows:
-        cls = ' class="sig"' if bold and bold(r) else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>")
+        row_attr = ' class="sig"' if bold and bold(r) else ""
+        body.append(f"<tr{row_attr}>" + "".join(_cell(r.get(c)) for c in cols) + "</tr>")
     attr = f' class="{cls}"' if cls else ""
     return f"<table{attr}><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _fold(table_html: str, n_rows: int, what: str, *, open_below: int = 40) -> str:
+    """Long tables folded (<details>, no script needed), short ones open."""
+    attr = " open" if n_rows < open_below else ""
+    return f"<details{attr}><summary>{html.escape(what)} ({n_rows} rows)</summary>{table_html}</details>"
 
 
 def _missing(keys: list[str]) -> str:
@@ -166,8 +184,9 @@ def _render(run: str, out_dir: str) -> None:
         rows = sorted(t["mcnemar"], key=lambda r: (r["dataset"], r["p_value"], r["model_a"], r["model_b"]))
         return ('<p class="note">Exact McNemar test on the items both models were scored on; b01 = items '
                 'model_a got wrong and model_b right, b10 the reverse. Bold: p &lt; 0.05 (uncorrected).</p>'
-                + _table(rows, ["dataset", "model_a", "model_b", "n", "a_correct", "b_correct", "b01", "b10",
-                                "p_value"], bold=lambda r: r["p_value"] < 0.05))
+                + _fold(_table(rows, ["dataset", "model_a", "model_b", "n", "a_correct", "b_correct", "b01", "b10",
+                                      "p_value"], bold=lambda r: r["p_value"] < 0.05), len(rows),
+                        "McNemar tests, smallest p first"))
 
     def global_cos():
         p = fig("global_cosine.png", F.global_cosine_heatmap, t["global_pairs"], order=order)
@@ -203,10 +222,10 @@ def _render(run: str, out_dir: str) -> None:
 
     def lmc():
         p = fig("lmc.png", F.lmc_curves, t["lmc"])
+        cols = [c for c in ("adapter_a", "adapter_b", "alpha", "ce", "n_items") if t["lmc"] and c in t["lmc"][0]]
         return _figure(p, "figures/lmc.png", "Linear mode connectivity: masked-answer CE of the gold "
-                       "\\boxed{answer} along α·ΔW_a + (1−α)·ΔW_b (seed Fig. 5).") + _table(
-            t["lmc"], [c for c in ("adapter_a", "adapter_b", "alpha", "ce", "n_items") if t["lmc"]
-                       and c in t["lmc"][0]])
+                       "\\boxed{answer} along α·ΔW_a + (1−α)·ΔW_b (seed Fig. 5).") + _fold(
+            _table(t["lmc"], cols), len(t["lmc"]), "LMC points")
 
     def cka():
         p = fig("cka.png", F.cka_layers, t["cka"])

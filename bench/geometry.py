@@ -12,8 +12,8 @@ trivial. Measured:
   adapters' size on disk;
 - dense baseline: materialise dW = s B A (float32) and SVD it (torch,
   gesdd), cosine from the dense matrices, principal angles from the dense
-  top-k singular vectors. Measured on a sample of modules (one q, k and o of
-  layer 0; v has k's shape) and scaled to N adapters x 36 layers + all pairs.
+  top-k singular vectors. Measured on a sample of modules (q and k of layer 0;
+  v has k's shape, o the transpose of q's) and scaled to N adapters x 36 layers + all pairs.
 
     python bench/geometry.py                 # 6 adapters (default, ~2-4 min)
     python bench/geometry.py --adapters 48   # the grid-size target (~4.5 GB of adapters)
@@ -66,7 +66,7 @@ def dense_costs(folder_a: str, folder_b: str, *, top_k: int, scale: float) -> di
     from safetensors import safe_open
 
     out = {}
-    for proj in ("q_proj", "k_proj", "o_proj"):
+    for proj in ("q_proj", "k_proj"):
         key = f"base_model.model.model.layers.0.self_attn.{proj}"
         svds, t_adapter = [], []
         ws = []
@@ -82,7 +82,8 @@ def dense_costs(folder_a: str, folder_b: str, *, top_k: int, scale: float) -> di
         c = torch.linalg.svdvals(svds[0][0][:, :top_k].T @ svds[1][0][:, :top_k])
         _ = torch.rad2deg(torch.arccos(c.clamp(-1, 1))), cos
         out[proj] = {"adapter_s": float(np.mean(t_adapter)), "pair_s": time.perf_counter() - t0}
-    out["v_proj"] = out["k_proj"]
+    out["v_proj"] = out["k_proj"]  # same shape
+    out["o_proj"] = out["q_proj"]  # the transposed shape: same SVD flops
     return out
 
 

@@ -46,6 +46,11 @@ class EngineOptions:
     enable_lora: bool = False
     max_lora_rank: int = 16
     max_loras: int = 1
+    # Modules an adapter may touch (HF names; DESIGN: attention-only q,k,v,o).
+    # Restricting them keeps vLLM from wrapping lm_head/the logits processor,
+    # whose CPU LoRA kernel crashes on prompt_logprobs (score_logprobs) and
+    # costs a vocab-sized matmul per token. None = every supported module.
+    lora_target_modules: Optional[tuple] = ("q_proj", "k_proj", "v_proj", "o_proj")
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
     # GPU: fraction of the card's memory; ignored on CPU.
@@ -71,6 +76,8 @@ class EngineOptions:
             tensor_parallel_size=self.tensor_parallel_size)
         if self.enable_lora:
             kw.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras)
+            if self.lora_target_modules is not None:
+                kw["lora_target_modules"] = list(self.lora_target_modules)
         if on_gpu:
             kw["gpu_memory_utilization"] = self.gpu_memory_utilization
         else:
@@ -134,6 +141,7 @@ class EngineActor:
             "seed": self.opts.seed, "device": "cuda" if self._on_gpu else "cpu",
             "enable_lora": self.opts.enable_lora, "max_model_len": self.opts.max_model_len,
             "load_s": round(self.load_s, 3), "pid": os.getpid(), "host": socket.gethostname(),
+            "nice": os.nice(0),
             "vllm": self._vllm_version, "eos_token_id": self.tokenizer.eos_token_id,
         }
 

@@ -7,9 +7,10 @@ answer and accepts it only if it is a number:
 
 1. the content of the last `\\boxed{...}` (or `\\fbox{}`) if there is one: a
    boxed expression is the model's final answer, so "\\boxed{5+4}" scores 0;
-2. else the last number stated as an answer: right after "answer (is|:)",
-   "=", "equals" or "is", and not an operand of an arithmetic expression
-   ("is 5 + 4" states no number).
+2. else the last number stated as an answer: the whole completion if it is
+   a number, else the last number right after "answer (is|:)", "=", "equals"
+   or "is" that is not an operand of an arithmetic expression ("is 5 + 4"
+   states no number).
 
 A number is an integer, a decimal, or a fraction in lowest terms (an
 unreduced 18/2 is an unevaluated division). When the gold itself is not a
@@ -144,6 +145,9 @@ def extract_final_answer(completion: str) -> tuple[str | None, str]:
     boxed = find_last_boxed(completion)
     if boxed is not None:
         return normalize_answer(boxed), "boxed"
+    bare = completion.strip().rstrip(".").strip()
+    if re.fullmatch(_TEXT_NUM, bare):
+        return normalize_answer(bare), "stated"  # the whole completion is a number
     stated = _stated_number(completion)
     if stated is not None:
         return normalize_answer(stated), "stated"

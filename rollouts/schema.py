@@ -45,15 +45,26 @@ PAIRS_SCHEMA = pa.schema([
 ])
 
 
+def _build(rows: Sequence[dict], sch: pa.Schema, what: str, metadata: dict | None) -> pa.Table:
+    names = set(sch.names)
+    for i, r in enumerate(rows):
+        missing = names - r.keys()
+        if missing:
+            raise ValueError(f"{what} row {i} lacks column(s) {sorted(missing)}")
+    t = pa.Table.from_pylist(list(rows), schema=sch)
+    for f in sch:
+        if not f.nullable and t.column(f.name).null_count:
+            raise ValueError(f"{what}: column {f.name!r} has nulls but is not nullable")
+    return t.replace_schema_metadata(_meta(metadata)) if metadata else t
+
+
 def rollouts_table(rows: Sequence[dict], metadata: dict | None = None) -> pa.Table:
     """Rows (dicts with the schema's keys) -> a table with ROLLOUTS_SCHEMA."""
-    t = pa.Table.from_pylist(list(rows), schema=ROLLOUTS_SCHEMA)
-    return t.replace_schema_metadata(_meta(metadata)) if metadata else t
+    return _build(rows, ROLLOUTS_SCHEMA, "rollouts", metadata)
 
 
 def pairs_table(rows: Sequence[dict], metadata: dict | None = None) -> pa.Table:
-    t = pa.Table.from_pylist(list(rows), schema=PAIRS_SCHEMA)
-    return t.replace_schema_metadata(_meta(metadata)) if metadata else t
+    return _build(rows, PAIRS_SCHEMA, "pairs", metadata)
 
 
 def _meta(d: dict) -> dict[bytes, bytes]:

@@ -62,6 +62,9 @@ def engine_options(cfg, model_path: str, **overrides) -> EngineOptions:
     kw = dict(model=model_path, dtype=ro.dtype, seed=ro.seed, max_model_len=cfg.model.max_model_len,
               enforce_eager=ro.enforce_eager, trust_remote_code=cfg.model.trust_remote_code,
               tensor_parallel_size=max(1, int(ro.gpus_per_engine)))
+    if 0 < ro.gpus_per_engine < 1:
+        # Engines sharing a GPU must each stay within their share of its memory.
+        kw["gpu_memory_utilization"] = round(0.85 * ro.gpus_per_engine, 3)
     kw.update(overrides)
     return EngineOptions(**kw)
 
@@ -161,13 +164,10 @@ def _finish_shard(cfg, run, i, spec, problems, texts, results, stats: _Stats, pr
 
 
 # ------------------------------------------------------------------- backends
-def _run_vllm(cfg, run, spec, shards, pending, stats, progress) -> dict:
+def _run_vllm(cfg, run, spec, shards, pending, stats, progress, path: str) -> dict:
     import ray
 
-    from sweep.models import resolve_model
-
     name = teacher_name(cfg)
-    path = resolve_model(name, trust_remote_code=cfg.model.trust_remote_code)
     ro = cfg.rollouts
     n, g = pool_size(ro.num_engines, cpus_per_engine=ro.cpus_per_engine, gpus_per_engine=ro.gpus_per_engine,
                      n_shards=len(pending), resources=ray.cluster_resources())
@@ -221,7 +221,7 @@ def _run_vllm(cfg, run, spec, shards, pending, stats, progress) -> dict:
         shutdown_engines(engines)
 
 
-def _run_openai(cfg, run, spec, shards, pending, stats, progress) -> dict:
+def _run_openai(cfg, run, spec, shards, pending, stats, progress, path: str | None) -> dict:
     from rollouts.endpoint import EndpointClient
     from sweep.models import load_tokenizer
 
@@ -277,6 +277,12 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     _log(progress, f"{len(problems)} prompts in {len(shards)} shard(s), {len(pending)} to sample "
                    f"(K={cfg.rollouts.k}, T={cfg.rollouts.temperature}, teacher {teacher_name(cfg)})")
 
+    path = None
+    if pending and cfg.rollouts.backend == "vllm":
+        # Before Ray and engines start: a missing folder fails in a second.
+        from sweep.models import resolve_model
+
+        path = resolve_model(teacher_name(cfg), trust_remote_code=cfg.model.trust_remote_code)
     started_ray = False
     if not ray.is_initialized():
         ray.init(address=cfg.resources.ray_address, include_dashboard=False, log_to_driver=progress)
@@ -287,7 +293,7 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
         extra: dict = {"n_engines": 0}
         if pending:
             backend = _run_vllm if cfg.rollouts.backend == "vllm" else _run_openai
-            extra = backend(cfg, run, spec, shards, pending, stats, progress)
+            extra = backend(cfg, run, spec, shards, pending, stats, progress, path)
     finally:
         if started_ray:
             ray.shutdown()
@@ -311,7 +317,7 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
         "tok_s": round(stats.tokens / gen_s, 2) if gen_s > 0 else None,
         "stage_s": round(time.perf_counter() - t0, 3), "n_reward_timeouts": stats.reward_timeouts,
         "finish_reasons": dict(Counter(r["finish_reason"] for r in rows)),
-        "data": report.as_dict(), **{k: v for k, v in extra.items() if k != "engine"},
+        "data": report.as_dict(), **extra,
     }
     rundir.mark_complete(out_dir, summary)
     _log(progress, f"done: {summary['n_samples']} samples, reward {summary['reward_mean']:.3f}, "

@@ -13,6 +13,7 @@ measured accuracies per family.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import zlib
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ class Family:
     b: tuple[int, int]                        # inclusive range of the second operand
     # Keep only pairs for which this holds (e.g. non-negative differences).
     keep: Callable[[int, int], bool] = lambda a, b: True
+    # "plain": "What is a + b?" / "Add a and b."; "word": short stories.
+    style: str = "plain"
     doc: str = ""
 
 
-FAMILIES: dict[str, Family] = {
+_BASE: dict[str, Family] = {
     "add_single_digit": Family("+", (0, 9), (0, 9), doc="a + b, a, b in 0..9"),
     "add_1_20": Family("+", (1, 20), (1, 20), doc="a + b, a, b in 1..20"),
     "add_two_digit": Family("+", (10, 99), (10, 99), doc="a + b, a, b in 10..99"),
@@ -41,29 +44,33 @@ FAMILIES: dict[str, Family] = {
     "mul_single_digit": Family("*", (1, 9), (1, 9), doc="a * b, a, b in 1..9"),
     "mul_two_by_one": Family("*", (10, 99), (2, 9), doc="a * b, a in 10..99, b in 2..9"),
 }
+# Every family in two phrasings: `<name>` (plain questions) and `<name>_word`
+# (word problems, markedly harder for a 135M model: docs/rollouts.md).
+FAMILIES: dict[str, Family] = {
+    **_BASE,
+    **{f"{k}_word": dataclasses.replace(f, style="word", doc=f.doc + ", as a word problem")
+       for k, f in _BASE.items()},
+}
 
-# Phrasings per operation. Names/items vary the surface form so the model
-# cannot lean on one memorised template; every phrasing states both operands.
+# Phrasings per (operation, style). Names/items vary the surface form; every
+# phrasing states both operands and none states the result.
 _NAMES = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack")
 _ITEMS = ("apples", "marbles", "stickers", "books", "pencils", "coins", "shells", "cards")
-_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "+": (
-        "What is {a} + {b}?",
+_TEMPLATES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("+", "plain"): ("What is {a} + {b}?", "Add {a} and {b}."),
+    ("-", "plain"): ("What is {a} - {b}?", "Subtract {b} from {a}."),
+    ("*", "plain"): ("What is {a} * {b}?", "Multiply {a} by {b}."),
+    ("+", "word"): (
         "{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?",
         "There are {a} {item} in a box and {b} {item} on the table. How many {item} are there in total?",
-        "Add {a} and {b}.",
     ),
-    "-": (
-        "What is {a} - {b}?",
+    ("-", "word"): (
         "{name} has {a} {item} and gives away {b} of them. How many {item} does {name} have left?",
         "There were {a} {item} in a jar. {b} were taken out. How many {item} are in the jar now?",
-        "Subtract {b} from {a}.",
     ),
-    "*": (
-        "What is {a} * {b}?",
+    ("*", "word"): (
         "{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have?",
         "There are {a} rows of {item} with {b} {item} in each row. How many {item} are there?",
-        "Multiply {a} by {b}.",
     ),
 }
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -113,7 +120,7 @@ def generate(family: str, n: int, seed: int) -> list[dict]:
     rng = _rng(family, seed)
     out = []
     for i, (a, b) in enumerate(_pairs(fam, n, rng)):
-        tpl = rng.choice(_TEMPLATES[fam.op])
+        tpl = rng.choice(_TEMPLATES[(fam.op, fam.style)])
         text = tpl.format(a=a, b=b, name=rng.choice(_NAMES), item=rng.choice(_ITEMS))
         out.append({"id": f"{family}-s{seed}-{i:05d}", "problem": text,
                     "answer": str(_APPLY[fam.op](a, b)), "a": a, "b": b, "op": fam.op})

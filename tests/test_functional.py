@@ -37,8 +37,8 @@ def tiny_config(**analysis):
     return parse_config(data)
 
 
-def make_tiny_run(root, *, copy_of: str | None = "sft-s7-lr1e-04@2", **analysis):
-    """A run dir with real peft adapters for CELLS x STEPS; returns (cfg, run)."""
+def make_tiny_run(root, *, copy_of: str | None = "sft-s7-lr1e-04@2", cells=CELLS, **analysis):
+    """A run dir with real peft adapters for cells x STEPS; returns (cfg, run)."""
     from peft import LoraConfig, get_peft_model
 
     from sweep.models import load_causal_lm
@@ -51,7 +51,7 @@ def make_tiny_run(root, *, copy_of: str | None = "sft-s7-lr1e-04@2", **analysis)
     cfg = tiny_config(extra_adapters=extra, **analysis)
     rundir.makedirs(run)
     rundir.write_text(rundir.config_path(run), dump_config(cfg))
-    for k, (loss, seed, lr) in enumerate(CELLS):
+    for k, (loss, seed, lr) in enumerate(cells):
         cid = f"{loss}-s{seed}-lr{np.format_float_scientific(lr, trim='-', exp_digits=2)}"
         for step in STEPS:
             torch.manual_seed(1000 * k + step)
@@ -172,7 +172,7 @@ def test_run_functional(tmp_path, ray_local):
     # An adapter and its copy: flat LMC curve, CKA 1 at every layer.
     flat = [r["ce"] for r in lmc if r["adapter_b"] == "sft_copy"]
     assert len(flat) == 3 and max(flat) - min(flat) < 1e-5 * max(flat)
-    same = [r["cka"] for r in cka if r["adapter_b"] == "sft_copy"]
+    same = [r["cka"] for r in cka if (r["adapter_a"], r["adapter_b"]) == ("sft-s7-lr1e-04@2", "sft_copy")]
     assert len(same) == 2 and np.allclose(same, 1.0, atol=1e-6)
 
     # CKA base vs dpo@2 against hidden states recomputed here, one prompt at a time.

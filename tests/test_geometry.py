@@ -153,7 +153,7 @@ def test_module_geometry_matches_dense_reference_mixed_ranks():
         assert inner == pytest.approx(np.sum(ws[i] * ws[j]), rel=1e-10)
         ref = ref_angles(ws[i], ws[j], k)
         assert len(angles) == len(ref) == min(k, facs[i][0].shape[1], facs[j][0].shape[1])
-        np.testing.assert_allclose(angles, ref, atol=1e-6)
+        np.testing.assert_allclose(angles, ref, atol=1e-5)  # degrees; arccos near 1 floors at ~1e-6
         ua, _, vha = np.linalg.svd(ws[i], full_matrices=False)
         ub, _, vhb = np.linalg.svd(ws[j], full_matrices=False)
         assert u1 == pytest.approx(abs(ua[:, 0] @ ub[:, 0]), abs=1e-8)
@@ -188,4 +188,4 @@ def test_zero_and_rank_deficient_updates():
     _, angles, _, _ = res[(1, 2)]
     ref = ref_angles(dense(b, a), dense(b_def, a), 4)
     assert len(angles) == 2
-    np.testing.assert_allclose(angles, ref, atol=1e-6)
+    np.testing.assert_allclose(angles, ref, atol=1e-5)

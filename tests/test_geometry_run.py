@@ -14,6 +14,7 @@ import scipy.linalg
 from analysis.geometry import read_metadata, run_geometry
 from analysis.geometry_io import lora_scale
 from analysis.geometry_tables import TABLES, effective_rank
+from sweep.errors import WsgError
 from test_geometry import SHAPES, random_factors, stored, uneven, write_adapter
 
 TOP_K = 3
@@ -214,3 +215,11 @@ def test_ray_shard_tasks_match_dense_reference(grid, tmp_path, local_ray):
     _check_against_dense(dist, dws)
     meta = json.loads(dist["global_pairs"].schema.metadata[b"wsg.adapters"])
     assert set(meta) == set(folders)
+    # an error found inside a shard task comes back as a WsgError naming the file
+    rng = np.random.default_rng(11)
+    fac = random_factors(rng, 4)
+    fac[(1, "v_proj")][0][3, 1] = np.nan
+    bad = write_adapter(str(tmp_path / "nan"), fac, r=4, alpha=8)
+    with pytest.raises(WsgError, match=r"nan/adapter_model\.safetensors: module layers\.1\.v_proj holds NaN"):
+        run_geometry({"base": folders["base"], "nan": bad}, str(tmp_path / "bad"), use_ray=True, progress=False)
+    assert local_ray.is_initialized()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from sweep import rundir
 from sweep.config import config_hash
-from test_functional import make_tiny_run
+from test_functional import CELLS, make_tiny_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -51,7 +51,8 @@ def full_run(tmp_path_factory):
     from analysis.geometry import run_geometry
 
     root = tmp_path_factory.mktemp("report")
-    cfg, run = make_tiny_run(root)
+    # A second LR for sft s42, so the seed/LR panels have both kinds of pairs.
+    cfg, run = make_tiny_run(root, cells=CELLS + (("sft", 42, 1e-3),))
     adapters = discover_adapters(cfg, run)
     run_geometry(adapters, rundir.geometry_dir(run), top_k=3, config_hash=config_hash(cfg),
                  use_ray=False, progress=False)
@@ -114,11 +115,11 @@ def test_full_report(full_run, tmp_path):
     sd = load_file(os.path.join(adapters[name], "adapter_model.safetensors"))
     sq = sum(float(((8 / 4) * sd[k.replace("lora_A", "lora_B")] @ sd[k]).pow(2).sum())
              for k in sd if "lora_A" in k)
-    row = re.search(rf"<tr><td>{re.escape(name)}</td><td>8</td><td>([0-9.e+-]+)</td>", page)
+    row = re.search(rf'<tr><td class="s">{re.escape(name)}</td><td>8</td><td>([0-9.e+-]+)</td>', page)
     assert row and float(row[1]) == pytest.approx(math.sqrt(sq), rel=1e-3)
 
-    # McNemar rows: one per pair of the 10 models (base + 9 adapters).
-    assert page.count("<td>synthetic</td><td>") == 45 + len(adapters) + 1
+    # Dataset cells: one per McNemar pair of the 12 models (base + 11 adapters), one per accuracy row.
+    assert len(adapters) == 11 and page.count(">synthetic</td>") == 66 + 12
 
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium): page not opened in a browser")

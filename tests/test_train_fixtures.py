@@ -4,25 +4,11 @@ and a Ray instance for the session's train tests."""
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from sweep import rundir
+from rollouts.schema import pairs_table, rollouts_table
 from sweep.config import parse_config
-
-ROLLOUTS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("problem", pa.string()),
-    ("prompt_text", pa.string()), ("completion", pa.string()), ("gold", pa.string()),
-    ("reward", pa.float64()), ("prompt_token_ids", pa.list_(pa.int32())),
-    ("completion_token_ids", pa.list_(pa.int32())), ("completion_logprobs", pa.list_(pa.float32())),
-    ("n_prompt_tokens", pa.int32()), ("n_completion_tokens", pa.int32()), ("finish_reason", pa.string()),
-    ("teacher", pa.string()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("max_tokens", pa.int32()),
-])
-PAIRS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("prompt_text", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
-    ("chosen_sample_idx", pa.int32()), ("rejected_sample_idx", pa.int32()),
-])
-
 
 def tiny_cfg(**train):
     """tiny-qwen3, LoRA r=4, few steps, seq ≤ 64."""
@@ -63,7 +49,7 @@ def make_rollouts(tokenizer, *, n_prompts=6, k=4, seed=0, all_wrong=False, all_r
         for g, w in list(zip(good, bad))[:2]:
             pairs.append({"prompt_id": f"p{p}", "prompt_text": prompt_text, "chosen": g[2], "rejected": w[2],
                           "chosen_sample_idx": g[0], "rejected_sample_idx": w[0]})
-    return pa.Table.from_pylist(rows, schema=ROLLOUTS_SCHEMA), pa.Table.from_pylist(pairs, schema=PAIRS_SCHEMA)
+    return rollouts_table(rows), pairs_table(pairs)
 
 
 def write_run(run: str, tokenizer, **kw) -> str:

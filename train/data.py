@@ -101,7 +101,7 @@ def _sequences(cfg: ExperimentConfig, table, tokenizer) -> tuple[list, list, str
     """(prompt ids, completion ids, how) per rollout row."""
     stored_p = table.column("prompt_token_ids").to_pylist()
     stored_c = table.column("completion_token_ids").to_pylist()
-    if policy_is_teacher(cfg) and all(p is not None for p in stored_p) and all(c is not None for c in stored_c):
+    if policy_is_teacher(cfg) and all(stored_p) and all(c is not None for c in stored_c):
         vocab = len(tokenizer)
         top = max((max(x) for x in stored_p + stored_c if x), default=0)
         if top >= vocab:
@@ -136,6 +136,9 @@ def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) ->
 
     prompts, comps, how = _sequences(cfg, table, tokenizer)
     rewards = np.asarray(table.column("reward").to_numpy(zero_copy_only=False), dtype=np.float32)
+    if not np.isfinite(rewards).all():
+        bad = int((~np.isfinite(rewards)).sum())
+        raise WsgError(f"{path}: {bad} reward(s) are NaN/inf; rewards must be finite numbers (rerun `wsg rollouts`)")
     pids = table.column("prompt_id").to_pylist()
     uniq = {p: i for i, p in enumerate(dict.fromkeys(pids))}
     group_ids = np.array([uniq[p] for p in pids], dtype=np.int64)
@@ -260,52 +263,116 @@ def epoch_at(ts: TrainSet, *, step: int, effective_batch: int) -> float:
 
 # --------------------------------------------------------------------------- collation
 
+#: Per-forward cost in token-equivalents when a micro-batch is split into
+#: forwards of similar lengths (kernel launches, layer loops): splitting pays
+#: when it saves more padded tokens than this.
+FORWARD_OVERHEAD_TOKENS = 64
+
+
+def split_by_length(sorted_lengths: np.ndarray, *, overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[tuple[int, int]]:
+    """Contiguous [start, end) groups of ascending lengths minimising
+    Σ_groups (rows × longest) + overhead × groups: padded tokens computed plus
+    a per-forward cost (exact dynamic programme; n ≤ a micro-batch)."""
+    n = len(sorted_lengths)
+    best, cut = np.zeros(n + 1), np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        costs = [best[i] + (j - i) * sorted_lengths[j - 1] + overhead for i in range(j)]
+        cut[j] = int(np.argmin(costs))
+        best[j] = costs[cut[j]]
+    out, j = [], n
+    while j > 0:
+        out.append((int(cut[j]), j))
+        j = int(cut[j])
+    return out[::-1]
+
+
+@dataclass
+class Forward:
+    """One forward pass: rows of similar length, right-padded to the longest.
+    Local row r predicts token `targets` from position `cols`."""
+
+    input_ids: torch.Tensor   # [g, L]
+    rows: torch.Tensor        # [n] local row of each completion token
+    cols: torch.Tensor        # [n] position whose hidden state predicts it
+    targets: torch.Tensor     # [n] the token id
+
+    def to(self, device) -> "Forward":
+        return Forward(*(t.to(device) for t in (self.input_ids, self.rows, self.cols, self.targets)))
+
+
 @dataclass
 class MicroBatch:
-    """One forward's tensors. Row b predicts completion token t (0-based) from
-    position n_prompt[b] − 1 + t; rows/cols/tpos list exactly those
-    positions, so the LM head runs on completion positions only."""
+    """One micro-batch (one backward). Its rows run as one or more forwards
+    of similar lengths; the log-prob of completion token t of row b lands at
+    [rows[k], tpos[k]] of a [B, T] tensor, k running over the forwards'
+    completion tokens in order. The LM head runs on those positions only."""
 
-    input_ids: torch.Tensor      # [B, L] right-padded
-    rows: torch.Tensor           # [N] row of each completion token
-    cols: torch.Tensor           # [N] position whose hidden state predicts it
+    forwards: list[Forward]
+    rows: torch.Tensor           # [N] batch row of each completion token
     tpos: torch.Tensor           # [N] index of the token within its completion
-    targets: torch.Tensor        # [N] the token id
     mask: torch.Tensor           # [B, T] completion mask
     rewards: torch.Tensor        # [B]
     group_ids: torch.Tensor      # [B]
     advantages: torch.Tensor | None
     pair_index: torch.Tensor | None   # [P, 2] (chosen, rejected) rows
-    n_tokens: int                # real (non-pad) tokens in the forward
+    n_tokens: int                # real (non-pad) tokens
+    n_computed: int              # tokens the forwards compute, padding included
 
     def to(self, device) -> "MicroBatch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        moved["forwards"] = [f.to(device) for f in self.forwards]
         return MicroBatch(**moved)
 
 
-def collate(ts: TrainSet, item_idx: np.ndarray) -> MicroBatch:
+def collate(ts: TrainSet, item_idx: np.ndarray, *, overhead: int = FORWARD_OVERHEAD_TOKENS) -> MicroBatch:
     """Tensors of the items `item_idx`. Pairs become rows [chosen..., rejected...]."""
     items = ts.items[item_idx]
     rows_ = np.concatenate([items[:, 0], items[:, 1]]) if ts.paired else items
-    b = len(rows_)
-    lens = ts.lengths[rows_]
-    npr = ts.n_prompt[rows_].astype(np.int64)
-    ncomp = lens - npr
-    width, tmax = int(lens.max()), int(ncomp.max())
-    ids = np.full((b, width), ts.pad_id, dtype=np.int64)
-    for k, r in enumerate(rows_):
-        ids[k, :lens[k]] = ts.tokens[ts.offsets[r]:ts.offsets[r + 1]]
-    rr = np.repeat(np.arange(b), ncomp)
-    tp = np.concatenate([np.arange(n) for n in ncomp])
-    cols = npr[rr] - 1 + tp
-    mask = np.arange(tmax)[None, :] < ncomp[:, None]
     pair = None
     if ts.paired:
         p = len(items)
-        pair = torch.from_numpy(np.stack([np.arange(p), np.arange(p) + p], axis=1))
+        pair = np.stack([np.arange(p), np.arange(p) + p], axis=1)
+    return collate_sequences(
+        [ts.tokens[ts.offsets[r]:ts.offsets[r + 1]] for r in rows_], ts.n_prompt[rows_], pad_id=ts.pad_id,
+        rewards=ts.rewards[rows_], group_ids=ts.group_ids[rows_],
+        advantages=None if ts.advantages is None else ts.advantages[rows_], pair_index=pair, overhead=overhead)
+
+
+def collate_sequences(seqs: list, n_prompt, *, pad_id: int, rewards=None, group_ids=None, advantages=None,
+                      pair_index=None, overhead: int = FORWARD_OVERHEAD_TOKENS) -> MicroBatch:
+    """A MicroBatch from token sequences (prompt ids + completion ids each,
+    the first n_prompt[i] of sequence i being prompt). Online cells build
+    their sampled completions into micro-batches with this."""
+    b = len(seqs)
+    lens = np.array([len(x) for x in seqs], dtype=np.int64)
+    npr = np.asarray(n_prompt, dtype=np.int64)
+    ncomp = lens - npr
+    if b == 0 or (npr < 1).any() or (ncomp < 1).any():
+        raise ValueError("every sequence needs >= 1 prompt token and >= 1 completion token")
+    order = np.argsort(lens, kind="stable")
+    forwards, all_rows, all_tpos, computed = [], [], [], 0
+    for start, end in split_by_length(lens[order], overhead=overhead):
+        sel = order[start:end]
+        ids = np.full((len(sel), int(lens[sel].max())), pad_id, dtype=np.int64)
+        for k, i in enumerate(sel):
+            ids[k, :lens[i]] = seqs[i]
+        local = np.repeat(np.arange(len(sel)), ncomp[sel])
+        tp = np.concatenate([np.arange(n) for n in ncomp[sel]])
+        cols = npr[sel][local] - 1 + tp
+        forwards.append(Forward(torch.from_numpy(ids), torch.from_numpy(local), torch.from_numpy(cols),
+                                torch.from_numpy(ids[local, cols + 1])))
+        all_rows.append(sel[local])
+        all_tpos.append(tp)
+        computed += ids.size
+
+    def tensor(x, default, dtype):
+        return torch.as_tensor(np.asarray(default if x is None else x), dtype=dtype)
+
     return MicroBatch(
-        input_ids=torch.from_numpy(ids), rows=torch.from_numpy(rr), cols=torch.from_numpy(cols),
-        tpos=torch.from_numpy(tp), targets=torch.from_numpy(ids[rr, cols + 1]), mask=torch.from_numpy(mask),
-        rewards=torch.from_numpy(ts.rewards[rows_]), group_ids=torch.from_numpy(ts.group_ids[rows_]),
-        advantages=None if ts.advantages is None else torch.from_numpy(ts.advantages[rows_]),
-        pair_index=pair, n_tokens=int(lens.sum()))
+        forwards=forwards, rows=torch.from_numpy(np.concatenate(all_rows)),
+        tpos=torch.from_numpy(np.concatenate(all_tpos)),
+        mask=torch.from_numpy(np.arange(int(ncomp.max()))[None, :] < ncomp[:, None]),
+        rewards=tensor(rewards, np.zeros(b), torch.float32), group_ids=tensor(group_ids, np.arange(b), torch.int64),
+        advantages=None if advantages is None else tensor(advantages, None, torch.float32),
+        pair_index=None if pair_index is None else tensor(pair_index, None, torch.int64),
+        n_tokens=int(lens.sum()), n_computed=int(computed))

@@ -59,24 +59,30 @@ def build_policy(cfg: ExperimentConfig, *, seed: int, device: torch.device | str
 
 
 class CompletionLogprobs(torch.nn.Module):
-    """policy + (input ids, completion positions) → flat log-probs [N].
+    """policy + a micro-batch's forwards → flat log-probs [N] of its
+    completion tokens (train.data.MicroBatch explains the layout).
 
-    A module (not a function) so DDP/DeepSpeed wrap the whole forward."""
+    A module (not a function) so DDP/DeepSpeed wrap the whole micro-batch as
+    one forward, however many length groups it runs as."""
 
     def __init__(self, policy):
         super().__init__()
         self.policy = policy
 
-    def forward(self, input_ids, rows, cols, targets):
+    def forward(self, forwards):
         base = self.policy.get_base_model()
-        # Right padding + causal attention: real tokens never see the pads
-        # after them, so no attention mask is needed (and SDPA stays causal).
-        hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-        logits = base.get_output_embeddings()(hidden[rows, cols]).float()
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
         cap = getattr(base.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        out = []
+        for f in forwards:
+            # Right padding + causal attention: real tokens never see the pads
+            # after them, so no attention mask is needed (SDPA stays causal).
+            hidden = decoder(input_ids=f.input_ids, use_cache=False).last_hidden_state
+            logits = head(hidden[f.rows, f.cols]).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            out.append(logits.gather(1, f.targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1))
+        return torch.cat(out)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -89,9 +95,8 @@ def sequence_logprobs(module, mb, *, autocast: torch.dtype | None = None) -> tor
     """[B, T] log π of every completion token of micro-batch `mb` (0 off-mask).
 
     `module` is a CompletionLogprobs, possibly wrapped by DDP or DeepSpeed."""
-    device = mb.input_ids.device
-    with _autocast(device, autocast):
-        flat = module(mb.input_ids, mb.rows, mb.cols, mb.targets)
+    with _autocast(mb.mask.device, autocast):
+        flat = module(mb.forwards)
     out = flat.new_zeros(tuple(mb.mask.shape))
     return out.index_put((mb.rows, mb.tpos), flat)
 

@@ -42,6 +42,16 @@ def _allreduce(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
+def _peak_memory(device) -> dict:
+    """Peak RSS of this worker process so far (and peak CUDA memory), in MB."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # Linux: KiB
+    if torch.device(device).type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
 def _loss_batch(mb, lp, ref):
     from train.losses import LossBatch
 
@@ -153,16 +163,17 @@ def train_offline(config: dict, ts, *, rank: int, world: int, device, report, re
         dt = time.perf_counter() - t0
         row = {"step": s, "loss": global_loss, "grad_norm": opt["grad_norm"], "lr": opt["lr"],
                "tokens": red[1], "completion_tokens": red[2], "tokens_per_s": red[1] / dt, "step_time_s": dt,
-               "units": total_units, "epoch": epoch_at(ts, step=s, effective_batch=t.effective_batch)}
+               "units": total_units, "epoch": epoch_at(ts, step=s, effective_batch=t.effective_batch),
+               **_peak_memory(device)}
         n = len(keys)
         for i, k in enumerate(keys):
             row[f"loss_{k}"] = red[3 + i] / red[3 + n + i] if red[3 + n + i] > 0 else float("nan")
         history.append(row)
 
         if not (math.isfinite(global_loss) and math.isfinite(opt["grad_norm"])):
-            what = "loss" if not math.isfinite(global_loss) else "gradient norm"
+            what, val = ("loss", global_loss) if not math.isfinite(global_loss) else ("gradient norm", opt["grad_norm"])
             status = {"state": "failed", "step": s, "reason": "nan",
-                      "message": f"cell {cid}: the {what} is not finite at step {s} "
+                      "message": f"cell {cid}: the {what} is {'NaN' if math.isnan(val) else 'infinite'} at step {s} "
                                  f"(loss={global_loss}, grad_norm={opt['grad_norm']}); lower the learning "
                                  f"rate ({lr:g}) or check the rollouts"}
             if rank == 0:

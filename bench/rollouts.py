@@ -1,0 +1,163 @@
+"""Rollout throughput: the stage vs raw vLLM vs transformers, same prompts.
+
+    .venv/bin/python bench/rollouts.py [--config configs/smoke.yaml] [--n-prompts N]
+
+One process, one set of prompts (the config's data, chat-templated), the
+config's K / temperature / top-p / max tokens / dtype, measured in sequence:
+
+1. the rollouts stage (`run_rollouts` into a temporary run dir: vLLM engine
+   actors on Ray, rewards, shard + table writes): completion tokens / the
+   stage's sampling phase (first request to last shard written; engine
+   start-up is reported separately);
+2. raw `vllm.LLM.generate` in this process, built from the same
+   `EngineOptions` (so the same engine settings) and asked for the same
+   sampled-token logprobs: completion tokens / generate() time;
+3. transformers `generate` (sampling, K return sequences, left-padded batch,
+   KV cache, torch threads = all cores): completion tokens up to and
+   including EOS / generate() time.
+
+Ray starts its workers at a niceness of 15; this process takes the engine
+actor's niceness before measuring 2 and 3, so all three run at the same
+priority when other work shares the box. Prints a table and the ratios
+(target: stage >= 0.9x raw vLLM and >= 4x transformers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _stage(cfg, run: str) -> dict:
+    from rollouts.stage import run_rollouts
+
+    t0 = time.perf_counter()
+    s = run_rollouts(cfg, run, progress=False)
+    s["wall_s"] = time.perf_counter() - t0
+    return s
+
+
+def _prompt_ids(cfg, run: str) -> tuple[list[list[int]], int]:
+    """The exact prompt token ids the stage fed its engines (from its table)."""
+    from sweep import rundir
+
+    t = rundir.read_table(rundir.join(rundir.rollouts_dir(run), "rollouts.parquet"),
+                          columns=["prompt_id", "sample_idx", "prompt_token_ids", "n_completion_tokens"])
+    rows = [r for r in t.to_pylist() if r["sample_idx"] == 0]
+    return [r["prompt_token_ids"] for r in rows], sum(t.column("n_completion_tokens").to_pylist())
+
+
+def _raw_vllm(cfg, path: str, prompt_ids) -> dict:
+    from rollouts.engine import engine_env
+    from rollouts.stage import engine_options
+
+    opts = engine_options(cfg, path)
+    work = tempfile.mkdtemp(prefix="wsg-bench-vllm-")
+    os.environ.update(engine_env(work, opts))
+    import torch
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(**opts.llm_kwargs(on_gpu=torch.cuda.is_available()))
+    load_s = time.perf_counter() - t0
+    ro = cfg.rollouts
+    sp = SamplingParams(n=ro.k, temperature=ro.temperature, top_p=ro.top_p, max_tokens=ro.max_tokens,
+                        logprobs=0)
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sp, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    toks = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    return {"tokens": toks, "s": dt, "tok_s": toks / dt, "load_s": load_s}
+
+
+def _transformers(cfg, path: str, prompt_ids) -> dict:
+    import torch
+
+    from sweep.models import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = torch.bfloat16 if cfg.rollouts.dtype == "bfloat16" else torch.float32
+    model = load_causal_lm(path, dtype=dtype)
+    tok = load_tokenizer(path)
+    ro = cfg.rollouts
+    width = max(len(p) for p in prompt_ids)
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                             temperature=ro.temperature, top_p=ro.top_p, top_k=0,
+                             max_new_tokens=ro.max_tokens, num_return_sequences=ro.k,
+                             pad_token_id=pad)
+    dt = time.perf_counter() - t0
+    toks = 0
+    for row in out[:, width:].tolist():
+        n = len(row)
+        for i, t in enumerate(row):
+            if t in eos:
+                n = i + 1
+                break
+        toks += n
+    return {"tokens": toks, "s": dt, "tok_s": toks / dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=None, help="experiment YAML (default: configs/smoke.yaml)")
+    ap.add_argument("--n-prompts", type=int, default=None, help="override data.n_prompts")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+
+    from sweep.config import default_config_path, load_config
+    from sweep.models import resolve_model
+
+    cfg = load_config(args.config or default_config_path())
+    if args.n_prompts:
+        cfg.data.n_prompts = args.n_prompts
+    path = resolve_model(cfg.rollouts.teacher or cfg.model.name)
+    with tempfile.TemporaryDirectory(prefix="wsg-bench-run-") as run:
+        stage = _stage(cfg, run)
+        prompt_ids, stage_tokens = _prompt_ids(cfg, run)
+    nice = stage.get("engine", {}).get("nice", 0)
+    if nice > os.nice(0):
+        os.nice(nice - os.nice(0))
+    raw = _raw_vllm(cfg, path, prompt_ids)
+    hf = None if args.skip_transformers else _transformers(cfg, path, prompt_ids)
+
+    res = {
+        "config": str(args.config or default_config_path()), "model": cfg.model.name,
+        "prompts": len(prompt_ids), "k": cfg.rollouts.k, "max_tokens": cfg.rollouts.max_tokens,
+        "dtype": cfg.rollouts.dtype, "cpus": os.cpu_count(), "nice": os.nice(0),
+        "stage": {"tokens": stage_tokens, "s": stage["gen_s"], "tok_s": stage["tok_s"],
+                  "engine_start_s": stage.get("engine_start_s"), "wall_s": round(stage["wall_s"], 2),
+                  "reward_mean": stage["reward_mean"], "frac_prompts_mixed": stage["frac_prompts_mixed"]},
+        "raw_vllm": raw, "transformers": hf,
+        "stage_over_raw_vllm": stage["tok_s"] / raw["tok_s"],
+        "stage_over_transformers": (stage["tok_s"] / hf["tok_s"]) if hf else None,
+    }
+    print(f"{'':28s}{'tokens':>9s}{'seconds':>9s}{'tok/s':>9s}")
+    for name, r in (("rollouts stage (Ray+vLLM)", res["stage"]), ("raw vllm.LLM.generate", raw),
+                    ("transformers.generate", hf)):
+        if r:
+            print(f"{name:28s}{r['tokens']:9d}{r['s']:9.1f}{r['tok_s']:9.1f}")
+    print(f"stage / raw vLLM     = {res['stage_over_raw_vllm']:.3f}x (target >= 0.9)")
+    if hf:
+        print(f"stage / transformers = {res['stage_over_transformers']:.2f}x (target >= 4)")
+    print(json.dumps(res, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

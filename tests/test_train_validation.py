@@ -1,0 +1,67 @@
+"""Bad input is refused by `run_cell` before Ray or any worker starts."""
+from __future__ import annotations
+
+import pytest
+
+from rollouts.schema import pairs_table
+from sweep import rundir
+from sweep.errors import WsgError
+from test_train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
+from train.cell import run_cell
+from train.steps import build_policy
+
+
+@pytest.fixture(autouse=True)
+def no_ray():
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("needs a process without Ray running")
+    yield
+    assert not ray.is_initialized(), "validation must fail before Ray starts"
+
+
+def test_rft_without_positive_rollouts(tmp_path, tokenizer):
+    run = write_run(str(tmp_path), tokenizer, all_wrong=True)
+    with pytest.raises(WsgError, match="no positive rollouts.*RFT trains only on positives"):
+        run_cell(tiny_cfg(), run, loss="rft", seed=1, lr=1e-4)
+
+
+def test_dpo_without_pairs(tmp_path, tokenizer):
+    run = write_run(str(tmp_path), tokenizer)
+    rundir.write_table(rundir.join(rundir.rollouts_dir(run), "pairs.parquet"), pairs_table([]))
+    for loss in ("dpo", "ipo", "simpo"):
+        with pytest.raises(WsgError, match="pairs.parquet has no \\(chosen, rejected\\) pairs"):
+            run_cell(tiny_cfg(), run, loss=loss, seed=1, lr=1e-4)
+
+
+def test_checkpoint_step_beyond_last_step(tmp_path, tokenizer):
+    run = write_run(str(tmp_path), tokenizer)
+    cfg = tiny_cfg()
+    # model_copy skips pydantic's validators, as a programmatic caller might.
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_steps": [1, 5]})})
+    with pytest.raises(WsgError, match=r"checkpoint_steps \[5\] lie beyond the last step \(train.max_steps=2\)"):
+        run_cell(cfg, run, loss="sft", seed=1, lr=1e-4)
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-5, float("nan")])
+def test_non_positive_learning_rate(tmp_path, tokenizer, lr):
+    run = write_run(str(tmp_path), tokenizer)
+    with pytest.raises(WsgError, match="learning rate must be a finite number > 0"):
+        run_cell(tiny_cfg(), run, loss="sft", seed=1, lr=lr)
+
+
+def test_unknown_or_online_loss(tmp_path, tokenizer):
+    run = write_run(str(tmp_path), tokenizer)
+    with pytest.raises(WsgError, match="online loss"):
+        run_cell(tiny_cfg(), run, loss="online_grpo", seed=1, lr=1e-4)
+    with pytest.raises(WsgError, match="valid: sft, rft"):
+        run_cell(tiny_cfg(), run, loss="ppo", seed=1, lr=1e-4)
+
+
+def test_seed_alone_fixes_the_lora_init():
+    cfg = tiny_cfg()
+    a, b, c = (dict(build_policy(cfg, seed=s).named_parameters()) for s in (7, 7, 8))
+    lora_a = [n for n in a if "lora_A" in n]
+    assert lora_a and all(bool((a[n] == b[n]).all()) for n in lora_a)
+    assert all(not bool((a[n] == c[n]).all()) for n in lora_a)
