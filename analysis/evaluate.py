@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from analysis.adapters import BASE, Adapter, content_hash, list_adapters
 from analysis.stats import PREDICTIONS_SCHEMA, accuracy_table, mcnemar_table
-from rollouts.engine import EngineActor, EngineOptions
+from rollouts.engine import EngineActor, EngineOptions, shutdown_engines, wait_ready
 from sweep import rundir
 from sweep.errors import WsgError
 
@@ -185,8 +185,6 @@ def _start_engine(cfg, mode: str, adapters: list[Adapter], gpus: float):
                                            num_gpus=max(1.0, cfg.rollouts.gpus_per_engine) if gpus >= 1 else 0,
                                            max_concurrency=1, max_restarts=0)
     engine = actor.remote(opts)
-    from rollouts.engine import wait_ready
-
     wait_ready([engine], model=cfg.model.name)
     return engine
 
@@ -254,8 +252,6 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
                           flush=True)
         finally:
             if engine is not None:
-                from rollouts.engine import shutdown_engines
-
                 shutdown_engines([engine])
             if owned:
                 ray.shutdown()

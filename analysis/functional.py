@@ -230,7 +230,7 @@ def _units(cfg, adapters: list[Adapter], items: dict) -> list[dict]:
     hashes = {a.name: content_hash(a.path) for a in adapters}
     common = {"model": cfg.model.name, "dtype": cfg.model.dtype}
     h_items = _fingerprint({"p": items["cka_prompts"], "max_length": items["max_length"]})
-    l_items = _fingerprint({"p": items["lmc_prompts"], "a": items["lmc_answers"]})
+    l_items = _fingerprint({"p": items["lmc_prompts"], "a": items["lmc_answers"], "max_length": items["max_length"]})
     needed = {n for p in cka_pair_list(cfg, adapters) for n in p}
     units = []
     for name in [BASE] + [a.name for a in adapters]:
@@ -257,12 +257,32 @@ def _shards(units: list[dict], n: int) -> list[list[dict]]:
     return [s for s in shards if s]
 
 
+def _task_memory(cfg) -> int:
+    """Bytes of host memory a CPU task asks Ray for: twice the checkpoint's
+    files (a bf16 checkpoint loaded as float32, plus activations), so Ray runs
+    no more tasks at once than the box holds. 0 (no request) for a hub id."""
+    import os
+
+    from sweep.models import resolve_model
+
+    path = resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    if not os.path.isdir(path):
+        return 0
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if f.endswith((".safetensors", ".bin")))
+    return 2 * size
+
+
 def _run_tasks(cfg, run: str, todo: list[dict], items: dict, progress: bool) -> None:
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     slots = int(gpus) if gpus >= 1 else max(1, int(ray.available_resources().get("CPU", 1)))
-    task = ray.remote(num_cpus=1, num_gpus=1 if gpus >= 1 else 0, max_retries=1)(functional_worker)
+    opts = {"num_cpus": 1, "num_gpus": 1 if gpus >= 1 else 0, "max_retries": 1}
+    if gpus < 1 and (mem := _task_memory(cfg)):
+        # Never more than the cluster has: an infeasible request would wait forever.
+        opts["memory"] = min(mem, int(ray.cluster_resources().get("memory", mem)))
+    task = ray.remote(**opts)(functional_worker)
     refs = []
     for shard in _shards(todo, min(slots, len(todo))):
         refs.append(task.remote({"model": cfg.model.name, "dtype": cfg.model.dtype,

@@ -22,6 +22,8 @@ under near-zero principal angles. Costs are in docs/benchmarks.geometry.md.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import uuid
 from collections import defaultdict
 
@@ -235,7 +237,8 @@ def compute_shard(modules: list[str], adapters: list[tuple[str, str, dict]], nee
             raise WsgError(f"{files}: module {mod} holds NaN or inf values; the adapter is corrupt (or its "
                            "training diverged): geometry needs finite LoRA factors") from None
         for h in need_sigma:
-            ar["hash"].append(h), ar["module"].append(mod), ar["singular_values"].append(sigma[pos[h]].tolist())
+            for key, v in zip(gt.RAW_ADAPTERS.names, (h, mod, sigma[pos[h]].tolist())):
+                ar[key].append(v)
         for (i, j), (inner, ang, u1, v1) in res.items():
             ha, hb = sorted((hashes[i], hashes[j]))  # every pair result is symmetric in a, b
             for key, v in zip(gt.RAW_PAIRS.names, (ha, hb, top_k, mod, inner, ang, u1, v1)):
@@ -288,16 +291,33 @@ def _tool_version() -> str:
         return "unknown"
 
 
-def _hash_all(specs: list[gio.AdapterSpec]) -> None:
+def _hash_all(specs: list[gio.AdapterSpec], out: str) -> None:
+    """Content hashes, memoised in the cache by (path, size, mtime) of both
+    files so that a rerun or an incremental run hashes only new adapters."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=min(4, len(specs))) as ex:  # hashlib releases the GIL
-        for spec, h in zip(specs, ex.map(gio.content_hash, specs)):
-            spec.content_hash = h
+    memo_uri = rundir.join(_cache_dir(out), "hashes.json")
+    try:
+        memo = rundir.read_json(memo_uri) if rundir.exists(memo_uri) else {}
+    except Exception:  # a damaged memo only costs rehashing
+        memo = {}
+
+    def stamp(spec):
+        st = [os.stat(os.path.join(spec.path, f)) for f in (gio.CONFIG_FILE, gio.WEIGHTS_FILE)]
+        return "|".join([spec.path] + [f"{x.st_size}:{x.st_mtime_ns}:{x.st_ino}" for x in st])
+
+    todo = [s for s in specs if not isinstance(memo.get(stamp(s)), str)]
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(todo)))) as ex:  # hashlib releases the GIL
+        for spec, h in zip(todo, ex.map(gio.content_hash, todo)):
+            memo[stamp(spec)] = h
+    for spec in specs:
+        spec.content_hash = memo[stamp(spec)]
+    if todo:
+        rundir.write_json(memo_uri, memo)
 
 
 def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc="geometry shards", unit="shard", disable=not progress)
     results = []
@@ -346,7 +366,7 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
         raise WsgError("geometry needs at least one adapter (--adapter NAME=PATH)")
     specs = [gio.read_adapter_spec(name, path) for name, path in sorted(adapters.items())]
     gio.check_compatible(specs)
-    _hash_all(specs)
+    _hash_all(specs, out)
     names = {s.name: s.content_hash for s in specs}
     by_hash = {}
     for s in specs:
@@ -382,13 +402,9 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
             if not ray.is_initialized():
                 ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
                 started_ray = True
-        else:
-            try:
-                import ray
-
-                use_ray = ray.is_initialized()
-            except ImportError:
-                use_ray = False
+        else:  # a Ray the caller started is used; never import ray just to ask
+            ray_mod = sys.modules.get("ray")
+            use_ray = bool(ray_mod is not None and ray_mod.is_initialized())
         try:
             results = _run_shards(jobs, use_ray=use_ray, progress=progress)
         finally:

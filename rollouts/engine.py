@@ -298,12 +298,20 @@ def wait_ready(engines: Sequence, *, model: str, timeout_s: float = 1800) -> lis
                        "reachable from the cluster) and rollouts.dtype") from None
 
 
-def _root_cause(exc: BaseException) -> str:
-    text = str(exc)
-    # Ray wraps the actor's traceback; its last non-empty line is the cause.
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    tail = [ln for ln in lines if "Error" in ln or "error" in ln]
-    return (tail[-1] if tail else (lines[-1] if lines else type(exc).__name__))[:500]
+def _root_cause(exc: BaseException, limit: int = 600) -> str:
+    """The innermost exception of a Ray-wrapped traceback: its header line
+    ("SomeError: ...") and the message lines after it, on one line."""
+    import re
+
+    lines = str(exc).splitlines()
+    head = None
+    for i, ln in enumerate(lines):
+        if re.match(r"^\s*[\w.]*(Error|Exception)\b[^:]*:", ln) and not ln.lstrip().startswith("File "):
+            head = i
+    if head is None:
+        return (lines[-1].strip() if lines else type(exc).__name__)[:limit]
+    body = [ln.strip() for ln in lines[head:] if ln.strip() and "errors.pydantic.dev" not in ln]
+    return re.sub(r"\s+", " ", " ".join(body))[:limit]
 
 
 def shutdown_engines(engines: Sequence) -> None:

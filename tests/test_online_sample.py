@@ -222,6 +222,7 @@ def test_behaviour_tensor_lines_up_with_the_completion_mask():
         assert beh[b, :n].tolist() == pytest.approx(flat[b])
         assert (beh[b, n:] == 0).all()
         # the target tokens of the mask are the completion tokens, in order
-        got = mb.targets[mb.rows == b].tolist()
+        targets = torch.cat([f.targets for f in mb.forwards])  # in the order of mb.rows
+        got = targets[mb.rows == b].tolist()
         gi, i = divmod(b, 3)
         assert got == groups[gi].completion_token_ids[i]
