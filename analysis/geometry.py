@@ -389,11 +389,12 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
         # Cached adapters first, new ones last: each row of Gram blocks then
         # starts at the first adapter it has a missing pair with (module_geometry).
         proc = sorted(involved, key=lambda h: (h in need_sigma, h))
-        ad = [(h, by_hash[h].weights, by_hash[h].modules) for h in proc]
         by_layer = defaultdict(list)
         for m, layer, _ in mod_list:
             by_layer[layer].append(m)
-        jobs = [dict(modules=ms, adapters=ad, need_sigma=need_sigma, need_pairs=need_pairs, top_k=top_k)
+        jobs = [dict(modules=ms, adapters=[(h, by_hash[h].weights, {m: by_hash[h].modules[m] for m in ms})
+                                           for h in proc],  # only this shard's module specs travel
+                     need_sigma=need_sigma, need_pairs=need_pairs, top_k=top_k)
                 for _, ms in sorted(by_layer.items())]
         started_ray = False
         if use_ray:

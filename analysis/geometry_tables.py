@@ -74,12 +74,6 @@ def metadata(*, tool_version: str, config_hash: str, top_k: int, adapters: dict[
     }
 
 
-def _nanstat(fn, x: np.ndarray) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(fn(x)) if x.size else float("nan")
-
-
 def _orth_sq(inner, na2, nb2):
     """||b - P_a b||^2 with P_a the projection onto span{dW_a} (zero if dW_a = 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -92,68 +86,97 @@ def _ratio(num, den):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
+def _nan_reduce(fn, x: np.ndarray) -> np.ndarray:
+    """Row-wise nanmedian/nanmean; NaN (silently) for an all-NaN row."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return fn(x, axis=1) if x.shape[1] else np.full(x.shape[0], np.nan)
+
+
+def _lists(values: list) -> pa.Array:
+    return pa.array(values, type=LIST_F64)
+
+
+def _effective_ranks(spectra: list[np.ndarray]) -> np.ndarray:
+    """effective_rank of many spectra at once (zero-padded: 0 log 0 = 0)."""
+    width = max((len(s) for s in spectra), default=0)
+    s = np.zeros((len(spectra), width))
+    for i, x in enumerate(spectra):
+        s[i, :len(x)] = x
+    total = s.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = s / total
+        ent = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+    return np.where(total[:, 0] > 0, np.exp(ent), np.nan)
+
+
+def _table(cols: dict, schema: pa.Schema) -> pa.Table:
+    return pa.table({k: v if isinstance(v, pa.Array) else pa.array(v, type=schema.field(k).type)
+                     for k, v in cols.items()}, schema=schema)
+
+
 def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
              sigma: dict[tuple[str, str], np.ndarray], pairs: dict[tuple[str, str, str], tuple],
              meta: dict) -> dict[str, pa.Table]:
     """names: adapter name -> content hash; modules: (module, layer, proj) in
     table order; sigma[(hash, module)]: singular values; pairs[(h_a, h_b,
-    module)] with h_a <= h_b: (inner, angles_deg, u1, v1)."""
+    module)] with h_a <= h_b: (inner, angles_deg, u1, v1). Vectorised over
+    pairs x modules (a 48-adapter grid has 1128 pairs x 144 modules)."""
     order = sorted(names)
-    mod_names = [m for m, _, _ in modules]
+    n_ad, n_mod = len(order), len(modules)
+    mod_names = np.array([m for m, _, _ in modules], dtype=object)
     layers = np.array([layer for _, layer, _ in modules], dtype=np.int32)
-    projs = [p for _, _, p in modules]
-    nmod = len(modules)
+    projs = np.array([p for _, _, p in modules], dtype=object)
 
-    # norms[name] = ||dW||_F^2 per module (vector over modules)
-    sq = {n: np.array([float(np.sum(sigma[(names[n], m)] ** 2)) for m in mod_names]) for n in order}
-    rows = {k: [] for k in ADAPTER_MODULES.names}
-    for n in order:
-        for i, (m, layer, proj) in enumerate(modules):
-            s = sigma[(names[n], m)]
-            for k, v in zip(ADAPTER_MODULES.names, (n, m, layer, proj, float(np.sqrt(sq[n][i])),
-                                                     effective_rank(s), [float(x) for x in s])):
-                rows[k].append(v)
-    out = {"adapter_modules": pa.table(rows, schema=ADAPTER_MODULES)}
+    spectra = [[sigma[(names[n], m)] for m in mod_names] for n in order]
+    sq = np.array([[float(np.sum(s * s)) for s in row] for row in spectra]).reshape(n_ad, n_mod)
+    out = {"adapter_modules": _table({
+        "adapter": np.repeat(np.array(order, dtype=object), n_mod), "module": np.tile(mod_names, n_ad),
+        "layer": np.tile(layers, n_ad), "proj": np.tile(projs, n_ad), "fro_norm": np.sqrt(sq).ravel(),
+        "effective_rank": _effective_ranks([s for row in spectra for s in row]),
+        "singular_values": _lists([s.tolist() for row in spectra for s in row]),
+    }, ADAPTER_MODULES)}
 
-    mp = {k: [] for k in MODULE_PAIRS.names}
-    lp = {k: [] for k in LAYER_PAIRS.names}
-    gp = {k: [] for k in GLOBAL_PAIRS.names}
-    uniq_layers = sorted(set(layers.tolist()))
-    for ia, a in enumerate(order):
-        for b in order[ia + 1:]:
-            ha, hb = names[a], names[b]
-            key = (ha, hb) if ha <= hb else (hb, ha)
-            raw = [pairs[(key[0], key[1], m)] for m in mod_names]
-            inner = np.array([r[0] for r in raw])
-            angles = [list(map(float, r[1])) for r in raw]
-            u1 = np.array([r[2] for r in raw], dtype=np.float64)
-            v1 = np.array([r[3] for r in raw], dtype=np.float64)
-            na2, nb2 = sq[a], sq[b]
-            cos = _ratio(inner, np.sqrt(na2 * nb2))
-            ob2, oa2 = _orth_sq(inner, na2, nb2), _orth_sq(inner, nb2, na2)
-            top1 = np.array([x[0] if x else np.nan for x in angles])
-            worst = np.array([x[-1] if x else np.nan for x in angles])
-            cols = (
-                [a] * nmod, [b] * nmod, mod_names, layers, projs, cos, angles, top1, worst, u1, v1,
-                np.sqrt(_ratio(ob2, nb2)), np.sqrt(_ratio(oa2, na2)),
-            )
-            for k, v in zip(MODULE_PAIRS.names, cols):
-                mp[k].extend(list(v))
-            for layer in uniq_layers:
-                sel = layers == layer
-                vals = (a, b, layer, float(_ratio(inner[sel].sum(), np.sqrt(na2[sel].sum() * nb2[sel].sum()))),
-                        float(np.sqrt(_ratio(ob2[sel].sum(), nb2[sel].sum()))),
-                        float(np.sqrt(_ratio(oa2[sel].sum(), na2[sel].sum()))))
-                for k, v in zip(LAYER_PAIRS.names, vals):
-                    lp[k].append(v)
-            vals = (a, b, float(_ratio(inner.sum(), np.sqrt(na2.sum() * nb2.sum()))),
-                    float(np.sqrt(_ratio(ob2.sum(), nb2.sum()))), float(np.sqrt(_ratio(oa2.sum(), na2.sum()))),
-                    _nanstat(np.nanmedian, top1), _nanstat(np.nanmedian, worst),
-                    _nanstat(np.nanmean, u1), _nanstat(np.nanmean, v1))
-            for k, v in zip(GLOBAL_PAIRS.names, vals):
-                gp[k].append(v)
-    out["module_pairs"] = pa.table({k: pa.array(v, type=MODULE_PAIRS.field(k).type) for k, v in mp.items()},
-                                   schema=MODULE_PAIRS)
-    out["layer_pairs"] = pa.table(lp, schema=LAYER_PAIRS)
-    out["global_pairs"] = pa.table(gp, schema=GLOBAL_PAIRS)
+    ia, ib = np.triu_indices(n_ad, k=1)
+    n_pair = len(ia)
+    inner, u1, v1 = (np.empty((n_pair, n_mod)) for _ in range(3))
+    angles = []
+    for p, (x, y) in enumerate(zip(ia, ib)):
+        ha, hb = names[order[x]], names[order[y]]
+        key = (ha, hb) if ha <= hb else (hb, ha)
+        for k, m in enumerate(mod_names):
+            raw = pairs[(key[0], key[1], m)]
+            inner[p, k], u1[p, k], v1[p, k] = raw[0], raw[2], raw[3]
+            angles.append(raw[1])
+    top1 = np.array([x[0] if len(x) else np.nan for x in angles]).reshape(n_pair, n_mod)
+    worst = np.array([x[-1] if len(x) else np.nan for x in angles]).reshape(n_pair, n_mod)
+    na2, nb2 = sq[ia], sq[ib]
+    ob2, oa2 = _orth_sq(inner, na2, nb2), _orth_sq(inner, nb2, na2)  # residual of b off a, a off b
+    a_names, b_names = np.array(order, dtype=object)[ia], np.array(order, dtype=object)[ib]
+    out["module_pairs"] = _table({
+        "adapter_a": np.repeat(a_names, n_mod), "adapter_b": np.repeat(b_names, n_mod),
+        "module": np.tile(mod_names, n_pair), "layer": np.tile(layers, n_pair), "proj": np.tile(projs, n_pair),
+        "cosine": _ratio(inner, np.sqrt(na2 * nb2)).ravel(), "principal_angles_deg": _lists(angles),
+        "top1_angle_deg": top1.ravel(), "worst_angle_deg": worst.ravel(), "u1_abs_dot": u1.ravel(),
+        "v1_abs_dot": v1.ravel(), "orth_frac_b_off_a": np.sqrt(_ratio(ob2, nb2)).ravel(),
+        "orth_frac_a_off_b": np.sqrt(_ratio(oa2, na2)).ravel(),
+    }, MODULE_PAIRS)
+
+    # Layer aggregates: sums over the layer's modules (one-hot module -> layer).
+    uniq = np.unique(layers)
+    onehot = (layers[:, None] == uniq[None, :]).astype(np.float64)
+    li, la2, lb2, lob2, loa2 = (x @ onehot for x in (inner, na2, nb2, ob2, oa2))
+    out["layer_pairs"] = _table({
+        "adapter_a": np.repeat(a_names, len(uniq)), "adapter_b": np.repeat(b_names, len(uniq)),
+        "layer": np.tile(uniq, n_pair).astype(np.int32), "cosine": _ratio(li, np.sqrt(la2 * lb2)).ravel(),
+        "orth_frac_b_off_a": np.sqrt(_ratio(lob2, lb2)).ravel(), "orth_frac_a_off_b": np.sqrt(_ratio(loa2, la2)).ravel(),
+    }, LAYER_PAIRS)
+    gi, ga2, gb2 = inner.sum(1), na2.sum(1), nb2.sum(1)
+    out["global_pairs"] = _table({
+        "adapter_a": a_names, "adapter_b": b_names, "cosine": _ratio(gi, np.sqrt(ga2 * gb2)),
+        "orth_frac_b_off_a": np.sqrt(_ratio(ob2.sum(1), gb2)), "orth_frac_a_off_b": np.sqrt(_ratio(oa2.sum(1), ga2)),
+        "median_top1_angle_deg": _nan_reduce(np.nanmedian, top1),
+        "median_worst_angle_deg": _nan_reduce(np.nanmedian, worst),
+        "mean_u1_abs_dot": _nan_reduce(np.nanmean, u1), "mean_v1_abs_dot": _nan_reduce(np.nanmean, v1),
+    }, GLOBAL_PAIRS)
     return {k: t.replace_schema_metadata(meta) for k, t in out.items()}

@@ -236,7 +236,8 @@ def _select(rows: list[dict], columns: dict[str, str], src, where: str):
         col = columns[logical]
         if col not in present:
             raise WsgError(f"{where!r} has no column {col!r} (for the {logical}); its columns are "
-                           f"{sorted(present)}; map it with {_field(src, 'columns')}: {{{logical}: <column>}}")
+                           f"{sorted(present)}; map it with "
+                           f"{_field(src, 'columns')}: {{{logical}: <column>}}")
     if "id" in src.columns and src.columns["id"] not in present:
         raise WsgError(f"{where!r} has no column {src.columns['id']!r} (for the id); its columns "
                        f"are {sorted(present)}")

@@ -5,8 +5,9 @@ to 9, so a completion that only echoes the question "What is 5 + 4?" would be
 credited (FACTS.md, DESIGN.md "reward"). So the reward first extracts ONE final
 answer and accepts it only if it is a number:
 
-1. the content of the last `\\boxed{...}` (or `\\fbox{}`) if there is one: a
-   boxed expression is the model's final answer, so "\\boxed{5+4}" scores 0;
+1. the content of the last `\\boxed{...}` (or `\\fbox{}`) if there is one,
+   right of its last "=" if it has one ("\\boxed{x = 9}"): a boxed expression
+   is the model's final answer, so "\\boxed{5+4}" scores 0;
 2. else the last number stated as an answer: the whole completion if it is
    a number, else the last number right after "answer (is|:)", "=", "equals"
    or "is" that is not an operand of an arithmetic expression ("is 5 + 4"
@@ -144,6 +145,9 @@ def extract_final_answer(completion: str) -> tuple[str | None, str]:
     """(normalized final answer or None, where it came from: boxed|stated|none)."""
     boxed = find_last_boxed(completion)
     if boxed is not None:
+        # "\boxed{5 + 4 = 9}" / "\boxed{x = 9}": the value is right of the last "=".
+        if "=" in boxed:
+            boxed = boxed.rsplit("=", 1)[1]
         return normalize_answer(boxed), "boxed"
     bare = completion.strip().rstrip(".").strip()
     if re.fullmatch(_TEXT_NUM, bare):

@@ -67,8 +67,8 @@ def test_chat_template_matches_transformers(prompts, hf):
 
     _model, tok = hf
     texts, ids = prompts
-    want = tok.apply_chat_template(build_messages("What is 2 + 3?", instruction="Put the final answer in \\boxed{}."),
-                                   tokenize=False, add_generation_prompt=True)
+    msgs = build_messages("What is 2 + 3?", instruction="Put the final answer in \\boxed{}.")
+    want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert texts[0] == want and texts[0].endswith("<|im_start|>assistant\n")
     assert ids[0] == tok.encode(want, add_special_tokens=False)
 
@@ -124,7 +124,8 @@ def _lora_adapter(tiny_path, out_dir):
     from sweep.models import load_causal_lm
 
     base = load_causal_lm(tiny_path)
-    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    pm = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in pm.named_parameters():

@@ -15,6 +15,7 @@ ECHOES = [
     "5 + 4", "What is 5 + 4?", "\\boxed{5 + 4}", "\\boxed{5+4}", "$5+4$", "The answer is 5 + 4",
     "= 5 + 4", "\\boxed{4 + 5}", "The answer is $5 + 4$.", "\\boxed{\\left(5 + 4\\right)}",
     "Add 5 and 4.", "\\boxed{5 \\times 1 + 4}", "\\boxed{\\frac{18}{2}}", "answer: 5+4",
+    "\\boxed{9 = 5 + 4}",
 ]
 
 
@@ -37,7 +38,8 @@ def test_plain_math_verify_would_credit_an_echo():
     ("\\boxed{1,234}", "1234"), ("\\boxed{\\dfrac{1}{2}}", "0.5"), ("\\boxed{0.5}", "\\frac{1}{2}"),
     ("we get \\boxed{-3}", "-3"), ("First \\boxed{7}, no wait: \\boxed{9}", "9"),
     ("\\boxed{\\frac{\\pi}{2}}", "\\frac{\\pi}{2}"), ("\\boxed{\\sqrt{12}}", "2\\sqrt{3}"),
-    ("\\boxed{25\\%}", "25"), ("\\boxed{{9}}", "9"),
+    ("\\boxed{25\\%}", "25"), ("\\boxed{{9}}", "9"), ("\\boxed{5 + 4 = 9}", "9"),
+    ("\\boxed{x = 9}", "9"),
 ])
 def test_correct_final_answers_score_one(completion, gold):
     assert score(completion, gold) == 1.0

@@ -51,7 +51,8 @@ def test_check_table_names_the_bad_column():
     with pytest.raises(ValueError, match="'sample_idx' has type int64"):
         schema.check_table(t, pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32())]), "x")
     with pytest.raises(ValueError, match="'reward' is missing"):
-        schema.check_table(t, pa.schema([schema.ROLLOUTS_SCHEMA.field(n) for n in ("prompt_id", "reward")]), "x")
+        two = pa.schema([schema.ROLLOUTS_SCHEMA.field(n) for n in ("prompt_id", "reward")])
+        schema.check_table(t, two, "x")
 
 
 def test_rows_missing_a_field_are_refused():

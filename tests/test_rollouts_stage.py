@@ -52,7 +52,8 @@ def test_stage_writes_both_tables(first_run):
     run, s = first_run
     out = rundir.rollouts_dir(run)
     assert rundir.is_complete(out)
-    assert sorted(rundir.listdir(rundir.join(out, "shards"))) == ["shard_00000.parquet", "shard_00001.parquet"]
+    shards = sorted(rundir.listdir(rundir.join(out, "shards")))
+    assert shards == ["shard_00000.parquet", "shard_00001.parquet"]
     t = rundir.read_table(rundir.join(out, "rollouts.parquet"))
     schema.check_table(t, schema.ROLLOUTS_SCHEMA, "rollouts")
     rows = t.to_pylist()
