@@ -10,7 +10,7 @@ excluded on both sides. The wsg side is a real cell (`train.cell.run_cell`:
 Ray Train worker, length buckets, LM head on completion positions only);
 its step times come from its metrics.parquet.
 
-    .venv/bin/python bench/train_step.py [--steps 12] [--model smollm2-135m-instruct]
+    .venv/bin/python -m bench.train_step [--steps 12] [--model smollm2-135m-instruct]
 
 Prints a table and a JSON line; record the numbers in docs/benchmarks.train.md.
 """
@@ -26,8 +26,13 @@ import time
 
 import numpy as np
 
-from sweep import rundir
-from sweep.config import parse_config
+# Run as a script, this folder is sys.path[0] and bench/rollouts.py would
+# shadow the `rollouts` package: look packages up from the repo instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+from sweep import rundir  # noqa: E402
+from sweep.config import parse_config  # noqa: E402
 
 LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
@@ -47,7 +52,7 @@ def make_rollouts(tokenizer, *, n_prompts: int, k: int, seed: int, max_len: int)
         outcome = []
         for s in range(k):
             right = bool(rng.random() < 0.5)
-            n_lines = int(rng.integers(1, 24))
+            n_lines = int(rng.integers(1, 13))
             steps = " ".join(f"Step {i + 1}: {int(rng.integers(0, 99))} + {int(rng.integers(0, 99))} is a "
                              "partial sum we keep." for i in range(n_lines))
             completion = f"{steps} So the answer is \\boxed{{{a + b if right else a + b + 1}}}."

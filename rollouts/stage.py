@@ -39,6 +39,8 @@ QUEUE_DEPTH = 2
 def teacher_name(cfg) -> str:
     if cfg.rollouts.backend == "openai":
         return f"openai:{cfg.rollouts.endpoint.model}"
+    if cfg.rollouts.backend == "scripted":
+        return f"scripted:error_rate={cfg.rollouts.scripted_error_rate}"
     return cfg.rollouts.teacher or cfg.model.name
 
 
@@ -292,8 +294,13 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     try:
         extra: dict = {"n_engines": 0}
         if pending:
-            backend = _run_vllm if cfg.rollouts.backend == "vllm" else _run_openai
-            extra = backend(cfg, run, spec, shards, pending, stats, progress, path)
+            if cfg.rollouts.backend == "scripted":
+                from rollouts.scripted import run_scripted
+                extra = run_scripted(cfg, run, spec, shards, pending, stats, progress, path,
+                                     finish_shard=_finish_shard)
+            else:
+                backend = _run_vllm if cfg.rollouts.backend == "vllm" else _run_openai
+                extra = backend(cfg, run, spec, shards, pending, stats, progress, path)
     finally:
         if started_ray:
             ray.shutdown()

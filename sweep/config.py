@@ -81,7 +81,10 @@ class EndpointCfg(_Strict):
 
 
 class RolloutsCfg(_Strict):
-    backend: Literal["vllm", "openai"] = "vllm"
+    # "scripted": procedurally written solutions with a set error rate
+    # (rollouts/scripted.py), for settings where the policy gets nothing right.
+    backend: Literal["vllm", "openai", "scripted"] = "vllm"
+    scripted_error_rate: float = Field(0.5, ge=0, le=1)
     # Teacher model; None = the policy model (`model.name`).
     teacher: Optional[str] = None
     endpoint: Optional[EndpointCfg] = None

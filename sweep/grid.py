@@ -126,15 +126,15 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
         return {"cells": len(cells), "trained": 0, "failed": 0}
     for c in todo:
         _validate_cell_inputs(cfg, run, c)
-    param_space = {
-        "cfg": cfg.model_dump(mode="json"), "run": run,
-        # one grid_search over whole cells keeps (loss, seed, lr) tied together
-        "cell": tune.grid_search([{"loss": c.loss, "seed": c.seed, "lr": c.lr} for c in cells]),
-    }
+    # One grid_search over whole cells keeps (loss, seed, lr) tied together;
+    # the config and run travel as constant parameters, so Tune's progress
+    # table shows only the cell.
+    param_space = {"cell": tune.grid_search([{"loss": c.loss, "seed": c.seed, "lr": c.lr} for c in cells])}
 
-    def trainable(config):
-        _trial({**config, **config["cell"]})
+    def trainable(config, cfg_json=None, run_dir=None):
+        _trial({"cfg": cfg_json, "run": run_dir, **config["cell"]})
 
+    trainable = tune.with_parameters(trainable, cfg_json=cfg.model_dump(mode="json"), run_dir=run)
     # The trial driver holds a sliver of CPU: its TorchTrainer asks for the real
     # resources. ({"CPU": 0} is refused by Tune: an empty bundle.)
     trainable = tune.with_resources(trainable, {"CPU": 0.01})

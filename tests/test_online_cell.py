@@ -22,8 +22,9 @@ STEP_METRICS = ("step", "loss", "grad_norm", "lr", "reward_mean", "task_reward_m
                 "gen_tok_per_s", "behaviour_gap_max")
 
 
-def tiny(**online):
+def tiny(losses=None, **online):
     return parse_config({
+        "losses": losses or {},
         "model": {"name": "tiny-qwen3", "max_model_len": 512}, "rollouts": {"dtype": "float32"},
         "data": {"n_prompts": 8},
         "train": {"lora": {"r": 4, "alpha": 8}, "effective_batch": 4, "per_device_batch": 4, "grad_accum": 1,
@@ -48,7 +49,8 @@ def _adapter_ok(path: str) -> bool:
 
 @pytest.mark.slow
 def test_grpo_cell_stops_resumes_and_completes(ray_local, tmp_path):
-    cfg, run = tiny(), str(tmp_path / "run")
+    # with a KL term to the base model, so the reference forward runs too
+    cfg, run = tiny(losses={"online_grpo": {"hyper": {"kl_coef": 0.01}}}), str(tmp_path / "run")
     first = run_online_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3, stop_after=1)
     cdir = rundir.cell_dir(run, first["cell_id"])
     assert first["state"] == "stopped" and first["step"] == 1 and not rundir.is_complete(cdir)
@@ -67,6 +69,7 @@ def test_grpo_cell_stops_resumes_and_completes(ray_local, tmp_path):
         assert all(k in r for k in STEP_METRICS)
         assert r["sampled_groups"] == 2 and r["samples"] == 6 and r["sample_rounds"] == 1
         assert r["behaviour_gap_max"] < 1e-3  # fp32 engine sampled with the trainer's weights
+        assert r["loss_kl_ref_mean"] >= 0
     # the prompt stream continued where the stopped run left it
     assert [r["prompt_cursor"] for r in m] == [2, 4, 6]
     assert not rundir.exists(rundir.join(run, "train_state", done["cell_id"]))
@@ -101,3 +104,34 @@ def test_refuses_what_cannot_run(tmp_path):
         **cfg.train.model_dump(mode="json"), "num_workers": 2, "grad_accum": 1, "per_device_batch": 2}})
     with pytest.raises(WsgError, match="num_workers"):
         validate_online(wide, loss="online_grpo", seed=1, lr=1e-3)
+
+
+def test_entropy_probe_matches_the_full_model_distribution():
+    import torch
+
+    from train.data import collate_sequences
+    from train.online import _EntropyProbe
+    from train.steps import CompletionLogprobs, build_policy, sequence_logprobs
+
+    cfg = tiny()
+    policy = build_policy(cfg, seed=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    seqs = [torch.randint(10, 400, (n,), generator=g).tolist() for n in (9, 14, 6)]
+    n_prompt = [4, 6, 2]
+    mb = collate_sequences(seqs, n_prompt, pad_id=0)
+    probe = _EntropyProbe(policy)
+    with torch.no_grad(), probe:
+        sequence_logprobs(CompletionLogprobs(policy), mb)
+    # reference: the whole model's logits at every position that predicts a completion token
+    ents = []
+    with torch.no_grad():
+        for s, n0 in zip(seqs, n_prompt):
+            logits = policy(input_ids=torch.tensor([s])).logits[0, n0 - 1:len(s) - 1]
+            ents.append(torch.distributions.Categorical(logits=logits.float()).entropy())
+    want = torch.cat(ents)
+    assert probe.count == want.numel()
+    assert probe.mean == pytest.approx(float(want.mean()), rel=1e-5)

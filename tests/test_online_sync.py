@@ -184,3 +184,17 @@ def test_engine_samples_from_the_current_adapter(tmp_path, strategy):
     finally:
         worker.close()
         engine.shutdown()
+
+
+def test_receive_files_places_a_version_and_drops_stale_ones(tmp_path):
+    from types import SimpleNamespace
+
+    from train.online_sync import on_engine, receive_files
+
+    engine = SimpleNamespace(work_dir=str(tmp_path))  # what the engine actor exposes: its own folder
+    p1 = on_engine(engine, receive_files, "v1", {"a.bin": b"one", "b.json": b"{}"}, [])
+    p2 = on_engine(engine, receive_files, "v2", {"a.bin": b"two"}, ["v0"])
+    p3 = on_engine(engine, receive_files, "v3", {"a.bin": b"three"}, ["v1"])
+    assert open(os.path.join(p2, "a.bin"), "rb").read() == b"two"
+    assert open(os.path.join(p3, "a.bin"), "rb").read() == b"three"
+    assert not os.path.exists(p1) and sorted(os.listdir(os.path.dirname(p3))) == ["v2", "v3"]

@@ -317,6 +317,7 @@ class MicroBatch:
     pair_index: torch.Tensor | None   # [P, 2] (chosen, rejected) rows
     n_tokens: int                # real (non-pad) tokens
     n_computed: int              # tokens the forwards compute, padding included
+    behaviour_logprobs: torch.Tensor | None = None  # [B, T] sampler's log-probs (online losses)
 
     def to(self, device) -> "MicroBatch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -339,10 +340,13 @@ def collate(ts: TrainSet, item_idx: np.ndarray, *, overhead: int = FORWARD_OVERH
 
 
 def collate_sequences(seqs: list, n_prompt, *, pad_id: int, rewards=None, group_ids=None, advantages=None,
-                      pair_index=None, overhead: int = FORWARD_OVERHEAD_TOKENS) -> MicroBatch:
+                      pair_index=None, behaviour_logprobs: list | None = None,
+                      overhead: int = FORWARD_OVERHEAD_TOKENS) -> MicroBatch:
     """A MicroBatch from token sequences (prompt ids + completion ids each,
     the first n_prompt[i] of sequence i being prompt). Online cells build
-    their sampled completions into micro-batches with this."""
+    their sampled completions into micro-batches with this;
+    behaviour_logprobs[i] are the sampler's log-probs of sequence i's
+    completion tokens."""
     b = len(seqs)
     lens = np.array([len(x) for x in seqs], dtype=np.int64)
     npr = np.asarray(n_prompt, dtype=np.int64)
@@ -368,6 +372,14 @@ def collate_sequences(seqs: list, n_prompt, *, pad_id: int, rewards=None, group_
     def tensor(x, default, dtype):
         return torch.as_tensor(np.asarray(default if x is None else x), dtype=dtype)
 
+    behaviour = None
+    if behaviour_logprobs is not None:
+        behaviour = torch.zeros((b, int(ncomp.max())), dtype=torch.float32)
+        for i, lp in enumerate(behaviour_logprobs):
+            if len(lp) != ncomp[i]:
+                raise ValueError(f"behaviour_logprobs[{i}] has {len(lp)} values for {ncomp[i]} completion tokens")
+            behaviour[i, :ncomp[i]] = torch.as_tensor(np.asarray(lp, dtype=np.float32))
+
     return MicroBatch(
         forwards=forwards, rows=torch.from_numpy(np.concatenate(all_rows)),
         tpos=torch.from_numpy(np.concatenate(all_tpos)),
@@ -375,4 +387,4 @@ def collate_sequences(seqs: list, n_prompt, *, pad_id: int, rewards=None, group_
         rewards=tensor(rewards, np.zeros(b), torch.float32), group_ids=tensor(group_ids, np.arange(b), torch.int64),
         advantages=None if advantages is None else tensor(advantages, None, torch.float32),
         pair_index=None if pair_index is None else tensor(pair_index, None, torch.int64),
-        n_tokens=int(lens.sum()), n_computed=int(computed))
+        n_tokens=int(lens.sum()), n_computed=int(computed), behaviour_logprobs=behaviour)

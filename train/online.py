@@ -77,7 +77,7 @@ def validate_online(cfg: ExperimentConfig, *, loss: str, seed: int, lr: float, p
         raise WsgError(f"train.num_workers={cfg.train.num_workers}: an online cell trains on one worker beside "
                        "its engine (its batch is online.prompts_per_step x online.group_size); set 1")
     o = cfg.online
-    if o.sync in ("lora", "auto") and o.engine_gpus > 0:
+    if resolve_sync(o.sync, on_gpu=o.engine_gpus > 0) == "lora":
         vllm_lora_rank(cfg.train.lora.r)
     if prompt_ids is not None:
         longest = max(len(p) for p in prompt_ids)
@@ -252,12 +252,13 @@ class _EntropyProbe:
 
     def _hook(self, _mod, _inp, out):
         with torch.no_grad():
-            z = out.detach().float()
-            if self.cap:
-                z = torch.tanh(z / self.cap) * self.cap
-            logp = torch.log_softmax(z, dim=-1)
-            self.total += float(-(logp.exp() * logp).sum())
-            self.count += int(z.shape[0])
+            for z in out.detach().split(1024):  # bounded extra memory: rows x vocab
+                z = z.float()
+                if self.cap:
+                    z = torch.tanh(z / self.cap) * self.cap
+                logp = torch.log_softmax(z, dim=-1)
+                self.total += float(-(logp.exp() * logp).sum())
+                self.count += int(z.shape[0])
 
     def __enter__(self):
         self._h = self.head.register_forward_hook(self._hook)

@@ -225,6 +225,65 @@ def _deepspeed_engine(module, optimizer, scheduler, *, stage: int, micro: int, g
     return engine
 
 
+def allreduce_sum(values: list[float], world: int) -> list[float]:
+    """Sum a few floats over ranks (float64, one collective)."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def loss_batch(mb, logprobs: torch.Tensor, ref: torch.Tensor | None = None):
+    """The LossBatch of micro-batch `mb` with these policy (and ref) log-probs."""
+    from train.losses import LossBatch
+
+    return LossBatch(logprobs=logprobs, mask=mb.mask, rewards=mb.rewards, group_ids=mb.group_ids, ref_logprobs=ref,
+                     behaviour_logprobs=mb.behaviour_logprobs, pair_index=mb.pair_index, advantages=mb.advantages)
+
+
+def train_step(trainer: PolicyTrainer, spec, hyper: dict, micro_batches: list, *, world: int) -> dict:
+    """One optimizer step over this rank's micro-batches (all ranks call it
+    together). Returns the global batch's loss, grad norm, LR, token counts,
+    unit count and the loss's statistics (unit-weighted means, `loss_<name>`).
+
+    The normaliser is the unit count of the whole global batch: summed over
+    this rank's micro-batches, then over ranks (train/losses.py). A
+    non-finite loss skips the optimizer step (the caller stops the cell)."""
+    from train.losses import count_units, normaliser_from_count, required_fields
+
+    needs_ref = "ref_logprobs" in required_fields(spec, hyper)
+    local = sum(count_units(spec, loss_batch(mb, torch.zeros(mb.mask.shape)), hyper) for mb in micro_batches)
+    units = allreduce_sum([float(local)], world)[0]
+    normaliser = normaliser_from_count(units)
+    loss_sum, tokens, comp, wsum, vsum, keys = 0.0, 0, 0, {}, {}, []
+    for j, mb in enumerate(micro_batches):
+        mb = mb.to(trainer.device)
+        with trainer.accumulate(last=j == len(micro_batches) - 1):
+            ref = trainer.ref_logprobs(mb) if needs_ref else None
+            batch = loss_batch(mb, trainer.logprobs(mb), ref)
+            value, stats = spec.fn(batch, normaliser=normaliser, **hyper)
+            trainer.backward(value)
+        w = count_units(spec, batch, hyper)
+        loss_sum, tokens, comp = loss_sum + float(value.detach()), tokens + mb.n_tokens, comp + int(mb.mask.sum())
+        keys = sorted(stats)  # the same keys from every micro-batch of every rank
+        for k in keys:
+            if math.isfinite(float(stats[k])) and w > 0:
+                wsum[k] = wsum.get(k, 0.0) + w
+                vsum[k] = vsum.get(k, 0.0) + w * float(stats[k])
+    red = allreduce_sum([loss_sum, tokens, comp] + [vsum.get(k, 0.0) for k in keys] + [wsum.get(k, 0.0) for k in keys],
+                        world)
+    out = {"loss": red[0]}
+    out.update(trainer.step() if math.isfinite(red[0]) else {"grad_norm": float("nan"), "lr": float("nan")})
+    out.update({"tokens": red[1], "completion_tokens": red[2], "units": units})
+    n = len(keys)
+    for i, k in enumerate(keys):
+        out[f"loss_{k}"] = red[3 + i] / red[3 + n + i] if red[3 + n + i] > 0 else float("nan")
+    return out
+
+
 def configure_threads(cpus: float) -> int:
     """Give torch exactly the CPUs Ray granted this worker: more threads than
     cores collapse throughput when the box is shared (FACTS.md "Training")."""

@@ -26,20 +26,19 @@ from sweep import rundir
 from sweep.config import parse_config
 from train import checkpoint as ck
 from train.data import collate, epoch_at, micro_batches_per_rank, plan_step
-from train.steps import PolicyTrainer, build_policy, configure_threads, resolve_autocast, warmup_steps
+from train.steps import PolicyTrainer, build_policy, configure_threads, resolve_autocast, train_step, warmup_steps
 
 STATUS_FILE = "status.json"
 METRICS_EVERY = 10  # also rewrite metrics.parquet every this many steps (progress)
 
 
-def _allreduce(values: list[float], world: int) -> list[float]:
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+def _non_finite(out: dict) -> str | None:
+    """'loss is NaN' etc. when the step's loss or gradient norm is not finite."""
+    for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+        v = out[key]
+        if not math.isfinite(v):
+            return f"{name} is {'NaN' if math.isnan(v) else 'infinite'}"
+    return None
 
 
 def _peak_memory(device) -> dict:
@@ -50,13 +49,6 @@ def _peak_memory(device) -> dict:
     if torch.device(device).type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
-
-
-def _loss_batch(mb, lp, ref):
-    from train.losses import LossBatch
-
-    return LossBatch(logprobs=lp, mask=mb.mask, rewards=mb.rewards, group_ids=mb.group_ids, ref_logprobs=ref,
-                     pair_index=mb.pair_index, advantages=mb.advantages)
 
 
 def _setup_env(use_gpu: bool) -> None:
@@ -100,14 +92,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 def train_offline(config: dict, ts, *, rank: int, world: int, device, report, resume_dir: str | None) -> None:
     """The loop itself, with Ray's report/checkpoint passed in."""
-    from train.losses import count_units, get_loss, normaliser_from_count, required_fields, validate_hyper
+    from train.losses import get_loss, validate_hyper
 
     cfg = parse_config(config["cfg"])
     run, cid, loss, seed, lr = config["run"], config["cell_id"], config["loss"], config["seed"], config["lr"]
     t, lcfg = cfg.train, cfg.loss_cfg(loss)
     spec = get_loss(loss, lcfg.variant)
     hyper = validate_hyper(loss, lcfg.variant, lcfg.hyper)
-    needs_ref = "ref_logprobs" in required_fields(spec, hyper)
     m_per_rank, upm = micro_batches_per_rank(paired=ts.paired, per_device_batch=t.per_device_batch,
                                              grad_accum=t.grad_accum)
     policy = build_policy(cfg, seed=seed, device=device)
@@ -133,49 +124,16 @@ def train_offline(config: dict, ts, *, rank: int, world: int, device, report, re
         mine = [collate(ts, idx) for idx in plan_step(
             ts, seed=seed, step=step, effective_batch=t.effective_batch, num_workers=world,
             per_device_batch=t.per_device_batch, grad_accum=t.grad_accum)[rank]]
-        # One normaliser for the whole global batch: units summed over this
-        # rank's micro-batches, then over ranks.
-        local_units = sum(count_units(spec, _loss_batch(mb, torch.zeros(mb.mask.shape), None), hyper) for mb in mine)
-        total_units = _allreduce([float(local_units)], world)[0]
-        normaliser = normaliser_from_count(total_units)
-        loss_sum, tokens, comp_tokens, stat_w, stat_sum = 0.0, 0, 0, {}, {}
-        for j, mb in enumerate(mine):
-            mb = mb.to(device)
-            with trainer.accumulate(last=j == len(mine) - 1):
-                ref = trainer.ref_logprobs(mb) if needs_ref else None
-                lp = trainer.logprobs(mb)
-                batch = _loss_batch(mb, lp, ref)
-                value, stats = spec.fn(batch, normaliser=normaliser, **hyper)
-                trainer.backward(value)
-            w = count_units(spec, batch, hyper)
-            loss_sum += float(value.detach())
-            tokens += mb.n_tokens
-            comp_tokens += int(mb.mask.sum())
-            for k, v in sorted(stats.items()):
-                if math.isfinite(float(v)) and w > 0:
-                    stat_w[k] = stat_w.get(k, 0.0) + w
-                    stat_sum[k] = stat_sum.get(k, 0.0) + w * float(v)
-        keys = sorted(stats)  # every micro-batch of every rank returns the same keys
-        vec = [loss_sum, tokens, comp_tokens] + [stat_sum.get(k, 0.0) for k in keys] + [stat_w.get(k, 0.0) for k in keys]
-        red = _allreduce(vec, world)
-        global_loss = red[0]
-        opt = trainer.step() if math.isfinite(global_loss) else {"grad_norm": float("nan"), "lr": float("nan")}
+        out = train_step(trainer, spec, hyper, mine, world=world)
         dt = time.perf_counter() - t0
-        row = {"step": s, "loss": global_loss, "grad_norm": opt["grad_norm"], "lr": opt["lr"],
-               "tokens": red[1], "completion_tokens": red[2], "tokens_per_s": red[1] / dt, "step_time_s": dt,
-               "units": total_units, "epoch": epoch_at(ts, step=s, effective_batch=t.effective_batch),
-               **_peak_memory(device)}
-        n = len(keys)
-        for i, k in enumerate(keys):
-            row[f"loss_{k}"] = red[3 + i] / red[3 + n + i] if red[3 + n + i] > 0 else float("nan")
+        row = {"step": s, **out, "tokens_per_s": out["tokens"] / dt, "step_time_s": dt,
+               "epoch": epoch_at(ts, step=s, effective_batch=t.effective_batch), **_peak_memory(device)}
         history.append(row)
-
-        if not (math.isfinite(global_loss) and math.isfinite(opt["grad_norm"])):
-            what, val = ("loss", global_loss) if not math.isfinite(global_loss) else ("gradient norm", opt["grad_norm"])
+        bad = _non_finite(out)
+        if bad:
             status = {"state": "failed", "step": s, "reason": "nan",
-                      "message": f"cell {cid}: the {what} is {'NaN' if math.isnan(val) else 'infinite'} at step {s} "
-                                 f"(loss={global_loss}, grad_norm={opt['grad_norm']}); lower the learning "
-                                 f"rate ({lr:g}) or check the rollouts"}
+                      "message": f"cell {cid}: the {bad} at step {s} (loss={out['loss']}, grad_norm="
+                                 f"{out['grad_norm']}); lower the learning rate ({lr:g}) or check the rollouts"}
             if rank == 0:
                 ck.write_metrics(run, cid, history)
             report(row, None)
