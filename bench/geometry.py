@@ -136,7 +136,8 @@ def main() -> None:
     pairs = n * (n - 1) // 2
 
     res = {"adapters": n, "layers": args.layers, "rank": args.rank, "top_k": args.top_k, "pairs": pairs,
-           "disk_bytes": size, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+           "disk_bytes": size, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "loadavg_start": os.getloadavg()[0]}  # other work on the box inflates every number here
     t0 = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False)
     res["ray_init_s"] = time.perf_counter() - t0
@@ -145,12 +146,15 @@ def main() -> None:
         t0 = time.perf_counter()
         run_geometry(grid, os.path.join(work, "cold"), top_k=args.top_k, progress=False)
         res["factored_ray_cold_s"] = time.perf_counter() - t0
+        print(f"factored, Ray, cold workers: {res['factored_ray_cold_s']:.2f} s", flush=True)
         t0 = time.perf_counter()
         tables = run_geometry(grid, os.path.join(work, "warm"), top_k=args.top_k, progress=False)
         res["factored_ray_warm_s"] = time.perf_counter() - t0
+        print(f"factored, Ray, warm workers: {res['factored_ray_warm_s']:.2f} s", flush=True)
         t0 = time.perf_counter()
         run_geometry(folders, os.path.join(work, "warm"), top_k=args.top_k, progress=False)
         res["incremental_plus_one_s"] = time.perf_counter() - t0
+        print(f"+ one adapter: {res['incremental_plus_one_s']:.2f} s", flush=True)
     finally:
         ray.shutdown()
     g = tables["global_pairs"].to_pandas()
@@ -158,12 +162,14 @@ def main() -> None:
 
     if not args.skip_in_process:
         child = child_in_process(grid, os.path.join(work, "serial"), args.top_k)
+        print(f"in-process: {child}", flush=True)
         res.update({"factored_in_process_s": child["wall_s"], "rss_after_imports": child["rss_after_imports"],
                     "peak_rss": child["peak_rss"],
                     "peak_rss_growth_over_disk": (child["peak_rss"] - child["rss_after_imports"]) / size})
 
     names = sorted(grid)
     dense = dense_costs(grid[names[0]], grid[names[1]], top_k=args.top_k, scale=alpha / args.rank)
+    print("\n== summary ==")
     res["dense_sample"] = dense
     res["dense_scaled_s"] = args.layers * sum(n * d["adapter_s"] + pairs * d["pair_s"] for d in dense.values())
     res["speedup_vs_dense"] = res["dense_scaled_s"] / res["factored_ray_warm_s"]
@@ -172,6 +178,9 @@ def main() -> None:
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 
+    res["loadavg_end"] = os.getloadavg()[0]
+    print(f"1-min load average: {res['loadavg_start']:.1f} at start, {res['loadavg_end']:.1f} at end "
+          f"({res['cpus']} cores)")
     print(f"ray.init (not timed below):      {res['ray_init_s']:.1f} s")
     print(f"factored, Ray, cold workers:     {res['factored_ray_cold_s']:.2f} s")
     print(f"factored, Ray, warm workers:     {res['factored_ray_warm_s']:.2f} s")

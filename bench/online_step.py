@@ -69,6 +69,48 @@ def split(rows: list[dict]) -> dict:
     return out
 
 
+def gen_ab(args, adapter_dir: str, *, repeats: int = 3) -> dict:
+    """Generation alone, back to back in this process: the same trained
+    adapter served as a LoRARequest vs merged into the weights (what the two
+    sync strategies make the engine do), same prompts, same seeds."""
+    import tempfile as tf
+
+    from peft import PeftModel
+
+    from rollouts.engine import EngineActor
+    from sweep.models import load_causal_lm
+    from train.online import engine_options, prepare_prompts
+    from train.online_sync import write_merged
+
+    cfg = make_cfg(args, sync="lora", steps=2)
+    prompts = prepare_prompts(cfg)[0][: args.prompts_per_step]
+    out = {}
+    with tf.TemporaryDirectory(prefix="wsg-bench-merged-") as merged:
+        model = PeftModel.from_pretrained(load_causal_lm(cfg.model.name), adapter_dir)
+        write_merged(model, merged, dtype=None)
+        del model
+        for name in ("lora", "merged"):
+            eng = EngineActor(engine_options(cfg, name))
+            try:
+                lora = ("ab", 1, adapter_dir) if name == "lora" else None
+                if name == "merged":
+                    eng.load_merged_weights(merged)
+                eng.generate(prompts[:1], n=1, max_tokens=4, lora=lora)  # first-call warm-up
+                rates = []
+                for rep in range(repeats):
+                    t0 = time.perf_counter()
+                    res = eng.generate(prompts, n=args.group_size, max_tokens=args.max_tokens, logprobs=True,
+                                       lora=lora, seed=rep)
+                    n = sum(len(x["token_ids"]) for r in res for x in r["samples"])
+                    rates.append(n / (time.perf_counter() - t0))
+                out[name] = statistics.median(rates)
+            finally:
+                eng.shutdown()
+    print(f"generation alone, same adapter: lora {out['lora']:.1f} tok/s, merged {out['merged']:.1f} tok/s "
+          f"({out['merged'] / out['lora']:.2f}x)", flush=True)
+    return out
+
+
 def mode_split(args) -> dict:
     results = {}
     for loss, sync in (("online_grpo", "lora"), ("online_grpo", "merged"), ("online_dapo", "auto")):
@@ -82,6 +124,7 @@ def mode_split(args) -> dict:
     for name, r in results.items():
         cells = "".join(f"{r[p]:9.2f} ({base[p] / max(r[p], 1e-9):4.1f}x)" for p in PARTS)
         print(f"{name:24s}{cells}{r['gen_tok_per_s']:12.1f}")
+    results["gen_ab_tok_per_s"] = gen_ab(args, base["adapters"][-1])
     m = results["online_grpo/merged"]
     print(f"\nmerged vs lora: step {base['step_time_s'] / m['step_time_s']:.2f}x faster, generation "
           f"{m['gen_tok_per_s'] / base['gen_tok_per_s']:.2f}x the tok/s; sync {m['sync_s']:.2f} s vs "
@@ -93,7 +136,8 @@ def mode_learn(args) -> dict:
     from scipy import stats
 
     info, rows = run_cell(args, loss=args.loss, sync="auto", steps=args.steps, lr=args.lr)
-    r = [row["task_reward_mean"] for row in rows]
+    # accuracy over everything sampled (DAPO's kept groups are biased to the middle)
+    r = [row.get("sampled_task_reward_mean", row["task_reward_mean"]) for row in rows]
     k = max(1, min(5, len(r) // 4))
     fit = stats.linregress([row["step"] for row in rows], r)
     out = {**info, "reward_per_step": r, "first_k_mean": statistics.fmean(r[:k]), "last_k_mean": statistics.fmean(r[-k:]),
@@ -103,7 +147,7 @@ def mode_learn(args) -> dict:
                row["step_time_s"] for row in rows)}
     print("step  reward  len   entropy")
     for row in rows:
-        print(f"{row['step']:4d}  {row['task_reward_mean']:.3f}  {row['response_len_mean']:5.1f}  {row['entropy']:.3f}")
+        print(f"{row['step']:4d}  {r[row['step'] - 1]:.3f}  {row['response_len_mean']:5.1f}  {row['entropy']:.3f}")
     print(f"\nmean task reward: first {k} steps {out['first_k_mean']:.3f} -> last {k} steps {out['last_k_mean']:.3f} "
           f"({out['last_k_mean'] / max(out['first_k_mean'], 1e-9):.2f}x); OLS slope {fit.slope:+.4f}/step, "
           f"p = {fit.pvalue:.2g}")

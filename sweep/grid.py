@@ -110,6 +110,30 @@ def _trial(config: dict) -> None:
     tune.report({"done": 1, "skipped": int(bool((summary or {}).get("skipped", False)))})
 
 
+TRIAL_SLOT = "wsg_trial_slot"
+
+
+def trial_driver_resources() -> dict[str, float]:
+    """What a trial's driver function holds: nothing its cell needs.
+
+    The TorchTrainer and engines of the cell ask for the real CPUs/GPUs. The
+    driver itself must hold no CPU, or an online cell whose placement group
+    asks for every CPU of a small box could never be placed (deadlock).
+    `{"CPU": 0}` alone is refused by Tune (empty bundle), so the driver holds
+    a custom `wsg_trial_slot` resource, which `wsg` declares when it starts
+    Ray and cluster.yaml declares on the head node. On a cluster without it,
+    fall back to a sliver of CPU.
+    """
+    import ray
+
+    if ray.cluster_resources().get(TRIAL_SLOT, 0) >= 1:
+        return {"CPU": 0, TRIAL_SLOT: 1}
+    print(f"wsg: warning: the Ray cluster declares no {TRIAL_SLOT!r} resource; trial drivers hold "
+          "0.01 CPU each (declare it, e.g. `ray start --resources='{\"wsg_trial_slot\": 1000}'`)",
+          flush=True)
+    return {"CPU": 0.01}
+
+
 def _tune_storage(run: str) -> str:
     path = rundir.join(run, "tune")
     return path if not rundir.is_local(path) else rundir.resolve(path)[1]
@@ -135,9 +159,7 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
         _trial({"cfg": cfg_json, "run": run_dir, **config["cell"]})
 
     trainable = tune.with_parameters(trainable, cfg_json=cfg.model_dump(mode="json"), run_dir=run)
-    # The trial driver holds a sliver of CPU: its TorchTrainer asks for the real
-    # resources. ({"CPU": 0} is refused by Tune: an empty bundle.)
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    trainable = tune.with_resources(trainable, trial_driver_resources())
     storage, name = _tune_storage(run), "grid"
     exp = os.path.join(storage, name) if rundir.is_local(run) else rundir.join(storage, name)
     run_config = tune.RunConfig(name=name, storage_path=storage,

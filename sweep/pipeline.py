@@ -75,7 +75,9 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        # wsg_trial_slot: what grid trial drivers hold instead of CPU (sweep/grid.py).
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                 resources={"wsg_trial_slot": 1000})
 
 
 # --- stages -------------------------------------------------------------------

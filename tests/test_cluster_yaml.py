@@ -13,7 +13,7 @@ def test_cluster_yaml_validates_with_ray():
     full = prepare_config(cfg)
     validate_config(full)  # raises on a schema violation
     assert full["head_node_type"] == "head"
-    assert full["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    assert full["available_node_types"]["head"]["resources"] == {"CPU": 0, "wsg_trial_slot": 1000}
     assert full["docker"]["image"].startswith("rayproject/ray:2.60.0")
     start = " ".join(full["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start

@@ -146,7 +146,7 @@ def test_node_removed_mid_run_the_grid_completes(tmp_path, tokenizer):
     cfg = _grid_cfg(["sft", "rft", "dft"], max_steps=6, checkpoint_steps=[2, 4, 6], max_failures=3)
     cfg.resources.max_concurrent_cells = 2
     run = write_run(str(tmp_path / "run"), tokenizer)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"wsg_trial_slot": 100}})
     doomed = cluster.add_node(num_cpus=2)
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
@@ -185,7 +185,7 @@ def test_grid_leaves_no_placement_groups_or_actors(tmp_path, tokenizer):
 
     cfg = _grid_cfg(["sft", "dpo"], max_steps=2, checkpoint_steps=[2])
     run = write_run(str(tmp_path / "run"), tokenizer)
-    ray.init(num_cpus=2, include_dashboard=True)
+    ray.init(num_cpus=2, include_dashboard=True, resources={"wsg_trial_slot": 100})
     try:
         summary = run_grid(cfg, run)
         assert summary["trained"] == 2 and summary["failed"] == 0

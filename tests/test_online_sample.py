@@ -113,6 +113,7 @@ def test_dynamic_sampling_against_reference(seed, p_correct):
     assert st.dropped_groups == informative.count(False) == st.uninformative_groups
     assert st.filtered_group_frac == pytest.approx(informative.count(False) / len(made))
     assert st.prompts_drawn == rounds * per_step
+    assert st.sampled_reward_mean == pytest.approx(np.mean([gr.task_rewards for gr in made]))
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -504,6 +504,7 @@ class OnlineWorker:
         row = {"step": step, "loss": loss_sum, "grad_norm": opt["grad_norm"], "lr": opt["lr"], "units": units,
                "completion_tokens": tokens, **{k: v for k, v in ob.stats.items()},
                "filtered_group_frac": cs.filtered_group_frac, "dropped_groups": cs.dropped_groups,
+               "sampled_task_reward_mean": cs.sampled_reward_mean,
                "sampled_groups": cs.sampled_groups, "trained_groups": len(groups), "sample_rounds": cs.rounds,
                "entropy": probe.mean, "clip_frac": float("nan"),
                "gen_s": clock["gen_s"], "reward_s": clock["reward_s"], "train_s": t2 - t1, "sync_s": 0.0,

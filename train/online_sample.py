@@ -79,6 +79,14 @@ class CollectStats:
     uninformative_groups: int = 0  # all-equal rewards, among sampled
     dropped_groups: int = 0        # removed by dynamic sampling
     prompts_drawn: int = 0         # advance of the prompt cursor
+    reward_sum: float = 0.0        # task rewards of every sampled completion, kept or not
+    reward_count: int = 0
+
+    @property
+    def sampled_reward_mean(self) -> float:
+        """Accuracy over everything sampled this step: the unbiased learning
+        curve (DAPO's kept groups are informative ones by construction)."""
+        return self.reward_sum / self.reward_count if self.reward_count else float("nan")
 
     @property
     def filtered_group_frac(self) -> float:
@@ -111,6 +119,8 @@ def collect_groups(
         stats.prompts_drawn += prompts_per_step
         stats.sampled_groups += len(groups)
         for g in groups:
+            stats.reward_sum += float(np.sum(g.task_rewards))
+            stats.reward_count += len(g.task_rewards)
             if not g.informative:
                 stats.uninformative_groups += 1
                 if dynamic:
