@@ -86,6 +86,11 @@ def _ratio(num, den):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
+def _cosine(inner, sq_a, sq_b):
+    """Clipped to [-1, 1]: float32 cross Grams can put colinear pairs at 1 + 1e-7."""
+    return np.clip(_ratio(inner, np.sqrt(sq_a * sq_b)), -1.0, 1.0)
+
+
 def _nan_reduce(fn, x: np.ndarray) -> np.ndarray:
     """Row-wise nanmedian/nanmean; NaN (silently) for an all-NaN row."""
     with warnings.catch_warnings():
@@ -156,7 +161,7 @@ def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
     out["module_pairs"] = _table({
         "adapter_a": np.repeat(a_names, n_mod), "adapter_b": np.repeat(b_names, n_mod),
         "module": np.tile(mod_names, n_pair), "layer": np.tile(layers, n_pair), "proj": np.tile(projs, n_pair),
-        "cosine": _ratio(inner, np.sqrt(na2 * nb2)).ravel(), "principal_angles_deg": _lists(angles),
+        "cosine": _cosine(inner, na2, nb2).ravel(), "principal_angles_deg": _lists(angles),
         "top1_angle_deg": top1.ravel(), "worst_angle_deg": worst.ravel(), "u1_abs_dot": u1.ravel(),
         "v1_abs_dot": v1.ravel(), "orth_frac_b_off_a": np.sqrt(_ratio(ob2, nb2)).ravel(),
         "orth_frac_a_off_b": np.sqrt(_ratio(oa2, na2)).ravel(),
@@ -168,12 +173,12 @@ def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
     li, la2, lb2, lob2, loa2 = (x @ onehot for x in (inner, na2, nb2, ob2, oa2))
     out["layer_pairs"] = _table({
         "adapter_a": np.repeat(a_names, len(uniq)), "adapter_b": np.repeat(b_names, len(uniq)),
-        "layer": np.tile(uniq, n_pair).astype(np.int32), "cosine": _ratio(li, np.sqrt(la2 * lb2)).ravel(),
+        "layer": np.tile(uniq, n_pair).astype(np.int32), "cosine": _cosine(li, la2, lb2).ravel(),
         "orth_frac_b_off_a": np.sqrt(_ratio(lob2, lb2)).ravel(), "orth_frac_a_off_b": np.sqrt(_ratio(loa2, la2)).ravel(),
     }, LAYER_PAIRS)
     gi, ga2, gb2 = inner.sum(1), na2.sum(1), nb2.sum(1)
     out["global_pairs"] = _table({
-        "adapter_a": a_names, "adapter_b": b_names, "cosine": _ratio(gi, np.sqrt(ga2 * gb2)),
+        "adapter_a": a_names, "adapter_b": b_names, "cosine": _cosine(gi, ga2, gb2),
         "orth_frac_b_off_a": np.sqrt(_ratio(ob2.sum(1), gb2)), "orth_frac_a_off_b": np.sqrt(_ratio(oa2.sum(1), ga2)),
         "median_top1_angle_deg": _nan_reduce(np.nanmedian, top1),
         "median_worst_angle_deg": _nan_reduce(np.nanmedian, worst),

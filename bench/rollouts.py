@@ -18,7 +18,10 @@ config's K / temperature / top-p / max tokens / dtype, measured in sequence:
 
 Ray starts its workers at a niceness of 15; this process takes the engine
 actor's niceness before measuring 2 and 3, so all three run at the same
-priority when other work shares the box. Prints a table and the ratios
+priority when other work shares the box. Each row also gives the CPU time
+the generating process used (the stage: its engine actors only), and tokens
+per CPU-second, which is far less sensitive to other load on a shared box
+than tokens per wall second. Prints a table and the wall-clock ratios
 (target: stage >= 0.9x raw vLLM and >= 4x transformers).
 """
 from __future__ import annotations
@@ -69,15 +72,16 @@ def _raw_vllm(cfg, path: str, prompt_ids) -> dict:
     ro = cfg.rollouts
     sp = SamplingParams(n=ro.k, temperature=ro.temperature, top_p=ro.top_p, max_tokens=ro.max_tokens,
                         logprobs=0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sp, use_tqdm=False)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     toks = sum(len(c.token_ids) for o in outs for c in o.outputs)
     core = getattr(llm.llm_engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
     del llm
-    return {"tokens": toks, "s": dt, "tok_s": toks / dt, "load_s": load_s}
+    return {"tokens": toks, "s": dt, "tok_s": toks / dt, "cpu_s": cpu, "tok_per_cpu_s": toks / cpu,
+            "load_s": load_s}
 
 
 def _transformers(cfg, path: str, prompt_ids) -> dict:
@@ -96,13 +100,13 @@ def _transformers(cfg, path: str, prompt_ids) -> dict:
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
                              temperature=ro.temperature, top_p=ro.top_p, top_k=0,
                              max_new_tokens=ro.max_tokens, num_return_sequences=ro.k,
                              pad_token_id=pad)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     toks = 0
     for row in out[:, width:].tolist():
         n = len(row)
@@ -111,7 +115,7 @@ def _transformers(cfg, path: str, prompt_ids) -> dict:
                 n = i + 1
                 break
         toks += n
-    return {"tokens": toks, "s": dt, "tok_s": toks / dt}
+    return {"tokens": toks, "s": dt, "tok_s": toks / dt, "cpu_s": cpu, "tok_per_cpu_s": toks / cpu}
 
 
 def main() -> None:
@@ -142,17 +146,20 @@ def main() -> None:
         "prompts": len(prompt_ids), "k": cfg.rollouts.k, "max_tokens": cfg.rollouts.max_tokens,
         "dtype": cfg.rollouts.dtype, "cpus": os.cpu_count(), "nice": os.nice(0),
         "stage": {"tokens": stage_tokens, "s": stage["gen_s"], "tok_s": stage["tok_s"],
+                  "cpu_s": stage["engine_cpu_s"], "tok_per_cpu_s": stage_tokens / stage["engine_cpu_s"],
                   "engine_start_s": stage.get("engine_start_s"), "wall_s": round(stage["wall_s"], 2),
                   "reward_mean": stage["reward_mean"], "frac_prompts_mixed": stage["frac_prompts_mixed"]},
         "raw_vllm": raw, "transformers": hf,
         "stage_over_raw_vllm": stage["tok_s"] / raw["tok_s"],
         "stage_over_transformers": (stage["tok_s"] / hf["tok_s"]) if hf else None,
+        "load_avg_1m_end": os.getloadavg()[0],
     }
-    print(f"{'':28s}{'tokens':>9s}{'seconds':>9s}{'tok/s':>9s}")
+    print(f"{'':28s}{'tokens':>9s}{'seconds':>9s}{'tok/s':>9s}{'CPU s':>9s}{'tok/CPU-s':>10s}")
     for name, r in (("rollouts stage (Ray+vLLM)", res["stage"]), ("raw vllm.LLM.generate", raw),
                     ("transformers.generate", hf)):
         if r:
-            print(f"{name:28s}{r['tokens']:9d}{r['s']:9.1f}{r['tok_s']:9.1f}")
+            print(f"{name:28s}{r['tokens']:9d}{r['s']:9.1f}{r['tok_s']:9.1f}{r['cpu_s']:9.1f}"
+                  f"{r['tok_per_cpu_s']:10.1f}")
     print(f"stage / raw vLLM     = {res['stage_over_raw_vllm']:.3f}x (target >= 0.9)")
     if hf:
         print(f"stage / transformers = {res['stage_over_transformers']:.2f}x (target >= 4)")

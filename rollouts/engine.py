@@ -148,6 +148,11 @@ class EngineActor:
     def ready(self) -> bool:
         return True
 
+    def cpu_seconds(self) -> float:
+        """CPU time this process (all its threads) has used: with wall time it
+        tells how much of the box the engine actually got."""
+        return time.process_time()
+
     # ------------------------------------------------------------- prompts
     def apply_chat_template(self, problems: Sequence[Any], *, instruction: str = "",
                             system_prompt: str | None = None) -> list[str]:

@@ -203,6 +203,7 @@ def _run_vllm(cfg, run, spec, shards, pending, stats, progress, path: str) -> di
                     max_tokens=ro.max_tokens, logprobs=True, seed=ro.seed * 1_000_003 + i)
                 inflight[ref] = (i, e)
 
+        cpu0 = ray.get([e.cpu_seconds.remote() for e in engines])
         stats.t_first = time.perf_counter()
         for e in range(n):
             for _ in range(QUEUE_DEPTH):
@@ -218,7 +219,9 @@ def _run_vllm(cfg, run, spec, shards, pending, stats, progress, path: str) -> di
                                f"{str(exc).strip().splitlines()[-1][:400]}; rerun the same command "
                                "to resume (finished shards are kept)") from None
             _finish_shard(cfg, run, i, spec, shards[i], texts[i], results, stats, progress, len(shards))
-        return {"n_engines": n, "engine_start_s": round(start_s, 2), "engine": infos[0]}
+        cpu1 = ray.get([e.cpu_seconds.remote() for e in engines])
+        return {"n_engines": n, "engine_start_s": round(start_s, 2), "engine": infos[0],
+                "engine_cpu_s": round(sum(cpu1) - sum(cpu0), 2)}
     finally:
         shutdown_engines(engines)
 

@@ -81,8 +81,9 @@ def _check_against_dense(tables, dws):
         assert row["worst_angle_deg"] == pytest.approx(ref[-1], abs=1e-3)
         assert row["u1_abs_dot"] == pytest.approx(abs(ua[:, 0] @ ub[:, 0]), abs=1e-5)
         assert row["v1_abs_dot"] == pytest.approx(abs(vha[0] @ vhb[0]), abs=1e-5)
-        assert row["orth_frac_b_off_a"] == pytest.approx(np.sqrt(_orth_sq(wa, wb) / np.sum(wb * wb)), abs=1e-6)
-        assert row["orth_frac_a_off_b"] == pytest.approx(np.sqrt(_orth_sq(wb, wa) / np.sum(wa * wa)), abs=1e-6)
+        # sqrt(1 - cos^2): float32 cross Grams (cosine to ~1e-7) floor it at ~5e-4 for colinear pairs
+        assert row["orth_frac_b_off_a"] == pytest.approx(np.sqrt(_orth_sq(wa, wb) / np.sum(wb * wb)), abs=1e-3)
+        assert row["orth_frac_a_off_b"] == pytest.approx(np.sqrt(_orth_sq(wb, wa) / np.sum(wa * wa)), abs=1e-3)
 
     def agg(a, b, sel):
         va = np.concatenate([dws[a][m].ravel() for m in sel])
@@ -95,13 +96,13 @@ def _check_against_dense(tables, dws):
     for row in tables["layer_pairs"].to_pylist():
         sel = [m for m in mods if m.startswith(f"layers.{row['layer']}.")]
         cos, ob, oa = agg(row["adapter_a"], row["adapter_b"], sel)
-        assert (row["cosine"], row["orth_frac_b_off_a"], row["orth_frac_a_off_b"]) == \
-            pytest.approx((cos, ob, oa), abs=1e-6)
+        assert row["cosine"] == pytest.approx(cos, abs=1e-6)
+        assert (row["orth_frac_b_off_a"], row["orth_frac_a_off_b"]) == pytest.approx((ob, oa), abs=1e-3)
     assert tables["layer_pairs"].num_rows == len(mp) // len(SHAPES)
     for row in tables["global_pairs"].to_pylist():
         cos, ob, oa = agg(row["adapter_a"], row["adapter_b"], mods)
-        assert (row["cosine"], row["orth_frac_b_off_a"], row["orth_frac_a_off_b"]) == \
-            pytest.approx((cos, ob, oa), abs=1e-6)
+        assert row["cosine"] == pytest.approx(cos, abs=1e-6)
+        assert (row["orth_frac_b_off_a"], row["orth_frac_a_off_b"]) == pytest.approx((ob, oa), abs=1e-3)
         mine = [r for r in mp if (r["adapter_a"], r["adapter_b"]) == (row["adapter_a"], row["adapter_b"])]
         assert row["median_top1_angle_deg"] == pytest.approx(np.median([r["top1_angle_deg"] for r in mine]))
         assert row["median_worst_angle_deg"] == pytest.approx(np.median([r["worst_angle_deg"] for r in mine]))
@@ -131,6 +132,7 @@ def test_tables_match_dense_reference(grid, tmp_path):
         assert r["cosine"] == pytest.approx(1.0, abs=1e-6)
         assert max(r["principal_angles_deg"]) < 0.05
         assert r["orth_frac_b_off_a"] < 2e-3 and r["u1_abs_dot"] == pytest.approx(1.0, abs=1e-6)
+        assert -1.0 <= r["cosine"] <= 1.0
     # rank 6 vs 4 with top_k 3: three angles; with top_k 10 they cap at the smaller rank
     rs = [r for r in tables["module_pairs"].to_pylist() if r["adapter_b"] == "rs"]
     assert rs and all(len(r["principal_angles_deg"]) == 3 for r in rs)

@@ -105,11 +105,13 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     Works standalone (starts a local Ray if none is up, and stops only that
     one) and inside a Ray Tune function trainable."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from train.worker import train_loop_per_worker
 
+    if rundir.is_local(run):  # Ray Train workers run in another working directory
+        run = rundir.resolve(run)[1]
     cid = make_cell_id(loss, seed, lr)
     cdir = rundir.cell_dir(run, cid)
     if rundir.is_complete(cdir):
@@ -147,10 +149,8 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
         try:
             trainer.fit()
-        except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; restate them
-            if type(err).__name__ in ("WorkerGroupError", "ControllerError", "TrainingFailedError"):
-                raise WsgError(_failure_message(cid, err)) from err
-            raise
+        except TrainingFailedError as err:  # worker/controller errors after max_failures retries
+            raise WsgError(_failure_message(cid, err)) from err
     finally:
         if started:
             ray.shutdown()
