@@ -10,7 +10,7 @@ excluded on both sides. The wsg side is a real cell (`train.cell.run_cell`:
 Ray Train worker, length buckets, LM head on completion positions only);
 its step times come from its metrics.parquet.
 
-    .venv/bin/python -m bench.train_step [--steps 12] [--model smollm2-135m-instruct]
+    .venv/bin/python -m bench.train_step [--steps 8] [--model smollm2-135m-instruct]
 
 Prints a table and a JSON line; record the numbers in docs/benchmarks.train.md.
 """
@@ -99,10 +99,10 @@ def run_trl(model: str, table, *, steps: int, batch: int, max_len: int, threads:
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            step_times.append(time.perf_counter() - self.t0)
+            step_times.append((time.perf_counter() - self.t0, time.process_time() - self.c0))
 
     tok = load_tokenizer(model)
     out = tempfile.mkdtemp(prefix="wsg-bench-trl-")
@@ -126,7 +126,8 @@ def run_trl(model: str, table, *, steps: int, batch: int, max_len: int, threads:
     trainer.data_collator = counting
     trainer.train()
     tokens, times = np.array(step_tokens[1:steps]), np.array(step_times[1:steps])
-    return {"tok_s": float(tokens.sum() / times.sum()), "s_per_step": float(times.mean()),
+    return {"tok_s": float(tokens.sum() / times[:, 0].sum()), "tok_per_cpu_s": float(tokens.sum() / times[:, 1].sum()),
+            "s_per_step": float(times[:, 0].mean()),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
@@ -137,14 +138,14 @@ def run_wsg(cfg, run: str, loss: str, lr: float) -> dict:
     run_cell(cfg, run, loss=loss, seed=42, lr=lr)
     m = rundir.read_table(rundir.join(rundir.cell_dir(run, cell_id(loss, 42, lr)), "metrics.parquet")).to_pandas()
     m = m[m.step > 1]
-    return {"tok_s": float(m.tokens.sum() / m.step_time_s.sum()), "s_per_step": float(m.step_time_s.mean()),
-            "peak_rss_mb": float(m.peak_rss_mb.max())}
+    return {"tok_s": float(m.tokens.sum() / m.step_time_s.sum()), "tok_per_cpu_s": float(m.tokens.sum() / m.step_cpu_s.sum()),
+            "s_per_step": float(m.step_time_s.mean()), "peak_rss_mb": float(m.peak_rss_mb.max())}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -168,12 +169,13 @@ def main(argv=None) -> int:
           flush=True)
     trl = run_trl(args.model, rows, steps=args.steps, batch=args.batch, max_len=args.max_len, threads=args.threads,
                   lr=1e-5)
-    print(f"TRL SFTTrainer: {trl['tok_s']:.1f} tok/s ({trl['s_per_step']:.2f} s/step)", flush=True)
+    print(f"TRL SFTTrainer: {trl['tok_s']:.1f} tok/s ({trl['s_per_step']:.2f} s/step), "
+          f"{trl['tok_per_cpu_s']:.1f} tok/CPU-s", flush=True)
     ray.init(num_cpus=max(args.threads, 2), include_dashboard=False, log_to_driver=False)
     try:
         sft = run_wsg(cfg, run, "sft", 1e-5)
         print(f"wsg sft cell:   {sft['tok_s']:.1f} tok/s ({sft['s_per_step']:.2f} s/step), "
-              f"peak RSS {sft['peak_rss_mb']:.0f} MB", flush=True)
+              f"{sft['tok_per_cpu_s']:.1f} tok/CPU-s, peak RSS {sft['peak_rss_mb']:.0f} MB", flush=True)
         dpo = run_wsg(cfg, run, "dpo", 1e-6)
         print(f"wsg dpo cell:   peak RSS {dpo['peak_rss_mb']:.0f} MB", flush=True)
     finally:
@@ -181,8 +183,10 @@ def main(argv=None) -> int:
     out = {"model": args.model, "steps": args.steps, "batch": args.batch, "max_len": args.max_len,
            "threads": args.threads, "trl": trl, "wsg_sft": sft, "wsg_dpo": dpo,
            "throughput_ratio_wsg_over_trl": sft["tok_s"] / trl["tok_s"],
+           "cpu_throughput_ratio_wsg_over_trl": sft["tok_per_cpu_s"] / trl["tok_per_cpu_s"],
            "peak_memory_ratio_dpo_over_sft": dpo["peak_rss_mb"] / sft["peak_rss_mb"]}
-    print(f"ratio wsg/TRL tokens/s: {out['throughput_ratio_wsg_over_trl']:.2f}x (target >= 1.2x)")
+    print(f"ratio wsg/TRL tokens/s: {out['throughput_ratio_wsg_over_trl']:.2f}x wall, "
+          f"{out['cpu_throughput_ratio_wsg_over_trl']:.2f}x per CPU-second (target >= 1.2x)")
     print(f"ratio DPO/SFT peak memory: {out['peak_memory_ratio_dpo_over_sft']:.2f}x (target <= 1.3x)")
     print(json.dumps(out))
     return 0

@@ -11,6 +11,7 @@ a complete cell is skipped.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 from sweep import rundir
@@ -142,7 +143,9 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": run, "cell_id": cid, "loss": loss,
                                "seed": seed, "lr": float(lr), "data": ray.put(ts), "use_gpu": use_gpu,
                                "cpus_per_worker": t.cpus_per_worker, "stop_after": stop_after,
-                               "fingerprint": fingerprint},
+                               "fingerprint": fingerprint,
+                               # fault-tolerance tests only (train/worker.py)
+                               "fault_crash_at_step": os.environ.get("WSG_FAULT_CRASH_AT_STEP")},
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=cid, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=t.max_failures),

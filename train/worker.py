@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from sweep import rundir
+from sweep import rundir, telemetry
 from sweep.config import parse_config
 from train import checkpoint as ck
 from train.data import collate, epoch_at, micro_batches_per_rank, plan_step
@@ -60,6 +60,21 @@ def _setup_env(use_gpu: bool) -> None:
         from sweep.models import cache_root
 
         os.environ["TORCH_EXTENSIONS_DIR"] = str(cache_root() / "torch_extensions")  # DeepSpeed op builds, cached
+
+
+def _maybe_inject_fault(crash_at: int | None, step: int, cdir: str) -> None:
+    """Fault-injection hook of the fault-tolerance tests: the worker process
+    dies (as from an OOM kill) at the start of step `crash_at`, once per cell
+    (a marker in the cell folder records it), so Ray Train must restart the
+    worker group and resume from the last registered checkpoint. Off unless
+    the driver's environment sets WSG_FAULT_CRASH_AT_STEP."""
+    if crash_at is None or step != int(crash_at):
+        return
+    marker = rundir.join(cdir, "_fault_injected")
+    if rundir.exists(marker):
+        return
+    rundir.write_text(marker, f"worker crashed on purpose at step {step}\n")
+    os._exit(1)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -120,15 +135,19 @@ def train_offline(config: dict, ts, *, rank: int, world: int, device, report, re
 
     for step in range(start, t.max_steps):
         s = step + 1
-        t0 = time.perf_counter()
+        _maybe_inject_fault(config.get("fault_crash_at_step"), s, cdir)
+        t0, c0 = time.perf_counter(), time.process_time()
         mine = [collate(ts, idx) for idx in plan_step(
             ts, seed=seed, step=step, effective_batch=t.effective_batch, num_workers=world,
             per_device_batch=t.per_device_batch, grad_accum=t.grad_accum)[rank]]
         out = train_step(trainer, spec, hyper, mine, world=world)
-        dt = time.perf_counter() - t0
-        row = {"step": s, **out, "tokens_per_s": out["tokens"] / dt, "step_time_s": dt,
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        # CPU seconds too: on a shared box wall time measures the neighbours.
+        row = {"step": s, **out, "tokens_per_s": out["tokens"] / dt, "step_time_s": dt, "step_cpu_s": cpu,
                "epoch": epoch_at(ts, step=s, effective_batch=t.effective_batch), **_peak_memory(device)}
         history.append(row)
+        if rank == 0:
+            telemetry.train_step(loss, s, float(out["loss"]), row["tokens_per_s"])
         bad = _non_finite(out)
         if bad:
             status = {"state": "failed", "step": s, "reason": "nan",
