@@ -1,23 +1,22 @@
 """Exact factored geometry of LoRA updates (DESIGN.md "Geometry").
 
-dW = s * B @ A (B: d_out x r, A: r x d_in) is never materialised. Everything
-comes from r x r Gram blocks of the stacked factors of all adapters of one
-module (one stacked product gives every pair):
+dW = s * B @ A (B: d_out x r, A: r x d_in) is never materialised; only d x r
+and r x r products are formed.
 
-- inner products: <B1 A1, B2 A2>_F = sum (B1^T B2) * (A1 A2^T)  (elementwise);
-- thin SVD: R factors of B and A^T from their Gram matrices (Cholesky-QR,
-  with an eigendecomposition so that rank-deficient factors, e.g. B = 0 at
-  init, are handled), then the SVD of the r x r core s * R_B R_A^T. Then
-  U = B M and V = A^T N for small r x r matrices M, N;
-- principal angles between the top-k left singular subspaces:
-  U_a^T U_b = M_a^T (B_a^T B_b) M_b, again from the Gram block.
+- Per adapter and module (float64): R factors of B and A^T from their r x r
+  Grams (Cholesky-QR; an eigendecomposition where a Gram is singular, e.g.
+  B = 0 at peft's init), then the SVD of the r x r core s * R_B R_A^T gives
+  dW's singular values and U = B M, V = A^T N with M, N r x r.
+- Across the adapters of a module, one stacked product gives every pair:
+  <dW_a, dW_b>_F = sum_kl s_ak s_bl (U_a^T U_b)_kl (V_a^T V_b)_kl from the r x r
+  blocks of the stacked orthonormal bases (float32: the bulk of the flops),
+  principal angles and u1/v1 dots from the top-k columns (float64).
 
-Why Gram/Cholesky-QR and not Householder QR: on this CPU a float64 Householder
-QR of a 4096 x 32 factor costs ~5-30 ms, its Gram ~0.1 ms (docs/geometry.md).
-Why float64 Grams: the factors are float32, so their products are exact in
-float64 and only the accumulation rounds; a float32 Gram (eps ~1e-7, squared
-by the Gram) would blur small singular values and put a ~0.3 degree floor
-under near-zero principal angles. Costs are in docs/benchmarks.geometry.md.
+Why Cholesky-QR from Grams and not Householder QR: on this CPU a float64 QR of
+a 4096 x 32 factor costs 5-30 ms, its Gram ~0.1 ms. Why float64 where it is:
+squaring float32's 1e-7 in a Gram blurs small singular values and puts a ~0.3
+degree floor under small angles. Details and measured precision:
+docs/geometry.md; costs: docs/benchmarks.geometry.md.
 """
 from __future__ import annotations
 
@@ -324,17 +323,37 @@ def _hash_all(specs: list[gio.AdapterSpec], out: str) -> None:
         rundir.write_json(memo_uri, memo)
 
 
+def _run_in_process(jobs: list[dict], bar) -> list:
+    """Shards on a thread pool, one torch thread each (BLAS and LAPACK release
+    the GIL). One process-wide pool of 2+ torch threads per op collapses when
+    anything else runs on the box (FACTS.md); the caller's setting is restored."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    workers = max(1, min(len(os.sched_getaffinity(0)), len(jobs)))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            futures = [ex.submit(compute_shard, **job) for job in jobs]
+            for fut in as_completed(futures):
+                if fut.exception() is not None:  # stop early on the first error
+                    for other in futures:
+                        other.cancel()
+                    raise fut.exception()
+                bar.update(1)
+            return [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(prev)
+
+
 def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc="geometry shards", unit="shard", disable=not progress)
-    results = []
     try:
         if not use_ray:
-            for job in jobs:
-                results.append(compute_shard(**job))
-                bar.update(1)
-            return results
+            return _run_in_process(jobs, bar)
         import ray
 
         opts = {"num_cpus": 1}

@@ -200,6 +200,17 @@ def test_single_adapter_gives_empty_pair_tables(grid, tmp_path):
     assert tables["module_pairs"].schema.remove_metadata() == TABLES["module_pairs"]
 
 
+def test_in_process_error_names_file_and_module(grid, tmp_path):
+    folders, _ = grid
+    rng = np.random.default_rng(12)
+    fac = random_factors(rng, 4)
+    fac[(0, "o_proj")][1][2, 5] = np.inf
+    bad = write_adapter(str(tmp_path / "inf"), fac, r=4, alpha=8)
+    with pytest.raises(WsgError, match=r"inf/adapter_model\.safetensors: module layers\.0\.o_proj holds NaN or inf"):
+        run_geometry({"base": folders["base"], "inf": bad}, str(tmp_path / "o"), use_ray=False, progress=False)
+    assert not os.path.exists(tmp_path / "o" / "global_pairs.parquet")
+
+
 @pytest.fixture
 def local_ray():
     import ray

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -78,14 +80,44 @@ def test_grpo_cell_stops_resumes_and_completes(ray_local, tmp_path):
     assert again["skipped"] is True and again["cell_id"] == done["cell_id"]
 
 
+def _kill_our_engine_after_step(cdir: str, step: int, done: threading.Event, killed: list) -> None:
+    """Fault injection: SIGKILL this test's vLLM engine process (a descendant
+    of this process: never another session's) once `step` is recorded."""
+    import psutil
+
+    path = os.path.join(cdir, "metrics.parquet")
+    while not done.is_set():
+        if os.path.exists(path) and step in pq.read_table(path).column("step").to_pylist():
+            for p in psutil.Process(os.getpid()).children(recursive=True):
+                try:
+                    if "EngineActor" in " ".join(p.cmdline()) or p.name().startswith("ray::EngineActor"):
+                        p.kill()
+                        killed.append(p.pid)
+                except psutil.Error:
+                    pass
+            return
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
-def test_dapo_cell_with_lora_sync(ray_local, tmp_path):
+def test_dapo_cell_with_lora_sync_survives_an_engine_kill(ray_local, tmp_path):
     cfg, run = tiny(sync="lora"), str(tmp_path / "run")
-    out = run_online_cell(cfg, run, loss="online_dapo", seed=7, lr=1e-3)
+    cfg = parse_config({**cfg.model_dump(mode="json"), "train": {**cfg.train.model_dump(mode="json"),
+                                                                 "resume_every": 1}})
+    cdir = rundir.cell_dir(run, "online_dapo-s7-lr1e-03")
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_our_engine_after_step, args=(cdir, 1, done, killed), daemon=True)
+    killer.start()
+    try:
+        out = run_online_cell(cfg, run, loss="online_dapo", seed=7, lr=1e-3)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "the engine was never found to kill"
     assert out["state"] == "complete" and out["sync"] == "lora"
-    cdir = rundir.cell_dir(run, out["cell_id"])
     m = pq.read_table(os.path.join(cdir, "metrics.parquet")).to_pylist()
-    assert [r["step"] for r in m] == [1, 2, 3]
+    assert [r["step"] for r in m] == [1, 2, 3]  # resumed after step 1, no step lost or repeated
+    assert [r["prompt_cursor"] for r in m] == sorted(r["prompt_cursor"] for r in m)
     for r in m:
         # dynamic sampling: a round per draw, at most 1 + max_resample_rounds
         assert 1 <= r["sample_rounds"] <= 2 and r["sampled_groups"] == 2 * r["sample_rounds"]

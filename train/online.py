@@ -45,6 +45,12 @@ from train.online_sync import (
 FINGERPRINT_FILE = "fingerprint.json"
 PG_TIMEOUT_S = 1800.0
 
+
+def _process_deaths() -> tuple:
+    import ray.exceptions as rex
+
+    return (rex.RayActorError, rex.OutOfMemoryError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError)
+
 # --------------------------------------------------------------------------- driver
 
 def prepare_prompts(cfg: ExperimentConfig) -> tuple[list[list[int]], list[str]]:
@@ -212,13 +218,22 @@ def run_online_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr
                 try:
                     status = ray.get(worker.run.remote(pg, data))
                     break
-                except ray.exceptions.RayActorError as err:  # the process died: resume from the last state
-                    if attempt == t.max_failures:
-                        raise WsgError(f"cell {cid}: the trainer process died {attempt + 1} time(s) "
-                                       f"(train.max_failures={t.max_failures}): {err}; rerun to resume") from None
-                except ray.exceptions.RayTaskError as err:
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                     cause = getattr(err, "cause", None)
-                    raise (cause if isinstance(cause, WsgError) else err) from None
+                    if isinstance(cause, WsgError):
+                        raise cause from None
+                    # The trainer's or the engine's process died (OOM kill, node
+                    # loss): a new trainer resumes from the last saved state. A
+                    # Python error in the loop would fail again: raised as is.
+                    died = isinstance(err, ray.exceptions.RayActorError) or isinstance(cause, _process_deaths())
+                    if not died:
+                        raise
+                    if attempt == t.max_failures:
+                        raise WsgError(f"cell {cid}: a process of the cell died {attempt + 1} time(s) "
+                                       f"(train.max_failures={t.max_failures}): {type(cause or err).__name__}; "
+                                       "rerun to resume from its last saved state") from None
+                    print(f"wsg: cell {cid}: {type(cause or err).__name__}; restarting from the last saved state "
+                          f"(try {attempt + 2} of {t.max_failures + 1})", flush=True)
                 finally:
                     ray.kill(worker)
         finally:
