@@ -165,15 +165,18 @@ def module_geometry(factors, *, top_k: int = 10, pairs=None, device=None, gram_d
     sigma, m, nn = _factor(gb_diag, ga_diag, np.array([float(f[2]) for f in factors]))
     kcap = [min(top_k, numerical_rank(s)) for s in sigma]
     k = min(top_k, r)
-    # Singular vectors U_i = B_i M_i, V_i = A_i^T N_i (float64; rank padded to r).
-    us = [b64[i] @ torch.from_numpy(m[i][:ranks[i]]).to(dev) for i in range(n)]
-    vs = [a64[i].T @ torch.from_numpy(nn[i][:ranks[i]]).to(dev) for i in range(n)]
-    # Stacked bases: all r columns in gram_dtype (inner products), top-k in float64 (angles).
-    ucat = torch.cat(us, dim=1).to(cross_dtype)  # d_out x n*r
-    vcat = torch.cat(vs, dim=1).to(cross_dtype)  # d_in x n*r
-    ukcat = torch.cat([u[:, :k] for u in us], dim=1)  # d_out x n*k, float64
-    v1cat = torch.stack([v[:, 0] for v in vs], dim=1)  # d_in x n, float64
-    del b64, a64, us, vs
+    # Stacked singular bases U_i = B_i M_i, V_i = A_i^T N_i (rank padded to r):
+    # all r columns in gram_dtype (inner products), top-k and v1 in float64 (angles, dots).
+    def small(x, cols, dtype):
+        return torch.from_numpy(np.ascontiguousarray(x[:, cols])).to(dev, dtype)
+
+    bx = b64 if cross_dtype == torch.float64 else [torch.as_tensor(f[0]).to(dev, cross_dtype) for f in factors]
+    ax = a64 if cross_dtype == torch.float64 else [torch.as_tensor(f[1]).to(dev, cross_dtype) for f in factors]
+    ucat = torch.cat([bx[i] @ small(m[i][:ranks[i]], slice(None), cross_dtype) for i in range(n)], dim=1)
+    vcat = torch.cat([ax[i].T @ small(nn[i][:ranks[i]], slice(None), cross_dtype) for i in range(n)], dim=1)
+    ukcat = torch.cat([b64[i] @ small(m[i][:ranks[i]], slice(0, k), torch.float64) for i in range(n)], dim=1)
+    v1cat = torch.cat([a64[i].T @ small(nn[i][:ranks[i]], slice(0, 1), torch.float64) for i in range(n)], dim=1)
+    del b64, a64, bx, ax
 
     want = defaultdict(set)
     for i, j in (pairs if pairs is not None else [(i, j) for i in range(n) for j in range(i + 1, n)]):

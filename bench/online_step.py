@@ -36,7 +36,8 @@ def make_cfg(args, *, sync: str, steps: int):
     d["rollouts"]["dtype"] = args.engine_dtype
     d["online"].update(group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                        max_tokens=args.max_tokens, sync=sync)
-    d["train"].update(max_steps=steps, checkpoint_steps=[steps], warmup_frac=0.0)
+    # resume state every 5 steps: a process killed on a busy box costs little
+    d["train"].update(max_steps=steps, checkpoint_steps=[steps], warmup_frac=0.0, resume_every=5)
     d["data"]["n_prompts"] = args.n_prompts
     d["grid"]["losses"] = ["online_grpo", "online_dapo"]
     d["analysis"]["reference_loss"] = "online_grpo"

@@ -218,21 +218,20 @@ def run_online_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr
                 try:
                     status = ray.get(worker.run.remote(pg, data))
                     break
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-                    cause = getattr(err, "cause", None)
+                except Exception as err:  # noqa: BLE001 - sorted below
+                    cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
                     if isinstance(cause, WsgError):
                         raise cause from None
                     # The trainer's or the engine's process died (OOM kill, node
                     # loss): a new trainer resumes from the last saved state. A
                     # Python error in the loop would fail again: raised as is.
-                    died = isinstance(err, ray.exceptions.RayActorError) or isinstance(cause, _process_deaths())
-                    if not died:
+                    if not isinstance(cause, _process_deaths()):
                         raise
                     if attempt == t.max_failures:
                         raise WsgError(f"cell {cid}: a process of the cell died {attempt + 1} time(s) "
-                                       f"(train.max_failures={t.max_failures}): {type(cause or err).__name__}; "
+                                       f"(train.max_failures={t.max_failures}): {type(cause).__name__}; "
                                        "rerun to resume from its last saved state") from None
-                    print(f"wsg: cell {cid}: {type(cause or err).__name__}; restarting from the last saved state "
+                    print(f"wsg: cell {cid}: {type(cause).__name__}; restarting from the last saved state "
                           f"(try {attempt + 2} of {t.max_failures + 1})", flush=True)
                 finally:
                     ray.kill(worker)
