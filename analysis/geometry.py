@@ -431,7 +431,10 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
             import ray
 
             if not ray.is_initialized():
-                ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+                # A local instance (or RAY_ADDRESS): never attach to some other
+                # session's `ray start` cluster found on the box.
+                ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
+                         include_dashboard=False, log_to_driver=False)
                 started_ray = True
         else:  # a Ray the caller started is used; never import ray just to ask
             ray_mod = sys.modules.get("ray")

@@ -112,17 +112,17 @@ print(json.dumps({{"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "rss_afte
 
 
 def ray_workers_cpu_s() -> float:
-    """CPU seconds (user + sys) used so far by this session's Ray worker processes.
-    On a shared box CPU seconds are the contention-free measure: wall time on an
-    idle box is about CPU seconds / cores."""
+    """CPU seconds (user + sys) used so far by the Ray this process started
+    (raylet, GCS, workers: all its descendants; other sessions' Ray processes
+    on the box are not counted). On a shared box CPU seconds are the
+    contention-free measure: wall time on an idle box is about CPU s / cores."""
     import psutil
 
     total = 0.0
-    for p in psutil.process_iter(["name", "cmdline"]):
+    for p in psutil.Process().children(recursive=True):
         try:
-            if (p.info["name"] or "").startswith("ray::") or any("default_worker.py" in c for c in p.info["cmdline"] or []):
-                t = p.cpu_times()
-                total += t.user + t.system
+            t = p.cpu_times()
+            total += t.user + t.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
@@ -160,7 +160,7 @@ def main() -> None:
            "disk_bytes": size, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "loadavg_start": os.getloadavg()[0]}  # other work on the box inflates every number here
     t0 = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     res["ray_init_s"] = time.perf_counter() - t0
     try:
         work = tempfile.mkdtemp(prefix="wsg-geo-out-")

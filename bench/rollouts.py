@@ -118,6 +118,11 @@ def _transformers(cfg, path: str, prompt_ids) -> dict:
     return {"tokens": toks, "s": dt, "tok_s": toks / dt, "cpu_s": cpu, "tok_per_cpu_s": toks / cpu}
 
 
+def _phase(name: str, result) -> None:
+    # Each phase as soon as it ends: a long run on a shared box can be killed.
+    print(f"[bench] {name}: " + json.dumps(result, default=str), file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=None, help="experiment YAML (default: configs/smoke.yaml)")
@@ -135,11 +140,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="wsg-bench-run-") as run:
         stage = _stage(cfg, run)
         prompt_ids, stage_tokens = _prompt_ids(cfg, run)
+    _phase("stage", stage)
     nice = stage.get("engine", {}).get("nice", 0)
     if nice > os.nice(0):
         os.nice(nice - os.nice(0))
     raw = _raw_vllm(cfg, path, prompt_ids)
+    _phase("raw_vllm", raw)
     hf = None if args.skip_transformers else _transformers(cfg, path, prompt_ids)
+    _phase("transformers", hf)
 
     res = {
         "config": str(args.config or default_config_path()), "model": cfg.model.name,

@@ -1,25 +1,30 @@
-"""Training throughput of a wsg cell vs TRL's SFTTrainer, and peak memory of
-a DPO cell vs an SFT cell, measured in one run on the same machine.
+"""Training throughput of a wsg cell's step vs TRL's SFTTrainer, and peak
+memory of a DPO cell vs an SFT cell, measured in one run on one machine.
 
-Both trainers get the same model (SmolLM2-135M-Instruct by default), LoRA
-(r=32, α=64, q,k,v,o, fp32), rows, batch (8), max length (256), optimizer
+Both get the same model (SmolLM2-135M-Instruct by default), LoRA (r=32,
+α=64, q,k,v,o, fp32), rows, batch (8), max length (256), AdamW/cosine/clip
 settings and thread count (2), completion-only SFT loss, no gradient
-checkpointing (FACTS.md "Training": the TRL anchor). Throughput = real (non-
-pad) prompt+completion tokens per second of optimizer steps, first step
-excluded on both sides. The wsg side is a real cell (`train.cell.run_cell`:
-Ray Train worker, length buckets, LM head on completion positions only);
-its step times come from its metrics.parquet.
+checkpointing (FACTS.md "Training": the TRL anchor).
+
+Throughput: TRL's step (its collator, `training_step`, clip, AdamW,
+schedule) and the step a cell's worker runs (length-split forwards, LM head
+on completion positions only, `train.steps.train_step`) alternate on the
+SAME rows every step in this process, so load from neighbours on a shared
+box hits both alike; tokens/s = real (non-pad) prompt+completion tokens per
+second, first step excluded. Memory: real cells (`train.cell.run_cell`, Ray
+Train worker) for SFT and DPO with the same config; peak RSS of the worker
+(its metrics.parquet also gives the cell's wall tokens/s).
 
     .venv/bin/python -m bench.train_step [--steps 8] [--model smollm2-135m-instruct]
 
-Prints a table and a JSON line; record the numbers in docs/benchmarks.train.md.
+Prints per-step times, the ratios and a JSON line; the numbers are recorded
+in docs/benchmarks.train.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -79,56 +84,87 @@ def cell_config(model: str, *, steps: int, batch: int, max_len: int, threads: in
         "grid": {"losses": ["sft"]}, "analysis": {"reference_loss": "sft"}})
 
 
-def run_trl(model: str, table, *, steps: int, batch: int, max_len: int, threads: int, lr: float) -> dict:
-    """TRL SFTTrainer on the same rows (pre-tokenized, completion-only loss)."""
-    import torch
+def _trl_trainer(model: str, table, *, steps: int, batch: int, max_len: int, lr: float, callbacks=()):
+    """TRL's SFTTrainer on the rows (pre-tokenized, completion-only loss)."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from sweep.models import load_causal_lm, load_tokenizer
 
-    torch.set_num_threads(threads)
     ids, masks = [], []
     for p, c in zip(table.column("prompt_token_ids").to_pylist(), table.column("completion_token_ids").to_pylist()):
         ids.append((p + c)[:max_len])
         masks.append(([0] * len(p) + [1] * len(c))[:max_len])
     data = Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
-    step_tokens, step_times = [], []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, args, state, control, **kw):
-            step_times.append((time.perf_counter() - self.t0, time.process_time() - self.c0))
-
-    tok = load_tokenizer(model)
-    out = tempfile.mkdtemp(prefix="wsg-bench-trl-")
-    args = SFTConfig(output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=steps,
-                     learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
-                     logging_steps=10**6, save_strategy="no", report_to=[], gradient_checkpointing=False,
-                     max_length=max_len, completion_only_loss=True, padding_free=False, use_cpu=True, seed=42,
-                     dataloader_num_workers=0, bf16=False, fp16=False)
+    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="wsg-bench-trl-"), per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=1, max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine",
+                     warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0, logging_steps=10**6, save_strategy="no",
+                     report_to=[], gradient_checkpointing=False, max_length=max_len, completion_only_loss=True,
+                     padding_free=False, use_cpu=True, seed=42, dataloader_num_workers=0, bf16=False, fp16=False)
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=LORA["target_modules"],
                       task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=load_causal_lm(model), args=args, train_dataset=data, processing_class=tok,
-                         peft_config=lora, callbacks=[Clock()])
-    collate = trainer.data_collator
+    return SFTTrainer(model=load_causal_lm(model), args=args, train_dataset=data, processing_class=load_tokenizer(model),
+                      peft_config=lora, callbacks=list(callbacks))
 
-    def counting(features):
-        batch_ = collate(features)
-        step_tokens.append(int(batch_["attention_mask"].sum()) if "attention_mask" in batch_
-                           else int(batch_["input_ids"].numel()))
-        return batch_
 
-    trainer.data_collator = counting
-    trainer.train()
-    tokens, times = np.array(step_tokens[1:steps]), np.array(step_times[1:steps])
-    return {"tok_s": float(tokens.sum() / times[:, 0].sum()), "tok_per_cpu_s": float(tokens.sum() / times[:, 1].sum()),
-            "s_per_step": float(times[:, 0].mean()),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+def paired_steps(model: str, cfg, run: str, table, *, steps: int, batch: int, max_len: int, threads: int,
+                 lr: float) -> dict:
+    """TRL's training step and a wsg cell's training step, alternating on the
+    SAME rows every step, in one process: neighbours on a shared box slow
+    both alike. TRL side: its collator + `training_step` (forward, loss,
+    backward) + clip + AdamW + schedule, what `Trainer.train` runs per step.
+    wsg side: exactly what a cell's worker runs per step (plan_step's length
+    sort, collate's length-split forwards, train_step)."""
+    import torch
+
+    from sweep.models import load_tokenizer
+    from train.data import build_train_set, collate
+    from train.losses import get_loss, validate_hyper
+    from train.steps import PolicyTrainer, build_policy, train_step
+
+    torch.set_num_threads(threads)
+    trl = _trl_trainer(model, table, steps=steps, batch=batch, max_len=max_len, lr=lr)
+    trl.create_optimizer_and_scheduler(num_training_steps=steps)
+    trl.current_gradient_accumulation_steps = 1  # what Trainer.train sets before its steps
+    trl.model.train()
+    ts = build_train_set(cfg, run, loss="sft", tokenizer=load_tokenizer(model))
+    t = cfg.train
+    wsg = PolicyTrainer(build_policy(cfg, seed=42), lr=lr, weight_decay=t.weight_decay, warmup_steps=0,
+                        max_steps=steps, max_grad_norm=t.max_grad_norm, device=torch.device("cpu"))
+    spec, hyper = get_loss("sft"), validate_hyper("sft")
+
+    def trl_step(idx):
+        inputs = trl.data_collator([trl.train_dataset[int(j)] for j in idx])
+        trl.training_step(trl.model, inputs)
+        torch.nn.utils.clip_grad_norm_(trl.model.parameters(), 1.0)
+        trl.optimizer.step()
+        trl.lr_scheduler.step()
+        trl.model.zero_grad()
+        return int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int(inputs["input_ids"].numel())
+
+    def wsg_step(idx):  # one worker, per_device_batch = batch: the step is one micro-batch
+        return int(train_step(wsg, spec, hyper, [collate(ts, np.asarray(idx))], world=1)["tokens"])
+
+    rows = {"trl": [], "wsg": []}
+    order = np.random.default_rng(0).permutation(table.num_rows)
+    for step in range(steps):
+        idx = order[(step * batch) % len(order):][:batch]
+        sides = [("trl", trl_step), ("wsg", wsg_step)]
+        for name, fn in (sides if step % 2 == 0 else sides[::-1]):  # alternate who goes first
+            t0 = time.perf_counter()
+            tokens = fn(idx)
+            rows[name].append((tokens, time.perf_counter() - t0))
+        print(f"  step {step + 1}: TRL {rows['trl'][-1][1]:.1f}s, wsg {rows['wsg'][-1][1]:.1f}s "
+              f"({rows['trl'][-1][0]} tokens)", flush=True)
+    out = {}
+    for name, r in rows.items():
+        arr = np.array(r[1:], dtype=float)  # first step excluded (warm-up)
+        out[name] = {"tok_s": float(arr[:, 0].sum() / arr[:, 1].sum()), "s_per_step": float(arr[:, 1].mean())}
+    per_step = np.array([a[1] / b[1] for a, b in zip(rows["trl"][1:], rows["wsg"][1:])])  # same rows: time ratio
+    out["ratio"] = out["wsg"]["tok_s"] / out["trl"]["tok_s"]
+    out["ratio_median_per_step"] = float(np.median(per_step))
+    return out
 
 
 def run_wsg(cfg, run: str, loss: str, lr: float) -> dict:
@@ -138,8 +174,8 @@ def run_wsg(cfg, run: str, loss: str, lr: float) -> dict:
     run_cell(cfg, run, loss=loss, seed=42, lr=lr)
     m = rundir.read_table(rundir.join(rundir.cell_dir(run, cell_id(loss, 42, lr)), "metrics.parquet")).to_pandas()
     m = m[m.step > 1]
-    return {"tok_s": float(m.tokens.sum() / m.step_time_s.sum()), "tok_per_cpu_s": float(m.tokens.sum() / m.step_cpu_s.sum()),
-            "s_per_step": float(m.step_time_s.mean()), "peak_rss_mb": float(m.peak_rss_mb.max())}
+    return {"tok_s": float(m.tokens.sum() / m.step_time_s.sum()), "s_per_step": float(m.step_time_s.mean()),
+            "peak_rss_mb": float(m.peak_rss_mb.max())}
 
 
 def main(argv=None) -> int:
@@ -167,27 +203,25 @@ def main(argv=None) -> int:
     print(f"data: {rows.num_rows} rollouts, {pairs.num_rows} pairs, length {lengths.min()}-{lengths.max()} "
           f"(mean {lengths.mean():.0f}) tokens; batch {args.batch}, {args.steps} steps, {args.threads} threads",
           flush=True)
-    trl = run_trl(args.model, rows, steps=args.steps, batch=args.batch, max_len=args.max_len, threads=args.threads,
-                  lr=1e-5)
-    print(f"TRL SFTTrainer: {trl['tok_s']:.1f} tok/s ({trl['s_per_step']:.2f} s/step), "
-          f"{trl['tok_per_cpu_s']:.1f} tok/CPU-s", flush=True)
+    paired = paired_steps(args.model, cfg, run, rows, steps=args.steps, batch=args.batch, max_len=args.max_len,
+                          threads=args.threads, lr=1e-5)
+    print(f"paired steps: TRL {paired['trl']['tok_s']:.1f} tok/s, wsg {paired['wsg']['tok_s']:.1f} tok/s", flush=True)
     ray.init(num_cpus=max(args.threads, 2), include_dashboard=False, log_to_driver=False)
     try:
         sft = run_wsg(cfg, run, "sft", 1e-5)
         print(f"wsg sft cell:   {sft['tok_s']:.1f} tok/s ({sft['s_per_step']:.2f} s/step), "
-              f"{sft['tok_per_cpu_s']:.1f} tok/CPU-s, peak RSS {sft['peak_rss_mb']:.0f} MB", flush=True)
+              f"peak RSS {sft['peak_rss_mb']:.0f} MB", flush=True)
         dpo = run_wsg(cfg, run, "dpo", 1e-6)
         print(f"wsg dpo cell:   peak RSS {dpo['peak_rss_mb']:.0f} MB", flush=True)
     finally:
         ray.shutdown()
     out = {"model": args.model, "steps": args.steps, "batch": args.batch, "max_len": args.max_len,
-           "threads": args.threads, "trl": trl, "wsg_sft": sft, "wsg_dpo": dpo,
-           "throughput_ratio_wsg_over_trl": sft["tok_s"] / trl["tok_s"],
-           "cpu_throughput_ratio_wsg_over_trl": sft["tok_per_cpu_s"] / trl["tok_per_cpu_s"],
+           "threads": args.threads, "paired": paired, "wsg_sft_cell": sft, "wsg_dpo_cell": dpo,
+           "throughput_ratio_wsg_over_trl": paired["ratio"],
            "peak_memory_ratio_dpo_over_sft": dpo["peak_rss_mb"] / sft["peak_rss_mb"]}
-    print(f"ratio wsg/TRL tokens/s: {out['throughput_ratio_wsg_over_trl']:.2f}x wall, "
-          f"{out['cpu_throughput_ratio_wsg_over_trl']:.2f}x per CPU-second (target >= 1.2x)")
-    print(f"ratio DPO/SFT peak memory: {out['peak_memory_ratio_dpo_over_sft']:.2f}x (target <= 1.3x)")
+    print(f"ratio wsg/TRL tokens/s (same rows, interleaved): {paired['ratio']:.2f}x, median per step "
+          f"{paired['ratio_median_per_step']:.2f}x (target >= 1.2x)")
+    print(f"ratio DPO/SFT cell peak memory: {out['peak_memory_ratio_dpo_over_sft']:.2f}x (target <= 1.3x)")
     print(json.dumps(out))
     return 0
 

@@ -39,9 +39,9 @@ def grid(tmp_path_factory):
     folders, dws = {}, {}
     for name, (fac, r, alpha, rsl) in specs.items():
         folders[name] = write_adapter(str(root / name), fac, r=r, alpha=alpha, rslora=rsl)
-        s = lora_scale(r, alpha, rsl)
+        s = alpha / np.sqrt(r) if rsl else alpha / r  # peft's scaling, written out independently
         dws[name] = {f"layers.{i}.{p}": s * stored(b) @ stored(a) for (i, p), (b, a) in fac.items()}
-    assert lora_scale(6, 12, True) == pytest.approx(12 / np.sqrt(6))
+    assert lora_scale(6, 12, True) == pytest.approx(12 / np.sqrt(6)) and lora_scale(4, 8, False) == 2.0
     return folders, dws
 
 
@@ -215,7 +215,7 @@ def test_in_process_error_names_file_and_module(grid, tmp_path):
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
