@@ -144,13 +144,13 @@ def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) ->
     group_ids = np.array([uniq[p] for p in pids], dtype=np.int64)
 
     # Truncate completions to train.max_seq_len; a row whose prompt leaves no
-    # room for one completion token (or with an empty completion) is dropped.
+    # room for one completion token (or with an empty prompt/completion) is dropped.
     max_len = cfg.train.max_seq_len
     keep = np.zeros(len(prompts), dtype=bool)
     seqs, n_prompt, n_trunc = [], np.zeros(len(prompts), dtype=np.int32), 0
     for i, (p, c) in enumerate(zip(prompts, comps)):
         room = max_len - len(p)
-        if room < 1 or not c:
+        if room < 1 or not c or not p:
             seqs.append([])
             continue
         n_trunc += len(c) > room
