@@ -64,16 +64,17 @@ def _r_factor(g: np.ndarray):
     factors, e.g. B = 0 at peft's init)."""
     import torch
 
-    gt = torch.from_numpy(np.ascontiguousarray(g))
-    low, info = torch.linalg.cholesky_ex(gt)
+    gram = torch.from_numpy(np.ascontiguousarray(g))
+    low, info = torch.linalg.cholesky_ex(gram)
     diag2 = torch.diagonal(low, dim1=-2, dim2=-1) ** 2
-    trace = torch.diagonal(gt, dim1=-2, dim2=-1).sum(-1)
+    trace = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
+    # Cholesky only where every pivot is clear of round-off (lambda_max <= trace).
     ok = (info == 0) & (diag2.min(-1).values > EIG_RTOL * trace)
     r_fac = low.transpose(-1, -2).clone()  # upper triangular, R^T R = G
-    eye = torch.eye(g.shape[-1], dtype=gt.dtype).expand_as(gt)
+    eye = torch.eye(g.shape[-1], dtype=gram.dtype).expand_as(gram)
     p_fac = torch.linalg.solve_triangular(torch.where(ok[:, None, None], r_fac, eye), eye, upper=True)
     for i in torch.nonzero(~ok).flatten().tolist():
-        lam, w = torch.linalg.eigh(gt[i])
+        lam, w = torch.linalg.eigh(gram[i])
         keep = (lam > EIG_RTOL * lam.max()) & (lam > 0)
         root = torch.sqrt(torch.where(keep, lam, torch.ones_like(lam)))
         r_fac[i] = torch.where(keep, root, torch.zeros_like(lam))[:, None] * w.T
