@@ -98,8 +98,10 @@ def _load(path: str | None):
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from sweep import pipeline
+    from sweep import pipeline, rundir
 
+    if getattr(args, "run", None):  # workers and Tune trials run in other working directories
+        args.run = rundir.canonical(args.run)
     if args.cmd == "config":
         if args.config_cmd != "show":
             raise WsgError("usage: wsg config show [CONFIG]")

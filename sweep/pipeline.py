@@ -40,7 +40,7 @@ def prepare_run(cfg: ExperimentConfig, run: str | None) -> str:
     An existing run with a different config hash is refused: resuming it with
     another config would mix results (nothing already written is overwritten).
     """
-    run = run or default_run_dir(cfg)
+    run = rundir.canonical(run or default_run_dir(cfg))
     h = config_hash(cfg)
     cpath = rundir.config_path(run)
     if rundir.exists(cpath):

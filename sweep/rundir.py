@@ -34,6 +34,20 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(s).expanduser().absolute())
 
 
+def canonical(uri: str | os.PathLike) -> str:
+    """A local run path made absolute (`~` expanded); URIs unchanged.
+
+    Stages run in Ray workers and Tune trials whose working directory is not
+    the caller's, so a relative run path must never leave the CLI.
+    """
+    s = str(uri)
+    if not is_local(s):
+        return s
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    return str(Path(s).expanduser().absolute())
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a run path or URI (always '/' separators)."""
     base = str(base)

@@ -46,3 +46,16 @@ def test_status_of_a_non_run_is_a_clear_error(tmp_path):
 def test_train_refuses_nonpositive_lr(tmp_path):
     out = _run(["train", "configs/smoke.yaml", "--loss", "sft", "--seed", "1", "--lr", "0", "--run", str(tmp_path / "r")])
     assert out.returncode == 2 and "--lr must be > 0" in out.stderr
+
+
+def test_relative_run_dir_is_made_absolute(tmp_path, monkeypatch):
+    """Tune trials and Ray workers run elsewhere: a relative run path must not leave the CLI."""
+    from sweep import pipeline, rundir
+    from sweep.config import default_config_path, load_config
+
+    monkeypatch.chdir(tmp_path)
+    run = pipeline.prepare_run(load_config(default_config_path()), "runs/rel")
+    assert run == str(tmp_path / "runs" / "rel")
+    assert (tmp_path / "runs" / "rel" / "config.yaml").exists()
+    assert rundir.canonical("s3://bucket/run") == "s3://bucket/run"
+    assert rundir.canonical("~/x") == str(rundir.Path("~/x").expanduser())

@@ -105,11 +105,13 @@ def test_sigkill_of_wsg_run_then_rerun_completes(tmp_path):
     cpath = tmp_path / "tiny4.yaml"
     cpath.write_text(yaml.safe_dump(cfg))
     run = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "sweep.cli", "run", str(cpath), "--run", run]
+    # a relative --run from another working directory: Tune trials chdir, so
+    # the CLI must hand every stage an absolute path
+    cmd = [sys.executable, "-m", "sweep.cli", "run", str(cpath), "--run", "run"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     cells = Path(run) / "cells"
     deadline = time.time() + 900
     done: list[str] = []
@@ -126,7 +128,7 @@ def test_sigkill_of_wsg_run_then_rerun_completes(tmp_path):
     assert len(done) < 4, "the kill came after the whole grid finished"
     before = {c: _tree_digest(str(cells / c)) for c in done}
 
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for c, digest in before.items():
         after = _tree_digest(str(cells / c))
