@@ -28,7 +28,9 @@ import hashlib
 import json
 import shutil
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
@@ -163,33 +165,44 @@ def _cached(run: str, name: str, fingerprint: str) -> pa.Table | None:
     return t if (t.schema.metadata or {}).get(b"fingerprint", b"").decode() == fingerprint else None
 
 
-def _score(completions: list[str], golds: list[str], timeout_s: float) -> tuple[list[bool], list[str | None]]:
+def _score(completions: list[str], golds: list[str], timeout_s: float,
+           num_cpus: float) -> tuple[list[bool], list[str | None]]:
     from rollouts.reward import extract_final_answer, score_many
 
-    rewards, _info = score_many(completions, golds, timeout_s=timeout_s)
+    rewards, _info = score_many(completions, golds, timeout_s=timeout_s, num_cpus=num_cpus)
     return [r > 0.5 for r in rewards], [extract_final_answer(c)[0] for c in completions]
 
 
-def _start_engine(cfg, mode: str, adapters: list[Adapter], gpus: float):
+def _start_engines(cfg, mode: str, adapters: list[Adapter], n_models: int) -> list:
+    """The eval pool: sized like the rollouts stage's (`rollouts.num_engines`,
+    `cpus_per_engine`, `gpus_per_engine`), never more engines than models."""
     import ray
 
+    from rollouts.stage import pool_size
     from sweep.models import resolve_model
 
+    ro = cfg.rollouts
+    n, g = pool_size(ro.num_engines, cpus_per_engine=ro.cpus_per_engine, gpus_per_engine=ro.gpus_per_engine,
+                     n_shards=n_models, resources=ray.cluster_resources())
     ranks = [int(rundir.read_json(rundir.join(a.path, "adapter_config.json"))["r"]) for a in adapters]
     opts = EngineOptions(model=resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
-                         dtype=cfg.rollouts.dtype, seed=cfg.rollouts.seed, max_model_len=cfg.model.max_model_len,
-                         enforce_eager=cfg.rollouts.enforce_eager, enable_lora=mode == "lora",
+                         dtype=ro.dtype, seed=ro.seed, max_model_len=cfg.model.max_model_len,
+                         enforce_eager=ro.enforce_eager, enable_lora=mode == "lora",
                          max_lora_rank=lora_rank_cap(ranks), max_loras=1,
                          trust_remote_code=cfg.model.trust_remote_code)
-    actor = ray.remote(EvalEngine).options(num_cpus=cfg.rollouts.cpus_per_engine,
-                                           num_gpus=max(1.0, cfg.rollouts.gpus_per_engine) if gpus >= 1 else 0,
+    actor = ray.remote(EvalEngine).options(num_cpus=ro.cpus_per_engine, num_gpus=g,
                                            max_concurrency=1, max_restarts=0)
-    engine = actor.remote(opts)
-    wait_ready([engine], model=cfg.model.name)
-    return engine
+    engines = [actor.remote(opts) for _ in range(n)]
+    try:
+        wait_ready(engines, model=cfg.model.name)
+    except BaseException:
+        shutdown_engines(engines)
+        raise
+    return engines
 
 
-def _evaluate_model(cfg, engine, name: str, adapter: dict | None, mode: str, sets: list) -> pa.Table:
+def _evaluate_model(cfg, engine, name: str, adapter: dict | None, mode: str, sets: list,
+                    reward_cpus: float) -> pa.Table:
     import ray
 
     rows = {f.name: [] for f in PREDICTIONS_SCHEMA}
@@ -198,7 +211,8 @@ def _evaluate_model(cfg, engine, name: str, adapter: dict | None, mode: str, set
         outs = ray.get(engine.greedy.remote(prompts, adapter=adapter, mode=mode,
                                             max_tokens=cfg.analysis.eval_max_tokens))
         texts = [o["text"] for o in outs]
-        correct, extracted = _score(texts, [p.answer for p in problems], cfg.rollouts.reward_timeout_s)
+        correct, extracted = _score(texts, [p.answer for p in problems], cfg.rollouts.reward_timeout_s,
+                                    reward_cpus)
         rows["model"] += [name] * len(problems)
         rows["step"] += [step] * len(problems)
         rows["dataset"] += [es.name] * len(problems)
@@ -227,32 +241,57 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
     if progress:
         print(f"wsg: [eval] {len(models)} models ({len(tables)} cached), {len(cfg.analysis.eval_sets)} eval set(s)",
               flush=True)
-    mode = None
+    mode, n_engines = None, 0
     if todo:
         owned = not ray.is_initialized()
         if owned:
             ray.init(address=cfg.resources.ray_address, log_to_driver=progress)
-        engine = None
+        engines: list = []
         try:
             gpus = ray.cluster_resources().get("GPU", 0)
             mode = resolve_mode(cfg.analysis.eval_mode, gpus=gpus)
             sets = [(es, *eval_prompts(cfg, es)) for es in cfg.analysis.eval_sets]
-            engine = _start_engine(cfg, mode, adapters, gpus)
-            for k, (name, a) in enumerate(todo):
-                t0 = time.time()
-                spec = None if a is None else {"name": a.name, "uri": a.uri, "step": a.step,
-                                               "lora_id": names.index(a.name) + 1}
-                table = _evaluate_model(cfg, engine, name, spec, mode, sets)
-                table = table.replace_schema_metadata({"fingerprint": fps[name]})
-                rundir.write_table(model_cache_path(run, name), table)
-                tables[name] = table
-                if progress:
-                    acc = sum(table.column("correct").to_pylist()) / max(1, table.num_rows)
-                    print(f"wsg: [eval] {k + 1}/{len(todo)} {name}: pass@1 {acc:.3f} ({time.time() - t0:.1f}s, {mode})",
-                          flush=True)
+            engines = _start_engines(cfg, mode, adapters, len(todo))
+            n_engines = len(engines)
+            # Reward tasks must be schedulable while the engines hold their
+            # CPUs (a pool filling the box would otherwise wait forever).
+            spare = ray.cluster_resources().get("CPU", 0) - n_engines * cfg.rollouts.cpus_per_engine
+            reward_cpus = 1.0 if spare >= 1 else 0.0
+            queue = list(enumerate(todo))
+            lock = threading.Lock()
+
+            def serve(engine) -> None:
+                # one thread per engine pulls the next model: engines never idle
+                # while another still has a queue (models differ in length)
+                while True:
+                    with lock:
+                        if not queue:
+                            return
+                        k, (name, a) = queue.pop(0)
+                    t0 = time.time()
+                    spec = None if a is None else {"name": a.name, "uri": a.uri, "step": a.step,
+                                                   "lora_id": names.index(a.name) + 1}
+                    try:
+                        table = _evaluate_model(cfg, engine, name, spec, mode, sets, reward_cpus)
+                    except BaseException:
+                        with lock:
+                            queue.clear()  # the other engines stop after their current model
+                        raise
+                    table = table.replace_schema_metadata({"fingerprint": fps[name]})
+                    rundir.write_table(model_cache_path(run, name), table)  # a kill keeps finished models
+                    with lock:
+                        tables[name] = table
+                    if progress:
+                        acc = sum(table.column("correct").to_pylist()) / max(1, table.num_rows)
+                        print(f"wsg: [eval] {len(tables) - (len(models) - len(todo))}/{len(todo)} {name}: "
+                              f"pass@1 {acc:.3f} ({time.time() - t0:.1f}s, {mode})", flush=True)
+
+            with ThreadPoolExecutor(len(engines)) as pool:
+                for f in [pool.submit(serve, e) for e in engines]:
+                    f.result()  # re-raises the first failure
         finally:
-            if engine is not None:
-                shutdown_engines([engine])
+            if engines:
+                shutdown_engines(engines)
             if owned:
                 ray.shutdown()
     preds = pa.concat_tables([tables[n].replace_schema_metadata(None) for n, _ in models])
@@ -262,4 +301,5 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
     rundir.write_table(rundir.join(out, "accuracy.parquet"), acc)
     rundir.write_table(rundir.join(out, "mcnemar.parquet"), mc)
     return {"models": len(models), "evaluated": len(todo), "cached": len(models) - len(todo), "mode": mode,
+            "engines": n_engines,
             "items": preds.num_rows, "pairs": mc.num_rows}

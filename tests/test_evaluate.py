@@ -58,8 +58,10 @@ def test_run_eval(tmp_path, ray_local):
     from analysis.stats import MCNEMAR_SCHEMA
 
     cfg, run = make_tiny_run(tmp_path)
-    summary = run_eval(cfg, run, progress=False)
+    two = cfg.model_copy(update={"rollouts": cfg.rollouts.model_copy(update={"num_engines": 2})})
+    summary = run_eval(two, run, progress=False)  # two engines share the models
     assert summary["mode"] == "merged" and summary["evaluated"] == 10 and summary["cached"] == 0
+    assert summary["engines"] == 2
     preds = rundir.read_table(rundir.join(run, "eval", "predictions.parquet"))
     rows = preds.to_pylist()
     assert preds.num_rows == 10 * 6

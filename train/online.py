@@ -123,6 +123,21 @@ def _bundles(cfg: ExperimentConfig) -> list[dict]:
     return [trainer, engine]
 
 
+def _idle_engine_cpus(pg, o) -> float:
+    """CPUs of the engine's bundle the trainer may borrow: on-policy steps
+    alternate (sample, then train, then sync), so a CPU engine on the
+    trainer's node is idle while the trainer computes, and torch can use its
+    cores too (~1.6x faster training steps on a 2-core box). 0 when the engine
+    has a GPU or sits on another node (borrowing would oversubscribe a core
+    Ray gave someone else)."""
+    from ray.util.placement_group import placement_group_table
+
+    if o.engine_gpus > 0:
+        return 0.0
+    nodes = placement_group_table(pg).get("bundles_to_node_id", {})
+    return float(o.engine_cpus) if nodes.get(0) is not None and nodes.get(0) == nodes.get(1) else 0.0
+
+
 def _reserve(cfg: ExperimentConfig):
     """The cell's placement group, ready; a request the cluster can never
     satisfy is an error naming the config fields."""
@@ -306,7 +321,7 @@ class OnlineWorker:
         from train.steps import configure_threads
 
         o = self.cfg.online
-        configure_threads(self.cfg.train.cpus_per_worker)
+        configure_threads(self.cfg.train.cpus_per_worker + _idle_engine_cpus(pg, o))
         engine = remote_engine(num_cpus=o.engine_cpus, num_gpus=o.engine_gpus, scheduling_strategy=
                                PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1)
                                ).remote(engine_options(self.cfg, self.config["sync"]))
