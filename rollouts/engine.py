@@ -60,6 +60,9 @@ class EngineOptions:
     cpu_kv_cache_gib: float = 2.0
     # CPU: cores for the engine's OpenMP threads ("auto" = vLLM's choice).
     cpu_threads_bind: str = "auto"
+    # CPU: OpenMP threads when they differ from the CPUs Ray gave the actor
+    # (an online cell's engine borrows its idle trainer's cores).
+    cpu_threads: Optional[int] = None
     max_num_seqs: Optional[int] = None
     # Raw logprobs of the model distribution (before temperature/top-p), which
     # is what importance ratios and the stored completion_logprobs mean.
@@ -106,9 +109,9 @@ def engine_env(work_dir: str, opts: EngineOptions, *, cpus: float | None = None)
     }
     if opts.cpu_threads_bind != "auto":
         env["VLLM_CPU_OMP_THREADS_BIND"] = opts.cpu_threads_bind
-    elif cpus is not None and cpus < (os.cpu_count() or 1):
+    elif opts.cpu_threads or (cpus is not None and cpus < (os.cpu_count() or 1)):
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        env["OMP_NUM_THREADS"] = str(max(1, int(cpus)))
+        env["OMP_NUM_THREADS"] = str(max(1, int(opts.cpu_threads or cpus)))
     return env
 
 

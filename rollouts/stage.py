@@ -205,8 +205,8 @@ def _run_vllm(cfg, run, spec, shards, pending, stats, progress, path: str) -> di
 
         cpu0 = ray.get([e.cpu_seconds.remote() for e in engines])
         stats.t_first = time.perf_counter()
-        for e in range(n):
-            for _ in range(QUEUE_DEPTH):
+        for _ in range(QUEUE_DEPTH):  # breadth first: every engine gets a shard before any gets two
+            for e in range(n):
                 submit(e)
         while inflight:
             [ref], _ = ray.wait(list(inflight), num_returns=1)
