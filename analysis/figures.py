@@ -187,8 +187,9 @@ def principal_angles(rows: list[dict], path: str, *, ref_pairs: list[tuple[str, 
     return _save(fig, path)
 
 
-def lmc_curves(rows: list[dict], path: str) -> Optional[str]:
-    """Seed Fig. 5: masked-answer CE along α·ΔW_a + (1−α)·ΔW_b."""
+def _pair_panels(rows: list[dict], path: str, *, x: str, y: str, xlabel: str, ylabel: str,
+                 title: str) -> Optional[str]:
+    """One panel per checkpoint step, one line per adapter pair (LMC, CKA)."""
     if not rows:
         return None
     pairs = sorted({(r["adapter_a"], r["adapter_b"]) for r in rows})
@@ -196,27 +197,24 @@ def lmc_curves(rows: list[dict], path: str) -> Optional[str]:
     steps = panel_steps([n for p in pairs for n in p])
     fig, axes = _panels(len(steps))
     for ax, step in zip(axes[0], steps):
-        _pair_lines(ax, rows, [p for p in pairs if in_panel(p, step, steps[-1])], lab, x="alpha", y="ce")
-        ax.set_xlabel("α (1 = adapter_a, the first name; 0 = adapter_b)")
-        ax.set_ylabel("masked-answer CE (nats / answer token)")
-        ax.set_title(f"linear mode connectivity, {_step_title(step)}", fontsize=10)
+        _pair_lines(ax, rows, [p for p in pairs if in_panel(p, step, steps[-1])], lab, x=x, y=y)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}, {_step_title(step)}", fontsize=10)
     return _save(fig, path)
+
+
+def lmc_curves(rows: list[dict], path: str) -> Optional[str]:
+    """Seed Fig. 5: masked-answer CE along α·ΔW_a + (1−α)·ΔW_b."""
+    return _pair_panels(rows, path, x="alpha", y="ce",
+                        xlabel="α (1 = adapter_a, the first name; 0 = adapter_b)",
+                        ylabel="masked-answer CE (nats / answer token)", title="linear mode connectivity")
 
 
 def cka_layers(rows: list[dict], path: str) -> Optional[str]:
     """Seed Fig. 6: linear CKA of per-layer hidden states, per pair."""
-    if not rows:
-        return None
-    pairs = sorted({(r["adapter_a"], r["adapter_b"]) for r in rows})
-    lab = Labeler([n for p in pairs for n in p])
-    steps = panel_steps([n for p in pairs for n in p])
-    fig, axes = _panels(len(steps))
-    for ax, step in zip(axes[0], steps):
-        _pair_lines(ax, rows, [p for p in pairs if in_panel(p, step, steps[-1])], lab, x="layer", y="cka")
-        ax.set_xlabel("decoder block")
-        ax.set_ylabel("linear CKA of hidden states (0–1)")
-        ax.set_title(f"representational similarity, {_step_title(step)}", fontsize=10)
-    return _save(fig, path)
+    return _pair_panels(rows, path, x="layer", y="cka", xlabel="decoder block",
+                        ylabel="linear CKA of hidden states (0–1)", title="representational similarity")
 
 
 def _acc_group(model: str) -> str:

@@ -354,6 +354,8 @@ def _run_in_process(jobs: list[dict], bar) -> list:
 def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
     from tqdm import tqdm
 
+    from sweep import telemetry
+
     bar = tqdm(total=len(jobs), desc="geometry shards", unit="shard", disable=not progress)
     try:
         if not use_ray:
@@ -370,7 +372,9 @@ def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 try:
-                    done[pending.pop(ref)] = ray.get(ref)
+                    k = pending.pop(ref)
+                    done[k] = ray.get(ref)
+                    telemetry.geometry_pairs_done(len(jobs[k]["need_pairs"]) * len(jobs[k]["modules"]))
                 except ray.exceptions.RayTaskError as e:
                     for ref2 in pending:
                         ray.cancel(ref2)

@@ -27,7 +27,7 @@ from rollouts.datasets import Problem, load_problems_with_report
 from rollouts.engine import EngineOptions, shutdown_engines, start_engines, wait_ready
 from rollouts.prompts import build_messages, encode_prompts, render_prompts
 from rollouts.reward import score_many, warm_up
-from sweep import rundir
+from sweep import rundir, telemetry
 from sweep.errors import WsgError
 
 SHARD_DIR = "shards"
@@ -163,6 +163,7 @@ def _finish_shard(cfg, run, i, spec, problems, texts, results, stats: _Stats, pr
     el = stats.t_last - stats.t_first
     _log(progress, f"shard {i + 1}/{n_shards}: {len(rows)} samples, reward "
                    f"{sum(rewards) / max(len(rewards), 1):.3f}, {stats.tokens / el:.0f} tok/s so far")
+    telemetry.rollout_throughput(stats.tokens / el)  # the dashboard's wsg_rollout_tokens_per_s
 
 
 # ------------------------------------------------------------------- backends

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from sweep import rundir
+from sweep import rundir, telemetry
 from sweep.config import ONLINE_LOSSES, ExperimentConfig, config_hash, parse_config
 from sweep.errors import WsgError
 from train import checkpoint as ck
@@ -435,6 +435,9 @@ class OnlineWorker:
         row = self._step(s)
         row["sync_s"] = self.sync.push(self.policy) if sync else 0.0
         row["step_time_s"] += row["sync_s"]
+        loss = self.config["loss"]
+        telemetry.train_step(loss, s, float(row["loss"]), row["completion_tokens"] / max(row["train_s"], 1e-9))
+        telemetry.rollout_throughput(row["gen_tok_per_s"], stage="online")
         return row
 
     def _save_state(self, run: str, cid: str, step: int) -> None:
