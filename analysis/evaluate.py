@@ -178,18 +178,15 @@ def _start_engines(cfg, mode: str, adapters: list[Adapter], n_models: int) -> li
     `cpus_per_engine`, `gpus_per_engine`), never more engines than models."""
     import ray
 
-    from rollouts.stage import pool_size
+    from rollouts.stage import engine_options, pool_size
     from sweep.models import resolve_model
 
     ro = cfg.rollouts
     n, g = pool_size(ro.num_engines, cpus_per_engine=ro.cpus_per_engine, gpus_per_engine=ro.gpus_per_engine,
                      n_shards=n_models, resources=ray.cluster_resources())
     ranks = [int(rundir.read_json(rundir.join(a.path, "adapter_config.json"))["r"]) for a in adapters]
-    opts = EngineOptions(model=resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
-                         dtype=ro.dtype, seed=ro.seed, max_model_len=cfg.model.max_model_len,
-                         enforce_eager=ro.enforce_eager, enable_lora=mode == "lora",
-                         max_lora_rank=lora_rank_cap(ranks), max_loras=1,
-                         trust_remote_code=cfg.model.trust_remote_code)
+    opts = engine_options(cfg, resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
+                          enable_lora=mode == "lora", max_lora_rank=lora_rank_cap(ranks), max_loras=1)
     actor = ray.remote(EvalEngine).options(num_cpus=ro.cpus_per_engine, num_gpus=g,
                                            max_concurrency=1, max_restarts=0)
     engines = [actor.remote(opts) for _ in range(n)]

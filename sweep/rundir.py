@@ -40,12 +40,7 @@ def canonical(uri: str | os.PathLike) -> str:
     Stages run in Ray workers and Tune trials whose working directory is not
     the caller's, so a relative run path must never leave the CLI.
     """
-    s = str(uri)
-    if not is_local(s):
-        return s
-    if s.startswith("file://"):
-        s = s[len("file://"):]
-    return str(Path(s).expanduser().absolute())
+    return resolve(uri)[1] if is_local(str(uri)) else str(uri)
 
 
 def join(base: str, *parts: str) -> str:
