@@ -1,6 +1,6 @@
 """Rollout throughput: the stage vs raw vLLM vs transformers, same prompts.
 
-    .venv/bin/python bench/rollouts.py [--config configs/smoke.yaml] [--n-prompts N]
+    .venv/bin/python bench/rollouts.py [--config configs/smoke.yaml] [--n-prompts N] [--compiled]
 
 One process, one set of prompts (the config's data, chat-templated), the
 config's K / temperature / top-p / max tokens / dtype, measured in sequence:
@@ -18,6 +18,10 @@ config's K / temperature / top-p / max tokens / dtype, measured in sequence:
 3. transformers `generate` in a fresh process (sampling, K return sequences,
    left-padded batch, KV cache, torch threads = all cores): completion tokens
    up to and including EOS / generate() time.
+
+`--compiled` sets `rollouts.enforce_eager: false` for the stage and the raw
+baseline alike (torch.compile'd engines; the first start on a box compiles,
+later ones load wsg's compile cache: start-up is reported per row).
 
 Fresh processes keep one phase's memory and threads from the next. Ray starts
 its workers at a niceness of 15; phases 2 and 3 run at the engine actor's
@@ -67,7 +71,8 @@ def _subprocess_phase(phase: str, args, cfg_path: str, prompts_file: str, *, nic
 
     out = prompts_file + f".{phase}.json"
     cmd = [sys.executable, __file__, "--phase", phase, "--config", cfg_path, "--prompts-file", prompts_file,
-           "--out", out] + (["--n-prompts", str(args.n_prompts)] if args.n_prompts else [])
+           "--out", out] + (["--n-prompts", str(args.n_prompts)] if args.n_prompts else []) + (
+               ["--compiled"] if args.compiled else [])
     full_env = {**os.environ, **env}
     subprocess.run(cmd, env=full_env, check=True,
                    preexec_fn=(lambda: os.nice(nice - os.nice(0))) if nice > os.nice(0) else None)
@@ -146,6 +151,8 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="experiment YAML (default: configs/smoke.yaml)")
     ap.add_argument("--n-prompts", type=int, default=None, help="override data.n_prompts")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--compiled", action="store_true",
+                    help="compiled vLLM engines (rollouts.enforce_eager: false) for the stage and raw vLLM")
     ap.add_argument("--phase", choices=["raw_vllm", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -158,6 +165,8 @@ def main() -> None:
     cfg = load_config(cfg_path)
     if args.n_prompts:
         cfg.data.n_prompts = args.n_prompts
+    if args.compiled:
+        cfg.rollouts.enforce_eager = False
     path = resolve_model(cfg.rollouts.teacher or cfg.model.name)
     if args.phase:  # a child process: one baseline
         prompt_ids = json.loads(Path(args.prompts_file).read_text())
@@ -184,7 +193,8 @@ def main() -> None:
     res = {
         "config": str(args.config or default_config_path()), "model": cfg.model.name,
         "prompts": len(prompt_ids), "k": cfg.rollouts.k, "max_tokens": cfg.rollouts.max_tokens,
-        "dtype": cfg.rollouts.dtype, "cpus": os.cpu_count(), "nice": os.nice(0),
+        "dtype": cfg.rollouts.dtype, "enforce_eager": cfg.rollouts.enforce_eager, "cpus": os.cpu_count(),
+        "nice": os.nice(0),
         "stage": {"tokens": stage_tokens, "s": stage["gen_s"], "tok_s": stage["tok_s"],
                   "cpu_s": stage["engine_cpu_s"], "tok_per_cpu_s": stage_tokens / stage["engine_cpu_s"],
                   "engine_start_s": stage.get("engine_start_s"), "wall_s": round(stage["wall_s"], 2),

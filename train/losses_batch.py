@@ -94,7 +94,7 @@ class LossBatch:
         """The sub-batch of `rows` (a micro-batch). Pairs move with their rows
         and are re-indexed; a pair with only one row selected is an error,
         because a DPO term cannot be split."""
-        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.logprobs.device)
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -103,8 +103,8 @@ class LossBatch:
             else:
                 out[f.name] = v[rows_t]
         if self.pair_index is not None:
-            new_pos = torch.full((self.logprobs.shape[0],), -1, dtype=torch.long)
-            new_pos[rows_t] = torch.arange(rows_t.numel())
+            new_pos = torch.full((self.logprobs.shape[0],), -1, dtype=torch.long, device=rows_t.device)
+            new_pos[rows_t] = torch.arange(rows_t.numel(), device=rows_t.device)
             mapped = new_pos[self.pair_index.long()]
             inside = (mapped >= 0).all(dim=1)
             half = (mapped >= 0).any(dim=1) & ~inside
@@ -183,8 +183,8 @@ def group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """[B] mean of `values` over each row's group."""
     inv, g = _group_index(group_ids)
     v = values.float()
-    sums = torch.zeros(g, dtype=v.dtype).index_add_(0, inv, v)
-    counts = torch.zeros(g, dtype=v.dtype).index_add_(0, inv, torch.ones_like(v))
+    sums = torch.zeros(g, dtype=v.dtype, device=v.device).index_add_(0, inv, v)
+    counts = torch.zeros(g, dtype=v.dtype, device=v.device).index_add_(0, inv, torch.ones_like(v))
     return (sums / counts)[inv]
 
 
@@ -194,8 +194,8 @@ def group_std(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     inv, g = _group_index(group_ids)
     v = values.float()
     dev2 = (v - group_mean(v, group_ids)) ** 2
-    ss = torch.zeros(g, dtype=v.dtype).index_add_(0, inv, dev2)
-    counts = torch.zeros(g, dtype=v.dtype).index_add_(0, inv, torch.ones_like(v))
+    ss = torch.zeros(g, dtype=v.dtype, device=v.device).index_add_(0, inv, dev2)
+    counts = torch.zeros(g, dtype=v.dtype, device=v.device).index_add_(0, inv, torch.ones_like(v))
     var = torch.where(counts > 1, ss / (counts - 1).clamp(min=1), torch.zeros_like(ss))
     return var.sqrt()[inv]
 
@@ -203,7 +203,7 @@ def group_std(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
 def group_all(flags: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """[B] bool: every row of this row's group has the flag."""
     inv, g = _group_index(group_ids)
-    bad = torch.zeros(g, dtype=torch.float32).index_add_(0, inv, (~flags.bool()).float())
+    bad = torch.zeros(g, dtype=torch.float32, device=flags.device).index_add_(0, inv, (~flags.bool()).float())
     return (bad == 0)[inv]
 
 

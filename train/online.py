@@ -180,7 +180,10 @@ def engine_options(cfg: ExperimentConfig, strategy: str):
     return EngineOptions(
         model=resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
         dtype=cfg.rollouts.dtype, seed=cfg.rollouts.seed, max_model_len=cfg.model.max_model_len,
-        enforce_eager=cfg.rollouts.enforce_eager, enable_lora=strategy == "lora",
+        # A CPU engine stays eager: an online cell's generation gains ~10% from
+        # compiling, less than the compile costs a cell (docs/rollouts.md).
+        enforce_eager=cfg.rollouts.enforce_eager or cfg.online.engine_gpus == 0,
+        enable_lora=strategy == "lora",
         max_lora_rank=vllm_lora_rank(cfg.train.lora.r) if strategy == "lora" else 16,
         trust_remote_code=cfg.model.trust_remote_code)
 

@@ -38,13 +38,18 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
 
 def build_policy(cfg: ExperimentConfig, *, seed: int, device: torch.device | str = "cpu"):
     """The base model with a fresh LoRA adapter; same seed → same adapter init."""
-    from peft import LoraConfig, get_peft_model
-
     from sweep.models import load_causal_lm
 
-    lc = cfg.train.lora
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     base = load_causal_lm(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    return attach_lora(base, cfg.train.lora, seed=seed, device=device)
+
+
+def attach_lora(base, lc, *, seed: int, device: torch.device | str = "cpu"):
+    """`base` with a fresh LoRA adapter of config `lc` (cfg.train.lora), in
+    train mode on `device` (bench/gpu_check.py uses it on random-weight models)."""
+    from peft import LoraConfig, get_peft_model
+
     base.config.use_cache = False
     alpha = int(lc.alpha) if float(lc.alpha).is_integer() else float(lc.alpha)
     lora = LoraConfig(r=lc.r, lora_alpha=alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
@@ -130,6 +135,12 @@ class PolicyTrainer:
         from transformers import get_cosine_schedule_with_warmup
 
         self.policy, self.device, self.world = policy, torch.device(device), world_size
+        if self.device.type == "cuda":
+            # cuDNN's attention builds an execution plan for every new shape, and a
+            # cell's length-grouped forwards rarely repeat one: measured on an H200
+            # (bench/gpu_check.py), ~2.9 ms of CPU per attention call, most of a
+            # SmolLM2 step. Flash / memory-efficient SDPA have no such cost.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.max_grad_norm, self.autocast = max_grad_norm, autocast
         self.module = CompletionLogprobs(policy)
         self.deepspeed = deepspeed_stage is not None
@@ -231,7 +242,9 @@ def allreduce_sum(values: list[float], world: int) -> list[float]:
         return values
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces only CUDA tensors (gloo: CPU tensors).
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
     dist.all_reduce(t)
     return t.tolist()
 
