@@ -71,6 +71,13 @@ def engine_options(cfg, model_path: str, **overrides) -> EngineOptions:
     return EngineOptions(**kw)
 
 
+def first_submissions(n_engines: int, n_shards: int, depth: int = QUEUE_DEPTH) -> list[int]:
+    """The engine of each shard submitted up front: breadth first, so every
+    engine gets a shard before any gets a second (depth-first queueing left
+    the second engine of the default run idle), at most `depth` per engine."""
+    return [e for _ in range(depth) for e in range(n_engines)][:n_shards]
+
+
 def pool_size(num_engines, *, cpus_per_engine: float, gpus_per_engine: float,
               n_shards: int, resources: dict) -> tuple[int, float]:
     """(engines, GPUs per engine). "auto": one engine per `gpus_per_engine`
@@ -206,9 +213,8 @@ def _run_vllm(cfg, run, spec, shards, pending, stats, progress, path: str) -> di
 
         cpu0 = ray.get([e.cpu_seconds.remote() for e in engines])
         stats.t_first = time.perf_counter()
-        for _ in range(QUEUE_DEPTH):  # breadth first: every engine gets a shard before any gets two
-            for e in range(n):
-                submit(e)
+        for e in first_submissions(n, len(todo)):
+            submit(e)
         while inflight:
             [ref], _ = ray.wait(list(inflight), num_returns=1)
             i, e = inflight.pop(ref)
