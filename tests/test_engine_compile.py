@@ -100,6 +100,8 @@ def test_compiled_engine_reuses_its_cache_and_matches_eager(tmp_path):
 
     path = resolve_model("tiny-qwen3")
     cache = tmp_path / "wsg-cache"
+    if ray.is_initialized():  # this test needs its own runtime_env (WSG_CACHE for the actors)
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"WSG_CACHE": str(cache)}})
     try:

@@ -66,13 +66,14 @@ def tokenizer():
     return load_tokenizer("tiny-qwen3")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray for a module's tests. It stays up for the next module (one
+    start per session, shut down at exit by Ray itself); a module that needs
+    a process without Ray (test_train_validation) shuts it down, and the next
+    user starts it again here."""
     import ray
 
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
