@@ -171,22 +171,25 @@ def _random_model(shape: dict):
         return AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16)
 
 
-def throughput(name: str, *, steps: int, batch: int, max_len: int, zero: int | None = None) -> list[dict]:
+def throughput(name: str, *, steps: int, batch: int, max_len: int, zero: int | None = None,
+               ckpt: bool = False) -> list[dict]:
     shape = SHAPES[name]
     torch.cuda.empty_cache()
     base = _random_model(shape)
-    policy = attach_lora(base, _lora_cfg(PAPER_LORA["r"]), seed=42, device="cuda")
+    policy = attach_lora(base, _lora_cfg(PAPER_LORA["r"]), seed=42, device="cuda", gradient_checkpointing=ckpt)
     trainer = PolicyTrainer(policy, lr=5e-6, weight_decay=0.01, warmup_steps=0, max_steps=10**6, max_grad_norm=1.0,
                             device=torch.device("cuda"), micro_per_step=1, autocast=torch.bfloat16,
                             deepspeed_stage=zero, units_per_micro=batch)
     rng = np.random.default_rng(0)
     rows = []
     for loss in ("sft", "dpo"):
-        def micro():
+        rows_per_micro = max(batch, 2) if loss == "dpo" else batch  # a DPO micro-batch holds whole pairs
+
+        def micro(b=rows_per_micro):
             seqs = [rng.integers(10, shape["vocab_size"], size=128 + int(rng.integers(256, max_len - 127))).tolist()
-                    for _ in range(batch)]
-            pairs = [(i, i + batch // 2) for i in range(batch // 2)] if loss == "dpo" else None
-            return collate_sequences(seqs, [128] * batch, pad_id=0, rewards=[1.0] * batch, pair_index=pairs)
+                    for _ in range(b)]
+            pairs = [(i, i + b // 2) for i in range(b // 2)] if loss == "dpo" else None
+            return collate_sequences(seqs, [128] * b, pad_id=0, rewards=[1.0] * b, pair_index=pairs)
 
         spec, hyper = get_loss(loss), validate_hyper(loss)
         train_step(trainer, spec, hyper, [micro()], world=1)  # warm-up (kernels, allocator)
@@ -202,7 +205,8 @@ def throughput(name: str, *, steps: int, batch: int, max_len: int, zero: int | N
             times.append(time.perf_counter() - t0)
             tokens += mb.n_tokens
             assert math.isfinite(out["loss"]), out
-        row = {"model": name, "zero": zero, "loss": loss, "batch": batch, "max_len": max_len, "steps": steps,
+        row = {"model": name, "zero": zero, "ckpt": ckpt, "loss": loss, "rows": rows_per_micro, "max_len": max_len,
+               "steps": steps,
                "s_per_step": float(np.median(times)), "tok_s": tokens / sum(times),
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         print(json.dumps(row), flush=True)
@@ -262,7 +266,10 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", default="smollm2-135m,qwen3-4b", help="throughput shapes (comma list, may be empty)")
     ap.add_argument("--device", default="cuda", help="'cpu' dry-runs parts 1 and 2 without a GPU")
+    ap.add_argument("--parts", default="correctness,throughput,checkpointing,deepspeed",
+                    help="which parts to run (comma list)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     if args.device == "cpu":
         rows = correctness(args.tiny, "cpu")
         return 0 if all(r["ok"] for r in rows) else 1
@@ -272,18 +279,22 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     print(json.dumps(res), flush=True)
     t0 = time.perf_counter()
-    res["correctness"] = correctness(args.tiny, "cuda")
+    res["correctness"] = correctness(args.tiny, "cuda") if "correctness" in parts else []
     res["correctness_s"] = time.perf_counter() - t0
     res["throughput"] = []
     shapes = [s for s in args.shapes.split(",") if s]
-    for name in shapes:
+    runs = [(name, 4, False) for name in shapes if "throughput" in parts]
+    # Gradient checkpointing at the paper's batch, and at batch 1 (smaller GPUs).
+    runs += [(name, b, True) for name in shapes if name == "qwen3-4b" and "checkpointing" in parts for b in (4, 1)]
+    for name, batch, ckpt in runs:
         try:
-            res["throughput"] += throughput(name, steps=args.steps, batch=4, max_len=3072)
+            res["throughput"] += throughput(name, steps=args.steps, batch=batch, max_len=3072, ckpt=ckpt)
         except torch.OutOfMemoryError as exc:  # report, do not lose the rest
-            res["throughput"].append({"model": name, "error": f"out of memory: {exc}"[:300]})
+            res["throughput"].append({"model": name, "ckpt": ckpt, "error": f"out of memory: {exc}"[:300]})
     _write(args.out, res)  # before the DeepSpeed part, so that a crash there loses nothing
-    res["deepspeed"] = deepspeed_checks(args.tiny, steps=args.steps, max_len=3072,
-                                        shapes=[s for s in shapes if s == "qwen3-4b"])
+    res["deepspeed"] = (deepspeed_checks(args.tiny, steps=args.steps, max_len=3072,
+                                         shapes=[s for s in shapes if s == "qwen3-4b"])
+                        if "deepspeed" in parts else {})
     _write(args.out, res)
     ok = all(r["ok"] for r in res["correctness"] + res["deepspeed"].get("correctness", []))
     print(f"correctness: {'all ok' if ok else 'FAILED'}", flush=True)

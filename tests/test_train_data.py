@@ -239,6 +239,35 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, tokenizer, loss
         torch.testing.assert_close(weights[0][n], weights[1][n], atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["sft", "dpo"])
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, tokenizer, loss):
+    """train.gradient_checkpointing recomputes activations in the backward:
+    the same loss, grad norm and updated LoRA weights as without it."""
+    from train.losses import get_loss, validate_hyper
+    from train.steps import PolicyTrainer, build_policy, train_step
+
+    run = write_run(str(tmp_path), tokenizer, n_prompts=8)
+    outs, weights = [], []
+    for ckpt in (False, True):
+        cfg = tiny_cfg(max_seq_len=512, gradient_checkpointing=ckpt)
+        ts = build_train_set(cfg, run, loss=loss, tokenizer=tokenizer)
+        policy = build_policy(cfg, seed=5)
+        assert policy.get_base_model().is_gradient_checkpointing is ckpt
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+        trainer = PolicyTrainer(policy, lr=1e-2, weight_decay=0.01, warmup_steps=0, max_steps=4,
+                                max_grad_norm=1e9, device=torch.device("cpu"), micro_per_step=1)
+        outs.append(train_step(trainer, get_loss(loss), validate_hyper(loss), [collate(ts, np.arange(4))], world=1))
+        weights.append({n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad})
+    assert outs[0]["grad_norm"] > 0
+    assert outs[1]["loss"] == pytest.approx(outs[0]["loss"], rel=1e-6)
+    assert outs[1]["grad_norm"] == pytest.approx(outs[0]["grad_norm"], rel=1e-5)
+    for n in weights[0]:
+        torch.testing.assert_close(weights[1][n], weights[0][n], atol=1e-6, rtol=1e-6)
+
+
 def test_metrics_table_has_a_column_per_metric():
     from train.checkpoint import metrics_table
 

@@ -42,15 +42,20 @@ def build_policy(cfg: ExperimentConfig, *, seed: int, device: torch.device | str
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     base = load_causal_lm(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    return attach_lora(base, cfg.train.lora, seed=seed, device=device)
+    return attach_lora(base, cfg.train.lora, seed=seed, device=device,
+                       gradient_checkpointing=cfg.train.gradient_checkpointing)
 
 
-def attach_lora(base, lc, *, seed: int, device: torch.device | str = "cpu"):
+def attach_lora(base, lc, *, seed: int, device: torch.device | str = "cpu", gradient_checkpointing: bool = False):
     """`base` with a fresh LoRA adapter of config `lc` (cfg.train.lora), in
     train mode on `device` (bench/gpu_check.py uses it on random-weight models)."""
     from peft import LoraConfig, get_peft_model
 
     base.config.use_cache = False
+    if gradient_checkpointing:
+        # Non-reentrant: the frozen embeddings' outputs need no requires_grad hook,
+        # and the gradient equals the plain one (tests/test_train_data.py).
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     alpha = int(lc.alpha) if float(lc.alpha).is_integer() else float(lc.alpha)
     lora = LoraConfig(r=lc.r, lora_alpha=alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                       use_rslora=lc.use_rslora, bias="none", task_type="CAUSAL_LM")
