@@ -178,7 +178,7 @@ def _start_engines(cfg, mode: str, adapters: list[Adapter], n_models: int) -> li
     `cpus_per_engine`, `gpus_per_engine`), never more engines than models."""
     import ray
 
-    from rollouts.stage import engine_options, pool_size
+    from rollouts.stage import eager_unless_gpu, engine_options, pool_size
     from sweep.models import resolve_model
 
     ro = cfg.rollouts
@@ -187,10 +187,7 @@ def _start_engines(cfg, mode: str, adapters: list[Adapter], n_models: int) -> li
     ranks = [int(rundir.read_json(rundir.join(a.path, "adapter_config.json"))["r"]) for a in adapters]
     opts = engine_options(cfg, resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
                           enable_lora=mode == "lora", max_lora_rank=lora_rank_cap(ranks), max_loras=1,
-                          # A compiled graph is cached per weights folder: every merged
-                          # model would compile anew; on CPU that costs more than 64
-                          # greedy answers take (docs/rollouts.md).
-                          enforce_eager=ro.enforce_eager or g == 0)
+                          enforce_eager=eager_unless_gpu(cfg, g))
     actor = ray.remote(EvalEngine).options(num_cpus=ro.cpus_per_engine, num_gpus=g,
                                            max_concurrency=1, max_restarts=0)
     engines = [actor.remote(opts) for _ in range(n)]

@@ -31,6 +31,8 @@ print(r('tiny-qwen3'))"`).
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import math
 import os
@@ -44,7 +46,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sweep.config import parse_config  # noqa: E402
+from sweep.config import LoraCfg  # noqa: E402
 from train.data import collate_sequences  # noqa: E402
 from train.losses import LOSSES, get_loss, validate_hyper  # noqa: E402
 from train.steps import PolicyTrainer, attach_lora, train_step  # noqa: E402
@@ -62,8 +64,19 @@ SHAPES = {
 
 
 def _lora_cfg(r=8):
-    return parse_config({"model": {"name": "x"}, "train": {"lora": {**PAPER_LORA, "r": r, "alpha": 2 * r}},
-                         "grid": {"losses": ["sft"]}, "analysis": {"reference_loss": "sft"}}).train.lora
+    return LoraCfg(**{**PAPER_LORA, "r": r, "alpha": 2 * r})
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_base(tiny: str):
+    """The tiny model, read once; each step takes a deep copy (peft mutates it)."""
+    from sweep.models import load_causal_lm
+
+    return load_causal_lm(tiny, dtype=torch.float32)
+
+
+def _vocab(tiny: str) -> int:
+    return int(_tiny_base(tiny).config.vocab_size)
 
 
 # ----------------------------------------------------------------- 1 and 2
@@ -95,9 +108,7 @@ def _micro(data: dict, rows: list[int], pad: int):
 
 def _one_step(tiny: str, loss: str, data: dict, splits: list[list[int]], device: str, autocast,
               zero: int | None = None) -> dict:
-    from sweep.models import load_causal_lm
-
-    base = load_causal_lm(tiny, dtype=torch.float32)
+    base = copy.deepcopy(_tiny_base(tiny))
     policy = attach_lora(base, _lora_cfg(), seed=5, device="cpu")
     with torch.no_grad():  # a non-zero adapter: DPO's margin and the ratios are then non-trivial
         for n, p in policy.named_parameters():
@@ -121,10 +132,7 @@ def _rel(a: float, b: float) -> float:
 
 
 def correctness(tiny: str, device: str = "cuda") -> list[dict]:
-    from sweep.models import load_causal_lm
-
-    vocab = int(load_causal_lm(tiny).config.vocab_size)
-    data = _sequences(vocab, np.random.default_rng(0))
+    data = _sequences(_vocab(tiny), np.random.default_rng(0))
     whole, halves = [list(range(8))], [list(range(4)), list(range(4, 8))]
     rows = []
     for loss in sorted(LOSSES):
@@ -232,11 +240,8 @@ def deepspeed_checks(tiny: str, *, steps: int, max_len: int, shapes: list[str]) 
         import deepspeed
     except Exception as exc:  # noqa: BLE001 - reported, the rest of the check still counts
         return {"skipped": f"deepspeed not importable: {exc!r}"[:300]}
-    from sweep.models import load_causal_lm
-
     _one_rank_group()
-    vocab = int(load_causal_lm(tiny).config.vocab_size)
-    data = _sequences(vocab, np.random.default_rng(0))
+    data = _sequences(_vocab(tiny), np.random.default_rng(0))
     out = {"version": deepspeed.__version__, "correctness": [], "throughput": []}
     for zero in (2, 3):
         for loss in ("sft", "dpo", "online_grpo"):

@@ -123,10 +123,11 @@ def engine_env(work_dir: str, opts: EngineOptions, *, cpus: float | None = None)
         "VLLM_LOGGING_LEVEL": opts.log_level,
     }
     if not opts.enforce_eager:
-        env["VLLM_CACHE_ROOT"] = str(compile_cache_root())
+        root = compile_cache_root()
+        env["VLLM_CACHE_ROOT"] = str(root)
         env["VLLM_USE_AOT_COMPILE"] = "0"
         # What is reused is inductor's graph cache (by default under /tmp).
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_root() / "inductor")
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     if opts.cpu_threads_bind != "auto":
         env["VLLM_CPU_OMP_THREADS_BIND"] = opts.cpu_threads_bind
     elif opts.cpu_threads or (cpus is not None and cpus < (os.cpu_count() or 1)):

@@ -175,14 +175,13 @@ def worker_config(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: 
 def engine_options(cfg: ExperimentConfig, strategy: str):
     """The online engine: the policy's base model, LoRA enabled only for LoRA sync."""
     from rollouts.engine import EngineOptions
+    from rollouts.stage import eager_unless_gpu
     from sweep.models import resolve_model
 
     return EngineOptions(
         model=resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
         dtype=cfg.rollouts.dtype, seed=cfg.rollouts.seed, max_model_len=cfg.model.max_model_len,
-        # A CPU engine stays eager: an online cell's generation gains ~10% from
-        # compiling, less than the compile costs a cell (docs/rollouts.md).
-        enforce_eager=cfg.rollouts.enforce_eager or cfg.online.engine_gpus == 0,
+        enforce_eager=eager_unless_gpu(cfg, cfg.online.engine_gpus),
         enable_lora=strategy == "lora",
         max_lora_rank=vllm_lora_rank(cfg.train.lora.r) if strategy == "lora" else 16,
         trust_remote_code=cfg.model.trust_remote_code)
