@@ -1,0 +1,106 @@
+"""What identifies a grid cell, and its stable, readable id.
+
+A cell is one training run: a loss, the seed of its LoRA initialisation
+(`init_seed`), the seed of its data order and sampling (`data_seed`) and a
+learning rate. The seed paper (§3.4) shows that the LoRA init alone rotates
+ΔW more than the loss does, so the two seeds are separate axes: control
+cells that differ from a reference cell in only one of them measure the
+noise floor of every geometry number (docs/findings.md).
+
+Ids (the folder name under `<run>/cells/`):
+
+- `<loss>-s<seed>-lr<lr>` when init_seed == data_seed (every grid cell of a
+  config without controls), e.g. `dpo-s42-lr5e-07`;
+- `<loss>-i<init>-d<data>-lr<lr>` otherwise, e.g. `sft-i43-d42-lr1e-04`.
+
+The learning rate is written in numpy's shortest round-tripping scientific
+form, so parsing an id gives the same float back bit for bit.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from sweep.errors import WsgError
+
+# Loss names are lower-case words joined by underscores (never hyphens), so the
+# first "-s" / "-i" after the name unambiguously starts the seeds.
+_LOSS = r"[a-z][a-z0-9_]*"
+_LR = r"[0-9.]+(?:e[+-]?\d+)?"
+_SAME = re.compile(rf"^(?P<loss>{_LOSS})-s(?P<seed>-?\d+)-lr(?P<lr>{_LR})$")
+_SPLIT = re.compile(rf"^(?P<loss>{_LOSS})-i(?P<init>-?\d+)-d(?P<data>-?\d+)-lr(?P<lr>{_LR})$")
+
+
+def format_lr(lr: float) -> str:
+    return np.format_float_scientific(float(lr), trim="-", exp_digits=2)
+
+
+@dataclass(frozen=True)
+class CellKey:
+    """(loss, init_seed, data_seed, lr): everything that tells two cells of
+    one config apart. `seed` is the init seed (the grid's `seeds` axis sets
+    both seeds to the same value)."""
+
+    loss: str
+    init_seed: int
+    data_seed: int
+    lr: float
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(_LOSS, self.loss):
+            raise WsgError(f"loss name {self.loss!r} cannot form a cell id: use lower-case letters, digits and '_'")
+        for name in ("init_seed", "data_seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise WsgError(f"{name} must be an integer, got {v!r}")
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not np.isfinite(lr) or lr <= 0:
+            raise WsgError(f"learning rate must be a finite number > 0, got lr={lr!r}")
+        object.__setattr__(self, "init_seed", int(self.init_seed))
+        object.__setattr__(self, "data_seed", int(self.data_seed))
+        object.__setattr__(self, "lr", float(lr))
+
+    @classmethod
+    def of(cls, loss: str, seed: int, lr: float, *, init_seed: int | None = None,
+           data_seed: int | None = None) -> "CellKey":
+        """A cell from the grid's `seed`, with either seed overridden."""
+        return cls(loss, seed if init_seed is None else init_seed, seed if data_seed is None else data_seed, lr)
+
+    @property
+    def seed(self) -> int:
+        """The grid seed: the init seed (equal to data_seed outside controls)."""
+        return self.init_seed
+
+    @property
+    def id(self) -> str:
+        if self.init_seed == self.data_seed:
+            return f"{self.loss}-s{self.init_seed}-lr{format_lr(self.lr)}"
+        return f"{self.loss}-i{self.init_seed}-d{self.data_seed}-lr{format_lr(self.lr)}"
+
+    @classmethod
+    def parse(cls, cid: str) -> "CellKey":
+        """Inverse of `.id`."""
+        m = _SAME.match(cid)
+        if m:
+            return cls(m["loss"], int(m["seed"]), int(m["seed"]), float(m["lr"]))
+        m = _SPLIT.match(cid)
+        if m:
+            return cls(m["loss"], int(m["init"]), int(m["data"]), float(m["lr"]))
+        raise WsgError(f"{cid!r} is not a cell id of the form <loss>-s<seed>-lr<lr> (e.g. dpo-s42-lr5e-07) "
+                       "or <loss>-i<init_seed>-d<data_seed>-lr<lr>")
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "init_seed": self.init_seed, "data_seed": self.data_seed, "lr": self.lr}
+
+
+def cell_id(loss: str, seed: int, lr: float) -> str:
+    """`cell_id("dpo", 42, 5e-7) == "dpo-s42-lr5e-07"` (init seed = data seed)."""
+    return CellKey(loss, seed, seed, lr).id
+
+
+def parse_cell_id(cid: str) -> tuple[str, int, float]:
+    """(loss, init seed, lr) of an id; see CellKey.parse for both seeds."""
+    k = CellKey.parse(cid)
+    return k.loss, k.init_seed, k.lr

@@ -1,0 +1,179 @@
+"""Every path of a run directory, named in one place (docs/design.md, "Run layout").
+
+    <run>/config.yaml                    resolved config + its hash (first line)
+    <run>/stages/<stage>/_COMPLETE       a finished stage and its summary
+    <run>/logs/                          third-party output of the run's processes
+    <run>/rollouts/rollouts.parquet, pairs.parquet, shards/shard_<i>.parquet
+    <run>/cells/<cell_id>/               one training cell (CellLayout)
+    <run>/train_state/<cell_id>/         resume state (Ray Train storage, online state)
+    <run>/tune/grid/                     Ray Tune experiment state
+    <run>/eval/predictions.parquet, accuracy.parquet, mcnemar.parquet, models/<name>.parquet
+    <run>/geometry/<table>.parquet, .cache/
+    <run>/analysis/lmc.parquet, cka.parquet, logit_lens.parquet, parts/
+    <run>/report/index.html, figures/<name>.png
+
+A run is a local folder or an object-store URI; paths are joined with
+`rundir.join`, so both work. No other module joins run-directory path strings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sweep import rundir
+
+STAGES = ("rollouts", "grid", "eval", "functional", "geometry", "report")
+
+
+@dataclass(frozen=True)
+class CellLayout:
+    """`<run>/cells/<cell_id>/`: adapters, metrics and state files of one cell."""
+
+    root: str
+    cell_id: str
+
+    def step(self, n: int) -> str:
+        """A published PEFT adapter folder (complete when its marker exists)."""
+        return rundir.join(self.root, f"step_{int(n)}")
+
+    @property
+    def complete_marker(self) -> str:
+        return rundir.join(self.root, rundir.COMPLETE_MARKER)
+
+    @property
+    def spec(self) -> str:
+        """cell.json: the cell's identity (loss, variant, seeds, lr)."""
+        return rundir.join(self.root, "cell.json")
+
+    @property
+    def fingerprint(self) -> str:
+        return rundir.join(self.root, "fingerprint.json")
+
+    @property
+    def status(self) -> str:
+        return rundir.join(self.root, "status.json")
+
+    @property
+    def failed(self) -> str:
+        return rundir.join(self.root, "FAILED")
+
+    @property
+    def metrics(self) -> str:
+        return rundir.join(self.root, "metrics.parquet")
+
+    @property
+    def fault_marker(self) -> str:
+        """Written by the fault-injection hook of the fault-tolerance tests."""
+        return rundir.join(self.root, "_fault_injected")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: str
+
+    @classmethod
+    def of(cls, run: str) -> "RunLayout":
+        return cls(rundir.canonical(run))
+
+    def _p(self, *parts: str) -> str:
+        return rundir.join(self.root, *parts)
+
+    # -- run level -------------------------------------------------------------
+    @property
+    def config(self) -> str:
+        return self._p("config.yaml")
+
+    def stage_marker_dir(self, stage: str) -> str:
+        return self._p("stages", stage)
+
+    @property
+    def logs(self) -> str:
+        return self._p("logs")
+
+    # -- rollouts --------------------------------------------------------------
+    @property
+    def rollouts_dir(self) -> str:
+        return self._p("rollouts")
+
+    @property
+    def rollouts(self) -> str:
+        return self._p("rollouts", "rollouts.parquet")
+
+    @property
+    def pairs(self) -> str:
+        return self._p("rollouts", "pairs.parquet")
+
+    def rollout_shard(self, i: int) -> str:
+        return self._p("rollouts", "shards", f"shard_{i:05d}.parquet")
+
+    # -- training --------------------------------------------------------------
+    @property
+    def cells_dir(self) -> str:
+        return self._p("cells")
+
+    def cell(self, cell_id: str) -> CellLayout:
+        return CellLayout(self._p("cells", cell_id), cell_id)
+
+    def cell_ids(self) -> list[str]:
+        return rundir.listdir(self.cells_dir)
+
+    @property
+    def train_state_dir(self) -> str:
+        return self._p("train_state")
+
+    def train_state(self, cell_id: str) -> str:
+        return self._p("train_state", cell_id)
+
+    @property
+    def tune_dir(self) -> str:
+        return self._p("tune")
+
+    # -- evaluation ------------------------------------------------------------
+    @property
+    def eval_dir(self) -> str:
+        return self._p("eval")
+
+    def eval_table(self, name: str) -> str:
+        """predictions, accuracy, mcnemar."""
+        return self._p("eval", f"{name}.parquet")
+
+    def eval_model(self, model: str) -> str:
+        """One model's cached predictions."""
+        return self._p("eval", "models", f"{model}.parquet")
+
+    # -- geometry --------------------------------------------------------------
+    @property
+    def geometry_dir(self) -> str:
+        return self._p("geometry")
+
+    def geometry_table(self, name: str) -> str:
+        """adapter_modules, module_pairs, layer_pairs, global_pairs, noise_floors, convergence, claims."""
+        return self._p("geometry", f"{name}.parquet")
+
+    # -- functional analyses ---------------------------------------------------
+    @property
+    def functional_dir(self) -> str:
+        return self._p("analysis")
+
+    def functional_table(self, name: str) -> str:
+        """lmc, cka, logit_lens."""
+        return self._p("analysis", f"{name}.parquet")
+
+    def functional_part(self, kind: str, name: str) -> str:
+        return self._p("analysis", "parts", kind, name)
+
+    # -- report ------------------------------------------------------------------
+    @property
+    def report_dir(self) -> str:
+        return self._p("report")
+
+    @property
+    def report_index(self) -> str:
+        return self._p("report", "index.html")
+
+    def report_figure(self, name: str) -> str:
+        return self._p("report", "figures", name)
+
+    # -- relative names (tables read by the report, for messages) ----------------
+    def relative(self, path: str) -> str:
+        root = self.root.rstrip("/") + "/"
+        return path[len(root):] if path.startswith(root) else path

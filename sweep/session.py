@@ -1,0 +1,51 @@
+"""The one way wsg becomes a Ray driver.
+
+Every stage can run standalone (tests, `wsg eval`, a bench) or inside a
+running pipeline (which already holds a Ray session, possibly on a cluster).
+`connect` joins what this process already has, else the cluster named by
+`address` (`auto`, `host:port`, `ray://…`), else starts a *new* local
+instance: never silently the latest cluster started on this machine
+(Ray's default for `ray.init()` without an address, which would put one
+test's work on another's cluster).
+
+A local instance declares `wsg_trial_slot`, the custom resource grid trial
+drivers hold instead of CPU (sweep/grid.py), and starts the dashboard only
+when asked (the CLI asks; standalone stages do not).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+TRIAL_SLOT = "wsg_trial_slot"
+TRIAL_SLOTS = 1000
+
+
+def connect(address: str | None = None, *, dashboard: bool = False, log_to_driver: bool = True) -> bool:
+    """Make this process a Ray driver; True when this call started (or joined)
+    Ray, so the caller owns the session and shuts it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 log_to_driver=log_to_driver, resources={TRIAL_SLOT: TRIAL_SLOTS})
+    return True
+
+
+@contextlib.contextmanager
+def session(address: str | None = None, *, log_to_driver: bool = True) -> Iterator[bool]:
+    """`connect` for the length of a block; shuts down only what it started."""
+    import ray
+
+    started = connect(address, log_to_driver=log_to_driver)
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
