@@ -12,8 +12,12 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip"
 reqs="requirements/cpu.txt"
 [ $want_test = 1 ] && reqs="$reqs requirements/test.txt"
-stamp=".venv/.wsg-stamp-$(cat $reqs pyproject.toml | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
+stamp_of() { echo ".venv/.wsg-stamp-$(cat "$@" pyproject.toml | sha256sum | cut -c1-16)"; }
+stamp=$(stamp_of $reqs)
+# An install with the test requirements holds the whole CPU stack: it also
+# satisfies a plain setup (a local `ray up` node reuses the checkout's .venv).
+test_stamp=$(stamp_of requirements/cpu.txt requirements/test.txt)
+if [ ! -f "$stamp" ] && ! { [ $want_test = 0 ] && [ -f "$test_stamp" ]; }; then
   echo "setup: installing into .venv (first time: a few minutes, ~4 GB)"
   $PIP install -q --upgrade pip
   # torch first, alone: pip then takes the local CPU build (2.13.0+cpu) that
@@ -38,6 +42,23 @@ if [ $want_test = 1 ] && ! command -v chromium >/dev/null 2>&1; then
       || echo "setup: could not install chromium; the report browser test will be skipped"
   else
     echo "setup: chromium not found (apt-get install chromium); the report browser test will be skipped"
+  fi
+fi
+if [ $want_test = 1 ]; then
+  # The cluster tests (tests/test_cluster_up.py) start the OS's SSH server for
+  # `ray up` on loopback; Ray syncs file mounts with rsync and reaches an SSH
+  # port other than 22 through nc.
+  missing=""
+  [ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
+  command -v rsync >/dev/null 2>&1 || missing="$missing rsync"
+  command -v nc >/dev/null 2>&1 || missing="$missing netcat-openbsd"
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ]; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
+        || echo "setup: could not install$missing; the cluster tests will be skipped"
+    else
+      echo "setup:$missing not found (apt-get install$missing); the cluster tests will be skipped"
+    fi
   fi
 fi
 echo "setup: .venv ready"

@@ -1,0 +1,367 @@
+"""The cluster path as users take it (docs/cluster.md, "Try it on one machine").
+
+One cluster serves every test of this module, on this machine:
+
+- `ray up -y` of a local-provider file generated from cluster.yaml
+  (scripts/cluster_local.py) starts the head over SSH on loopback: the OS's
+  sshd on a free port with keys made here, its sessions' HOME a folder of
+  the test (never the user's ~/.ssh or home);
+- two worker nodes run cluster.yaml's worker start commands as separate
+  processes, each with its own Ray temp dir, CPUs and WSG_CACHE, so the head
+  (CPU 0, as in cluster.yaml) trains nothing;
+- run directories are s3:// URIs on moto's S3 server on loopback.
+
+Then: `ray exec`; `ray job submit` of `wsg run configs/tiny.yaml` watched
+through the dashboard's job API and the head's metrics endpoint, with a
+screenshot of the job page in headless Chromium; a second run driven from
+"the laptop" with `--address` during which a worker node's raylet is killed
+(the grid completes; a rerun skips everything; its adapters equal the first
+run's bit for bit); `wsg status`, `wsg report` and `wsg geometry --out s3://`
+against it; `ray down`. Every process started is ended by its pid.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _cluster import (CHROMIUM, ROOT, VENV_BIN, Chromium, Dashboard, S3Server, SSHServer, cluster_local,
+                      end, free_port, in_pid_namespace, metric_names, missing_tools, namespace_pids,
+                      raylet_of, tail)
+
+_missing = missing_tools()
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(bool(_missing), reason=f"needs {', '.join(_missing)} (scripts/setup.sh --test as root)")]
+
+CONFIG = "configs/tiny.yaml"
+WORKER_CPUS = 2          # an online cell holds a trainer and an engine CPU (sweep/grid.py cell_resources)
+JOB_TIMEOUT = 1500       # seconds; the tiny run takes minutes on a 2-core box
+
+
+def run_cli(argv: list[str], env: dict, log: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """A command of the user's shell ("the laptop"), output kept in `log`."""
+    p = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(argv)}\n{p.stdout}\n{p.stderr}\n[rc={p.returncode}]\n")
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(argv[:4])} ... exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@dataclass
+class Cluster:
+    root: Path
+    s3: S3Server
+    ssh: SSHServer
+    cluster_file: Path
+    laptop_env: dict
+    node_env: dict
+    dashboard: Dashboard
+    gcs_port: int
+    head_metrics_port: int
+    workers: dict = field(default_factory=dict)        # name -> unshare Popen
+    worker_metrics: dict = field(default_factory=dict)  # name -> metrics port
+    head_node_id: str = ""
+    down: bool = False
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def log(self) -> Path:
+        return self.root / "commands.log"
+
+    def ray(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        return run_cli([str(VENV_BIN / "ray"), *args], self.laptop_env, self.log, timeout, check)
+
+    def wsg(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        return run_cli([str(VENV_BIN / "wsg"), *args], self.laptop_env, self.log, timeout, check)
+
+    def worker_node_ids(self) -> dict[str, str]:
+        return {name: r[1] for name, p in self.workers.items() if (r := raylet_of(p))}
+
+    def alive_nodes(self) -> list[dict]:
+        status, body = self.dashboard.get("/api/v0/nodes?limit=100")
+        if status != 200 or not isinstance(body, dict):
+            return []
+        return [n for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+
+def _start_worker(c: Cluster, name: str, commands: list[str]) -> None:
+    """cluster.yaml's worker start commands, as the autoscaler runs them over
+    SSH (login shell, ~/.bashrc, RAY_HEAD_IP), in a PID namespace of the node's own."""
+    port = free_port()
+    node_opts = {"--temp-dir": str(c.root / name), "--num-cpus": WORKER_CPUS,
+                 "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": port}
+    cmds = [cluster_local.set_ray_start_options(x, node_opts) if "ray start" in x else x for x in commands]
+    script = ("source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore; "
+              + " && ".join(f"({x})" for x in cmds) + " || exit 1; exec sleep infinity")
+    env = {**c.node_env, "WSG_CACHE": str(c.root / f"cache-{name}"), "RAY_HEAD_IP": "127.0.0.1",
+           "PATH": os.environ["PATH"]}
+    c.workers[name] = in_pid_namespace(["bash", "-c", script], env, c.root / f"{name}.log")
+    c.worker_metrics[name] = port
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # A short root: Ray's unix sockets live under each node's temp dir (<= 107 bytes).
+    root = Path(tempfile.mkdtemp(prefix="wsgc-"))
+    c = None
+    s3 = ssh = None
+    try:
+        s3 = S3Server(root / "s3").start()
+        s3.make_bucket("wsg")
+        laptop, node = root / "laptop", root / "node"
+        laptop.mkdir()
+        node.mkdir()
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+        laptop_env = {**base, **s3.env, "HOME": str(laptop), "RAY_TMPDIR": str(root / "laptop-tmp"),
+                      "TMPDIR": str(root / "laptop-tmp"), "WSG_CACHE": str(root / "cache-laptop"),
+                      "RAY_AUTH_MODE": "token", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+        (root / "laptop-tmp").mkdir()
+        node_env = {**s3.env, "HOME": str(node), "RAY_TMPDIR": str(root / "node-tmp"),
+                    "WSG_CACHE": str(root / "cache-head")}
+        ssh = SSHServer(root / "ssh", node_env).start()
+        ports = {k: free_port() for k in ("gcs", "dashboard", "metrics", "client", "agent")}
+        cfile = root / "cluster-local.yaml"
+        c = Cluster(root, s3, ssh, cfile, laptop_env, node_env, Dashboard(ports["dashboard"], ""),
+                    ports["gcs"], ports["metrics"])
+        # docs/cluster.md: the token first, then the cluster file, then `ray up`.
+        c.ray("get-auth-token", "--generate")
+        run_cli([str(VENV_BIN / "python"), "scripts/cluster_local.py", "--out", str(cfile),
+                 "--ssh-key", str(ssh.client_key), "--ssh-port", str(ssh.port),
+                 "--name", f"wsg-test-{uuid.uuid4().hex[:8]}", "--temp-dir", str(root / "head"),
+                 "--gcs-port", str(ports["gcs"]), "--dashboard-port", str(ports["dashboard"]),
+                 "--metrics-port", str(ports["metrics"]), "--client-port", str(ports["client"]),
+                 "--agent-port", str(ports["agent"])], laptop_env, c.log)
+        t = time.time()
+        c.ray("up", "-y", str(cfile), timeout=900)
+        c.seconds["ray up"] = time.time() - t
+        c.dashboard.token = (node / ".ray" / "auth_token").read_text().strip()
+        for name in ("worker1", "worker2"):
+            _start_worker(c, name, yaml.safe_load(cfile.read_text())["worker_start_ray_commands"])
+        deadline = time.time() + 240
+        while len(c.alive_nodes()) < 3 or len(c.worker_node_ids()) < 2:
+            for name, p in c.workers.items():
+                assert p.poll() is None, f"{name} failed to start:\n{tail(root / f'{name}.log')}"
+            assert time.time() < deadline, f"3 nodes not alive in 240 s: {c.alive_nodes()}"
+            time.sleep(2)
+        c.head_node_id = next(n["node_id"] for n in c.alive_nodes() if n["is_head_node"])
+        c.seconds["cluster ready"] = time.time() - t
+        yield c
+    finally:
+        if c is not None and not c.down:
+            c.ray("down", "-y", str(c.cluster_file), timeout=300, check=False)
+        for p in (c.workers.values() if c else []):
+            end(p)
+        if ssh:
+            ssh.stop()
+        if s3:
+            s3.stop()
+        if c is not None:
+            print(f"\ncluster test timings (s): { {k: round(v) for k, v in c.seconds.items()} }")
+        keep = tmp_path_factory.getbasetemp() / "cluster-logs"
+        shutil.copytree(root, keep, ignore=shutil.ignore_patterns("session_*", "s3", "cache-*", "wsg", "*.sock"),
+                        dirs_exist_ok=True, ignore_dangling_symlinks=True, symlinks=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class JobRun:
+    run: str
+    submission_id: str
+    entrypoint: str
+    info: dict
+    logs: str
+    jobs: list
+    head_metrics: set
+    worker_metrics: set
+    seconds: float
+    screenshot: Path | None
+    page_text: str
+
+
+@pytest.fixture(scope="module")
+def job_run(cluster, tmp_path_factory) -> JobRun:
+    """`ray job submit` of the tiny study (docs/cluster.md step 3), watched as
+    a user watches it: the Jobs API, the metrics endpoints, the job page."""
+    c, run = cluster, "s3://wsg/job"
+    sid = f"wsg-tiny-{uuid.uuid4().hex[:6]}"
+    entry = f"wsg run {CONFIG} --run {run}"
+    t = time.time()
+    c.ray("job", "submit", "--address", c.dashboard.url, "--no-wait", "--submission-id", sid,
+          "--working-dir", ".", "--", *entry.split())
+    head_metrics, worker_metrics, jobs = set(), set(), []
+    while True:
+        status, info = c.dashboard.get(f"/api/jobs/{sid}")
+        assert status == 200, f"job API: {status} {info}"
+        if not jobs:
+            jobs = c.dashboard.get("/api/jobs/")[1]
+        head_metrics |= metric_names(c.head_metrics_port)
+        for port in c.worker_metrics.values():
+            worker_metrics |= metric_names(port)
+        if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        if time.time() - t > JOB_TIMEOUT:
+            c.ray("job", "stop", "--address", c.dashboard.url, sid, check=False)
+            break
+        time.sleep(3)
+    seconds = time.time() - t
+    c.seconds["job"] = seconds
+    logs = c.dashboard.get(f"/api/jobs/{sid}/logs")[1]
+    logs = logs.get("logs", "") if isinstance(logs, dict) else str(logs)
+    (c.root / "job.log").write_text(logs)
+    shot, text = None, ""
+    if CHROMIUM:
+        shot = c.root / "dashboard-job.png"
+        browser = Chromium(c.root / "chromium-profile", c.root / "chromium.log")
+        try:
+            login = browser.login(c.dashboard)
+            assert login["status"] == 200, login
+            browser.open(f"{c.dashboard.url}/#/jobs/{sid}")
+            text = browser.wait_text([sid, info["status"], "wsg run"], 60)
+            time.sleep(2)  # let the log panel and charts settle for the picture
+            browser.screenshot(shot)
+        finally:
+            browser.close()
+        keep = tmp_path_factory.getbasetemp() / "dashboard-job.png"
+        shutil.copy(shot, keep)
+        print(f"\ndashboard job page screenshot: {keep}")
+    return JobRun(run, sid, entry, info, logs, jobs if isinstance(jobs, list) else [], head_metrics,
+                  worker_metrics, seconds, shot, text)
+
+
+def cell_status(c: Cluster, run: str) -> dict[str, dict]:
+    import json
+
+    out = {}
+    for path in c.s3.files(f"{run}/cells"):
+        parts = path.split("/")
+        if len(parts) == 2 and parts[1] == "status.json":
+            out[parts[0]] = json.loads(c.s3.read(f"{run}/cells/{path}"))
+    return out
+
+
+def adapters(c: Cluster, run: str) -> dict[str, bytes]:
+    """cell/step_N/adapter_model.safetensors -> bytes, for every cell and checkpoint."""
+    return {p: c.s3.read(f"{run}/cells/{p}") for p in c.s3.files(f"{run}/cells")
+            if p.endswith("/adapter_model.safetensors")}
+
+
+# --- the tests ------------------------------------------------------------------------------
+def test_ray_up_job_submit_and_dashboard(cluster, job_run):
+    c, j = cluster, job_run
+    # `ray exec` runs on the head, in its environment: the three nodes with
+    # cluster.yaml's head resources (CPU 0, the trial slots) and the workers' CPUs.
+    out = c.ray("exec", str(c.cluster_file), "ray status").stdout
+    assert "wsg_trial_slot" in out and f"/{2 * WORKER_CPUS}.0 CPU" in out, out[-2000:]
+    # Token authentication is on: the job API refuses a request without the token.
+    assert c.dashboard.get("/api/jobs/", auth=False)[0] == 401
+    assert j.info["status"] == "SUCCEEDED", f"job {j.info['status']}: {j.info.get('message')}\n{j.logs[-4000:]}"
+    listed = [x for x in j.jobs if x.get("submission_id") == j.submission_id]
+    assert listed and listed[0]["entrypoint"] == j.entrypoint, j.jobs
+    assert "wsg: finished" in j.logs and "[grid] done" in j.logs, j.logs[-3000:]
+    # The run directory on the object store holds the whole study.
+    assert c.s3.exists(f"{j.run}/report/index.html")
+    # Custom metrics during the run: the driver (rollouts) and the grid's trial
+    # drivers live on the head, the cells' trainers on the workers.
+    assert {"wsg_rollout_tokens_per_s", "wsg_cells_done"} <= j.head_metrics, j.head_metrics
+    assert "wsg_train_step" in j.worker_metrics, j.worker_metrics
+    # Cells ran on the worker nodes, never on the head (status.json node_id).
+    statuses = cell_status(c, j.run)
+    workers = set(c.worker_node_ids().values())
+    assert statuses and all(s.get("node_id") in workers for s in statuses.values()), \
+        ({k: s.get("node_id") for k, s in statuses.items()}, c.head_node_id, workers)
+    if CHROMIUM:
+        assert j.screenshot.stat().st_size > 20_000, "the job page screenshot is (nearly) blank"
+        assert j.submission_id in j.page_text and "SUCCEEDED" in j.page_text, j.page_text[:2000]
+        assert j.entrypoint in j.page_text, j.page_text[:2000]
+
+
+def test_worker_killed_mid_grid_then_status_report_geometry(cluster, job_run):
+    c, ref = cluster, job_run
+    assert ref.info["status"] == "SUCCEEDED", "the reference run (the submitted job) did not finish"
+    run = "s3://wsg/killed"
+    address = f"127.0.0.1:{c.gcs_port}"
+    log = c.root / "driver.log"
+    t = time.time()
+    with open(log, "wb") as out:
+        driver = subprocess.Popen([str(VENV_BIN / "wsg"), "run", CONFIG, "--run", run, "--address", address],
+                                  env=c.laptop_env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    killed = done_before = None
+    try:
+        # Mid-grid: a cell is complete and another one's trainer runs on a worker node.
+        while killed is None and driver.poll() is None and time.time() - t < JOB_TIMEOUT:
+            done = [p.split("/")[0] for p in c.s3.files(f"{run}/cells") if p.endswith("/_COMPLETE")
+                    and p.count("/") == 1]
+            if done:
+                for name, ns in c.workers.items():
+                    if any("RayTrainWorker" in cmd for cmd in namespace_pids(ns).values()):
+                        pid, _ = raylet_of(ns)
+                        os.kill(pid, 9)  # the node's raylet, by pid
+                        killed, done_before = name, set(done)
+                        break
+            time.sleep(1)
+        assert killed, f"no worker node was running a cell after the first one finished:\n{tail(log)}"
+        rc = driver.wait(timeout=JOB_TIMEOUT)
+    finally:
+        end(driver)
+    c.seconds["killed run"] = time.time() - t
+    assert rc == 0, tail(log, 6000)
+    survivor = next(n for n in c.workers if n != killed)
+    ids = {n: r[1] for n, p in c.workers.items() if (r := raylet_of(p))}
+    assert killed not in ids and survivor in ids, ids
+
+    # Rerun: every stage and every cell is skipped.
+    t = time.time()
+    out = c.wsg("run", CONFIG, "--run", run, "--address", address).stdout
+    c.seconds["rerun"] = time.time() - t
+    assert "to run" in out and " 0 to run" in out and "[rollouts] complete, skipped" in out, out[-3000:]
+
+    # The adapters equal the uninterrupted run's, bit for bit, every cell and checkpoint.
+    mine, theirs = adapters(c, run), adapters(c, ref.run)
+    assert mine and sorted(mine) == sorted(theirs)
+    differ = [k for k in mine if mine[k] != theirs[k]]
+    assert not differ, f"adapters differ from the uninterrupted run: {differ}"
+
+    # Cells ran on worker nodes only; those finished after the kill on the survivor.
+    statuses = cell_status(c, run)
+    head = c.head_node_id
+    assert all(s.get("node_id") not in (None, head) for s in statuses.values()), statuses
+    after = [cid for cid in statuses if cid not in done_before]
+    assert after and all(statuses[cid]["node_id"] == ids[survivor] for cid in after), \
+        ({cid: statuses[cid].get("node_id") for cid in after}, ids)
+
+    # The object-store run from the laptop: status, report, geometry to s3.
+    status = c.wsg("status", run).stdout
+    assert status.count(" done") == len(statuses) and "not complete" not in status, status
+    assert "report:" in c.wsg("report", run).stdout
+    assert c.s3.exists(f"{run}/report/index.html")
+    t = time.time()
+    c.wsg("geometry", "--run", run, "--out", "s3://wsg/geometry-out", "--address", address)
+    c.seconds["geometry"] = time.time() - t
+    tables = c.s3.files("s3://wsg/geometry-out")
+    assert "global_pairs.parquet" in tables and "module_pairs.parquet" in tables, tables
+
+
+def test_ray_down_ends_the_cluster(cluster):
+    c = cluster
+    t = time.time()
+    c.ray("down", "-y", str(c.cluster_file), timeout=300)
+    c.seconds["ray down"] = time.time() - t
+    c.down = True
+    # `ray down` ran `ray stop` on the head: none of its Ray processes is left
+    # (the namespace holds only sshd and its sessions now).
+    left = [cmd for cmd in namespace_pids(c.ssh.proc).values() if "ray" in cmd.split()[0] or "/ray/" in cmd]
+    assert not left, left
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", c.dashboard.port)) != 0, "the dashboard still listens"
