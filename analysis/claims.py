@@ -1,0 +1,381 @@
+"""The seed paper's headline claims (arXiv 2606.23740) as checks on a run.
+
+One row per claim (per eval set for the accuracy claims): the paper's value,
+this run's value with its 95% CI, the matching noise floor, and a verdict
+that follows from them by one rule (RULE; docs/findings.md "Verdict rule"):
+
+- not_measured: a cell or table the claim needs is absent (the note says which);
+- fails: the CI lies entirely on the other side of the claim's test;
+- holds: the CI lies entirely on the claim's side AND the floor test passes;
+- inconclusive: otherwise (CI across the threshold, effect within the noise
+  floor, or the floor not measured).
+
+Each claim is measured at the last checkpoint step common to the cells it
+uses, and again at the previous common step (value_prev, verdict_prev), so a
+verdict that is still moving shows it. Cells are the run's "primary" cells:
+the (init seed, data seed) with the most losses and, among their LRs scaled
+back by each loss's lr_scale, the LR most losses share.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from itertools import combinations
+from statistics import NormalDist
+from typing import Callable, Optional
+
+import pyarrow as pa
+
+from analysis.findings import (F64, I64, STR, Ident, PairIndex, control_kind, identify, layer_sq_norms, ratio_ci,
+                               row_ident, rows_of, same_lr)
+from sweep.cells import CellKey
+
+RULE = ("not_measured if a needed cell/table is absent; fails if the CI lies on the other side of the test; "
+        "holds if the CI lies on the claim's side and the effect is beyond the noise floor; else inconclusive "
+        "(docs/findings.md)")
+TOL = 0.15               # "≈ x" for a cosine-like quantity: |value − x| <= TOL
+RATIO_TOL = 2.0          # "≈ x×" for a ratio: within a factor of 2
+ACC_MARGIN = 0.05        # accuracy "indistinguishable" needs every paired CI within ±5 points
+REWARD_WEIGHTED = ("rft", "rift", "offline_grpo")
+PAPER_OFFLINE = ("sft", "rft", "dft", "rift", "offline_grpo")
+LATE_BLOCKS = 5          # "the final five blocks" (§3.3)
+_Z95 = NormalDist().inv_cdf(0.975)
+
+CLAIMS_SCHEMA = pa.schema([
+    ("claim", STR), ("statement", STR), ("paper_value", STR), ("test", STR), ("step", I64), ("value", F64),
+    ("ci_low", F64), ("ci_high", F64), ("noise_floor", F64), ("floor_kind", STR), ("verdict", STR),
+    ("cells", pa.list_(STR)), ("cells_converged", pa.bool_()), ("prev_step", I64), ("value_prev", F64),
+    ("verdict_prev", STR), ("note", STR),
+])
+
+
+def _num(v) -> Optional[float]:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+@dataclass(frozen=True)
+class Test:
+    kind: str  # above | below | band
+    lo: float = -math.inf
+    hi: float = math.inf
+
+    def text(self) -> str:
+        return {"above": f">= {self.lo:g}", "below": f"<= {self.hi:g}"}.get(self.kind, f"in [{self.lo:g}, {self.hi:g}]")
+
+    def side(self, lo: float, hi: float) -> str:
+        """"on" (all of [lo, hi] passes), "other" (none does) or "straddle"."""
+        if self.kind == "above":
+            on, other = lo >= self.lo, hi < self.lo
+        elif self.kind == "below":
+            on, other = hi <= self.hi, lo > self.hi
+        else:
+            on, other = lo >= self.lo and hi <= self.hi, hi < self.lo or lo > self.hi
+        return "on" if on else "other" if other else "straddle"
+
+
+def above(t):
+    return Test("above", lo=t)
+
+
+def below(t):
+    return Test("below", hi=t)
+
+
+def band(lo, hi):
+    return Test("band", lo, hi)
+
+
+@dataclass
+class Measure:
+    step: Optional[int] = None
+    value: Optional[float] = None
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    cells: list = field(default_factory=list)
+    missing: str = ""        # non-empty: not_measured, names what is needed
+    floor: Optional[float] = None
+    floor_what: str = ""
+    floor_missing: str = ""  # why there is no floor: which control cells are needed
+    power_ok: Optional[bool] = None  # floor mode "power" (accuracy claims)
+    notes: list = field(default_factory=list)
+
+
+def judge(m: Measure, test: Test, floor_mode: Optional[str]) -> tuple[str, str]:
+    """The verdict rule (docs/findings.md). floor_mode: None (the claim is a
+    floor itself), "required" (the floor must be measured; it is reported,
+    not compared), "below"/"above" (the whole CI must lie below/above the
+    floor), "power" (accuracy: the paired CIs must exclude a 5-point gap)."""
+    if m.missing or m.value is None:
+        return "not_measured", m.missing or "no value"
+    lo = m.value if m.ci_low is None else m.ci_low
+    hi = m.value if m.ci_high is None else m.ci_high
+    what = "CI" if m.ci_low is not None else "value (no CI)"
+    side = test.side(lo, hi)
+    if side == "other":
+        return "fails", f"the {what} lies outside the test {test.text()}"
+    if side == "straddle":
+        return "inconclusive", f"the CI [{lo:.4g}, {hi:.4g}] straddles the test {test.text()}"
+    if floor_mode is None:
+        return "holds", ""
+    if floor_mode == "power":
+        return ("holds", "") if m.power_ok else (
+            "inconclusive", f"too few items: a paired accuracy difference of {ACC_MARGIN:.0%} is not excluded")
+    if m.floor is None:
+        return "inconclusive", f"noise floor not measured: {m.floor_missing}"
+    if floor_mode == "required" or (floor_mode == "below" and hi < m.floor) or (floor_mode == "above" and lo > m.floor):
+        return "holds", ""
+    return "inconclusive", f"not beyond the noise floor {m.floor:.4g} ({m.floor_what})"
+
+
+def paired_diff_ci(n: int, x_correct: int, y_correct: int, x_only: int, y_only: int, z: float = _Z95):
+    """acc_x − acc_y on the same n items and its 95% CI by Newcombe's (1998)
+    method 10 for paired data (Wilson score limits combined with the phi
+    correlation of the 2x2 table). x_only: items x got right and y wrong."""
+    if n <= 0:
+        return None, None, None
+
+    def wilson(k):
+        p = k / n
+        c = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return (p + z * z / (2 * n) - c) / (1 + z * z / n), (p + z * z / (2 * n) + c) / (1 + z * z / n)
+
+    p1, p2 = x_correct / n, y_correct / n
+    (l1, u1), (l2, u2) = wilson(x_correct), wilson(y_correct)
+    both = x_correct - x_only
+    neither = n - both - x_only - y_only
+    marg = x_correct * (n - x_correct) * y_correct * (n - y_correct)
+    phi = 0.0 if marg == 0 else (both * neither - x_only * y_only) / math.sqrt(marg)
+    d = p1 - p2
+    delta = math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    eps = math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return d, d - delta, d + eps
+
+
+def lmc_barrier(points: list[tuple[float, float]]) -> Optional[float]:
+    """max over interior α of CE(α) − the straight line between the endpoint
+    CEs (Frankle et al. 2020's barrier height); None without both endpoints
+    and an interior point."""
+    pts = dict(points)
+    if 0.0 not in pts or 1.0 not in pts or len(pts) < 3:
+        return None
+    return max(ce - ((1 - a) * pts[0.0] + a * pts[1.0]) for a, ce in pts.items() if 0 < a < 1)
+
+
+class Ctx:
+    """The run's tables, cells and control pairs, as the claims read them."""
+
+    def __init__(self, tables: dict, reference_loss: str = "sft", lr_scales: Optional[dict] = None):
+        self.rows = {k: rows_of(v) for k, v in tables.items()}
+        self.pairs = PairIndex(tables.get("global_pairs"))
+        self.layer_sq = layer_sq_norms(tables.get("adapter_modules"))
+        self.ref, self.scales = reference_loss, dict(lr_scales or {})
+        self.idents: dict[str, Ident] = {}
+        for r in self.rows.get("adapter_modules", []):
+            if r["adapter"] not in self.idents:
+                self._add(row_ident(r))
+        for r in self.rows.get("global_pairs", []):
+            for side in ("_a", "_b"):
+                if r["adapter" + side] not in self.idents:
+                    self._add(row_ident(r, side))
+        for k, cols in (("mcnemar", ("model_a", "model_b")), ("lmc", ("adapter_a", "adapter_b")),
+                        ("cka", ("adapter_a", "adapter_b"))):
+            for r in self.rows.get(k, []):
+                for c in cols:
+                    if r[c] not in self.idents:
+                        self._add(identify(r[c]))
+        self.by_cell: dict[tuple, dict[int, str]] = defaultdict(dict)
+        for i in self.idents.values():
+            self.by_cell[i.cell][i.step] = i.name
+        # Pair rows of the per-pair tables, by unordered pair (and eval set).
+        self.present = {k for k, v in tables.items() if v is not None}
+        self.by_pair = {k: defaultdict(list) for k in ("layer_pairs", "lmc", "cka")}
+        for k, idx in self.by_pair.items():
+            for r in self.rows.get(k, []):
+                idx[frozenset((r["adapter_a"], r["adapter_b"]))].append(r)
+        # Per pair and layer: Σ u1 dots, Σ v1 dots and their counts (NaN dots of
+        # a zero ΔW left out, as global_pairs' nanmean does): their CIs.
+        self.dots: dict[frozenset, dict[int, list]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0, 0, 0]))
+        for r in self.rows.get("module_pairs", []):
+            acc = self.dots[frozenset((r["adapter_a"], r["adapter_b"]))][int(r["layer"])]
+            for k, col in ((0, "u1_abs_dot"), (1, "v1_abs_dot")):
+                if _num(r.get(col)) is not None:
+                    acc[k] += r[col]
+                    acc[k + 2] += 1
+        self.mcnemar = {(r["dataset"], frozenset((r["model_a"], r["model_b"]))): r
+                        for r in self.rows.get("mcnemar", [])}
+        self.conv = {r["cell"]: r["converged"] for r in self.rows.get("convergence", [])}
+        self.has_conv = "convergence" in tables and tables["convergence"] is not None
+        self._choose_primary()
+
+    def _add(self, i: Optional[Ident]) -> None:
+        if i is not None:
+            self.idents.setdefault(i.name, i)
+
+    def grid_lr(self, cell: tuple) -> float:
+        return cell[3] / self.scales.get(cell[0], 1.0)
+
+    def _choose_primary(self) -> None:
+        seeds = defaultdict(set)
+        for c in self.by_cell:
+            seeds[(c[1], c[2])].add(c[0])
+        self.seeds = max(seeds, key=lambda s: (len(seeds[s]), s[0] == s[1], -s[0], -s[1])) if seeds else None
+        lrs = defaultdict(set)
+        for c in self.by_cell:
+            if (c[1], c[2]) == self.seeds:
+                lrs[round(math.log10(self.grid_lr(c)), 6)].add(c[0])
+        best = max((len(v) for v in lrs.values()), default=0)
+        tied = sorted(k for k, v in lrs.items() if len(v) == best)
+        self.lr = 10 ** tied[(len(tied) - 1) // 2] if tied else None  # lower median of the tied LRs
+
+    def cell(self, loss: str) -> Optional[tuple]:
+        """The primary cell of a loss: primary seeds, grid LR nearest the primary one."""
+        cands = [c for c in self.by_cell if c[0] == loss and (c[1], c[2]) == self.seeds]
+        return min(cands, key=lambda c: (abs(math.log(self.grid_lr(c) / self.lr)), c[3])) if cands else None
+
+    def need(self, loss: str) -> str:
+        at = f" at init seed {self.seeds[0]}, data seed {self.seeds[1]}" if self.seeds else ""
+        return f"needs a cell of {loss}{at} (grid.losses)"
+
+    def steps(self, *cells) -> list[int]:
+        sets = [set(self.by_cell.get(c, {})) for c in cells]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def resolve(self, cells: list, which: int, m: Measure) -> Optional[int]:
+        """The step for `which` (0 = last common step, 1 = the one before);
+        sets m.missing and returns None when there is none."""
+        common = self.steps(*cells)
+        if len(common) <= which:
+            m.missing = ("no checkpoint step common to " + ", ".join(_cell_id(c) for c in cells)
+                         if which == 0 else "no earlier common step")
+            return None
+        m.step = common[-1 - which]
+        m.cells = [self.by_cell[c][m.step] for c in cells]
+        return m.step
+
+    def name(self, cell, step) -> str:
+        return self.by_cell[cell][step]
+
+    def g(self, a: str, b: str, metric: str, *, of: Optional[str] = None):
+        """(value, ci_low, ci_high) of a global_pairs metric; metric "orth" is
+        the orthogonal fraction of adapter `of` off the other one."""
+        r = self.pairs.get(a, b)
+        if r is None:
+            return None
+        col = metric if metric != "orth" else ("orth_frac_b_off_a" if r["adapter_b"] == of else "orth_frac_a_off_b")
+        v = _num(r.get(col))
+        if v is None:
+            return None
+        lo, hi = _num(r.get(col + "_ci_low")), _num(r.get(col + "_ci_high"))
+        k = {"mean_u1_abs_dot": 0, "mean_v1_abs_dot": 1}.get(metric)
+        layers = self.dots.get(frozenset((a, b))) if k is not None and lo is None else None
+        if layers:
+            _, lo, hi = ratio_ci([x[k] for x in layers.values()], [x[k + 2] for x in layers.values()], root=False)
+        return v, lo, hi
+
+    # -- noise floors ------------------------------------------------------------
+    def control_pairs(self, loss: str, step: int, kind: str, lr: float, ratio: Optional[float] = None):
+        names = sorted(n for n, i in self.idents.items() if i.loss == loss and i.step == step)
+        out = []
+        for a, b in combinations(names, 2):
+            ia, ib = self.idents[a], self.idents[b]
+            if control_kind(ia, ib) != kind:
+                continue
+            if kind != "lr" and not same_lr(ia.lr, lr):
+                continue
+            if kind == "lr" and not (same_lr(ia.lr, lr) or same_lr(ib.lr, lr)):
+                continue
+            out.append((a, b))
+        if kind == "lr" and ratio and out:
+            dist = {p: abs(abs(math.log(self.idents[p[0]].lr / self.idents[p[1]].lr)) - abs(math.log(ratio)))
+                    for p in out}
+            out = [p for p in out if dist[p] <= min(dist.values()) + 1e-9]
+        return out
+
+    def add_floor(self, m: Measure, pair: tuple, fn: Callable[[str, str], Optional[float]], worst: str,
+                  kinds: Optional[tuple] = None) -> None:
+        """Set m.floor to the most conservative fn (worst = "min" or "max")
+        over the control pairs matching the claim's pair (cells `pair`) at
+        m.step. Default kinds: the data-seed control (the pair shares init and
+        data order, so data order is the noise it carries; the init-seed
+        control stands in when absent), plus the LR control when the pair's
+        LRs differ (DPO trains at a scaled LR, §2) and the init-seed control
+        when its init seeds differ."""
+        a, b = pair
+        floor_loss = next((x for x in (self.ref, "sft", a[0], b[0]) if any(
+            i.loss == x and i.step == m.step for i in self.idents.values())), self.ref)
+        base = a if a[0] == floor_loss else b if b[0] == floor_loss else self.cell(floor_loss)
+        lr = base[3] if base else self.lr
+        if kinds is None:
+            kinds = ("data_seed",) + (("lr",) if not same_lr(a[3], b[3]) else ()) + (
+                ("init_seed",) if a[1] != b[1] else ())
+        ratio = max(a[3], b[3]) / min(a[3], b[3])
+        pick = max if worst == "max" else min
+        vals, what, need = [], [], []
+        for kind in kinds:
+            got = [(p, v) for p in self.control_pairs(floor_loss, m.step, kind, lr, ratio) if (v := fn(*p)) is not None]
+            if not got and kind == "data_seed":
+                got = [(p, v) for p in self.control_pairs(floor_loss, m.step, "init_seed", lr)
+                       if (v := fn(*p)) is not None]
+                if got:
+                    m.notes.append("no data-seed control: the init-seed floor stands in (more conservative)")
+            if not got:
+                need.append(_control_need(floor_loss, kind, lr, ratio))
+                continue
+            p, v = pick(got, key=lambda x: x[1])
+            vals.append(v)
+            what.append(f"{floor_loss} {kind} control {p[0]} vs {p[1]}: {v:.4g}")
+        m.floor = pick(vals) if vals and not need else None
+        m.floor_missing = "; ".join(need)
+        m.floor_what = "; ".join(what)
+
+
+def _cell_id(cell) -> str:
+    return CellKey(*cell).id
+
+
+def _control_need(loss: str, kind: str, lr: float, ratio: float) -> str:
+    if kind == "lr":
+        return f"needs a control cell of {loss} at {ratio:g}x (or 1/{ratio:g}) the LR {lr:g} (grid.controls.lr_factors)"
+    return f"needs a control cell of {loss} at a second {kind.replace('_', ' ')} at lr {lr:g} (grid.controls.{kind}s)"
+
+
+def claims_table(tables: dict, *, reference_loss: str = "sft", lr_scales: Optional[dict] = None) -> pa.Table:
+    """The claims table from a run's tables (pa.Table or row lists, any may be
+    None): global_pairs, layer_pairs, adapter_modules, mcnemar, lmc, cka,
+    convergence. lr_scales: loss -> losses.<name>.lr_scale of the config."""
+    from analysis.claims_defs import CLAIMS  # the definitions import this module's rule and Ctx
+
+    ctx = Ctx(tables, reference_loss, lr_scales)
+    out = []
+    for spec in CLAIMS:
+        now, prev = spec.measure(ctx, 0), spec.measure(ctx, 1)
+        for label in now:
+            out.append(_row(ctx, spec, label, now[label], prev.get(label)))
+    return pa.Table.from_pylist(out, schema=CLAIMS_SCHEMA)
+
+
+def _row(ctx: Ctx, spec, label: str, m: Measure, p: Optional[Measure]) -> dict:
+    verdict, why = judge(m, spec.test, spec.floor_mode)
+    notes = [why] if why else []
+    notes += m.notes
+    vp = judge(p, spec.test, spec.floor_mode)[0] if p is not None and not p.missing else None
+    if vp and verdict != "not_measured" and vp != verdict:
+        notes.append(f"verdict at the previous step {p.step} was {vp}: not settled")
+    conv = None
+    if ctx.has_conv and m.cells:
+        cells = {identify(n).cell_id for n in m.cells if identify(n)}
+        if all(c in ctx.conv for c in cells):
+            conv = all(ctx.conv[c] for c in cells)
+            if not conv:
+                notes.append("not converged: " + ", ".join(sorted(c for c in cells if not ctx.conv[c])))
+    return {"claim": spec.id + (f"[{label}]" if label else ""), "statement": spec.statement,
+            "paper_value": spec.paper_value, "test": spec.test.text(), "step": m.step, "value": m.value,
+            "ci_low": m.ci_low, "ci_high": m.ci_high, "noise_floor": m.floor if spec.floor_mode else None,
+            "floor_kind": m.floor_what if spec.floor_mode else "", "verdict": verdict, "cells": m.cells,
+            "cells_converged": conv, "prev_step": p.step if p is not None and not p.missing else None,
+            "value_prev": p.value if p is not None and not p.missing else None, "verdict_prev": vp,
+            "note": "; ".join(x for x in notes if x)}
+
+
+__all__ = ["claims_table", "judge", "Test", "Measure", "Ctx", "paired_diff_ci", "lmc_barrier", "RULE"]
