@@ -246,15 +246,19 @@ def converged_verdict(steps: list[int], norms: dict[int, float], cos_to_final: d
     if cos is None or not (n_c > 0 and n_k > 0):
         return False, f"not assessable: ΔW is zero or the pair ({c}, {final}) is not in global_pairs"
     growth = n_k / n_c - 1
-    why = f"cos(step {c}, step {final}) = {cos:.4f} (>= {CONV_MIN_COS}), norm growth {growth:+.1%} (<= {CONV_MAX_GROWTH:.0%})"
-    ok = cos >= CONV_MIN_COS and growth <= CONV_MAX_GROWTH
+    ok_dir, ok_norm = cos >= CONV_MIN_COS, growth <= CONV_MAX_GROWTH
+    why = (f"cos(step {c}, step {final}) = {cos:.4f} {'>=' if ok_dir else '<'} {CONV_MIN_COS}, "
+           f"norm growth {growth:+.1%} {'<=' if ok_norm else '>'} {CONV_MAX_GROWTH:.0%}")
+    ok = ok_dir and ok_norm
     before = [s for s in steps if s < c and norms.get(s, 0.0) > 0]
     if before:
         e = before[-1]
         rate_last = math.log(n_k / n_c) / (final - c)
         rate_prev = math.log(n_c / norms[e]) / (c - e)
-        why += f", log-norm growth per step {rate_last:.2e} over ({c}, {final}] vs {rate_prev:.2e} over ({e}, {c}]"
-        ok = ok and rate_last <= rate_prev
+        slowing = rate_last <= rate_prev
+        why += (f", log-norm growth per step {rate_last:.2e} over ({c}, {final}] {'<=' if slowing else '>'} "
+                f"{rate_prev:.2e} over ({e}, {c}]")
+        ok = ok and slowing
     else:
         why += "; slowing not checkable (no checkpoint before the comparison one)"
     return ok, ("converged: " if ok else "not converged: ") + why
