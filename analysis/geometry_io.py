@@ -202,8 +202,9 @@ def content_hash(spec: AdapterSpec, chunk: int = 1 << 24) -> str:
 
 
 def load_factors(weights: str, mods: list[ModuleSpec]):
-    """Read only these modules' (B, A) tensors from one safetensors file, as
-    float32 torch tensors (per-tensor reads through safe_open)."""
+    """Read only these modules' (B, A) tensors from one safetensors file
+    (per-tensor reads through safe_open): float32 and float64 as stored,
+    half precisions widened to float32 (exactly)."""
     import torch
     from safetensors import safe_open
 
@@ -211,9 +212,9 @@ def load_factors(weights: str, mods: list[ModuleSpec]):
     try:
         with safe_open(weights, framework="pt") as f:
             for m in mods:
-                b = f.get_tensor(m.key_b).to(torch.float32)
-                a = f.get_tensor(m.key_a).to(torch.float32)
-                out.append((b, a))
+                b, a = f.get_tensor(m.key_b), f.get_tensor(m.key_a)
+                out.append(tuple(t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+                                 for t in (b, a)))
     except Exception as e:
         raise WsgError(f"cannot read LoRA tensors from {weights} ({type(e).__name__}: {e}); "
                        "the file is unreadable or corrupt: re-save the adapter") from None

@@ -75,7 +75,9 @@ def metadata(*, tool_version: str, config_hash: str, top_k: int, adapters: dict[
 
 
 def _orth_sq(inner, na2, nb2):
-    """||b - P_a b||^2 with P_a the projection onto span{dW_a} (zero if dW_a = 0)."""
+    """||b - P_a b||^2 = ||b||^2 - <a,b>^2/||a||^2, P_a the projection onto
+    span{dW_a} (zero if dW_a = 0). It cancels for near-colinear pairs: float64
+    inner products (to ~1e-15) keep sqrt(residual / ||b||^2) to ~1e-8."""
     with np.errstate(divide="ignore", invalid="ignore"):
         proj = np.where(na2 > 0, inner * inner / np.where(na2 > 0, na2, 1.0), 0.0)
     return np.maximum(nb2 - proj, 0.0)
@@ -86,8 +88,13 @@ def _ratio(num, den):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
+def _frac(resid, sq):
+    """sqrt(residual / norm^2), clipped to [0, 1] against rounding."""
+    return np.minimum(np.sqrt(_ratio(resid, sq)), 1.0)
+
+
 def _cosine(inner, sq_a, sq_b):
-    """Clipped to [-1, 1]: float32 cross Grams can put colinear pairs at 1 + 1e-7."""
+    """Clipped to [-1, 1]: rounding can put a colinear pair at 1 + 1e-16."""
     return np.clip(_ratio(inner, np.sqrt(sq_a * sq_b)), -1.0, 1.0)
 
 
@@ -163,8 +170,8 @@ def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
         "module": np.tile(mod_names, n_pair), "layer": np.tile(layers, n_pair), "proj": np.tile(projs, n_pair),
         "cosine": _cosine(inner, na2, nb2).ravel(), "principal_angles_deg": _lists(angles),
         "top1_angle_deg": top1.ravel(), "worst_angle_deg": worst.ravel(), "u1_abs_dot": u1.ravel(),
-        "v1_abs_dot": v1.ravel(), "orth_frac_b_off_a": np.sqrt(_ratio(ob2, nb2)).ravel(),
-        "orth_frac_a_off_b": np.sqrt(_ratio(oa2, na2)).ravel(),
+        "v1_abs_dot": v1.ravel(), "orth_frac_b_off_a": _frac(ob2, nb2).ravel(),
+        "orth_frac_a_off_b": _frac(oa2, na2).ravel(),
     }, MODULE_PAIRS)
 
     # Layer aggregates: sums over the layer's modules (one-hot module -> layer).
@@ -174,12 +181,12 @@ def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
     out["layer_pairs"] = _table({
         "adapter_a": np.repeat(a_names, len(uniq)), "adapter_b": np.repeat(b_names, len(uniq)),
         "layer": np.tile(uniq, n_pair).astype(np.int32), "cosine": _cosine(li, la2, lb2).ravel(),
-        "orth_frac_b_off_a": np.sqrt(_ratio(lob2, lb2)).ravel(), "orth_frac_a_off_b": np.sqrt(_ratio(loa2, la2)).ravel(),
+        "orth_frac_b_off_a": _frac(lob2, lb2).ravel(), "orth_frac_a_off_b": _frac(loa2, la2).ravel(),
     }, LAYER_PAIRS)
     gi, ga2, gb2 = inner.sum(1), na2.sum(1), nb2.sum(1)
     out["global_pairs"] = _table({
         "adapter_a": a_names, "adapter_b": b_names, "cosine": _cosine(gi, ga2, gb2),
-        "orth_frac_b_off_a": np.sqrt(_ratio(ob2.sum(1), gb2)), "orth_frac_a_off_b": np.sqrt(_ratio(oa2.sum(1), ga2)),
+        "orth_frac_b_off_a": _frac(ob2.sum(1), gb2), "orth_frac_a_off_b": _frac(oa2.sum(1), ga2),
         "median_top1_angle_deg": _nan_reduce(np.nanmedian, top1),
         "median_worst_angle_deg": _nan_reduce(np.nanmedian, worst),
         "mean_u1_abs_dot": _nan_reduce(np.nanmean, u1), "mean_v1_abs_dot": _nan_reduce(np.nanmean, v1),

@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--dir", default=None, help="where to put the synthetic adapters (default: a temp dir, removed)")
     ap.add_argument("--skip-in-process", action="store_true", help="skip the no-Ray child run (memory numbers)")
+    ap.add_argument("--skip-dense", action="store_true", help="skip the dense baseline (minutes of SVDs)")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args()
 
@@ -186,15 +187,17 @@ def main() -> None:
                     "peak_rss_growth_over_disk": (child["peak_rss"] - child["rss_after_imports"]) / size})
 
     names = sorted(grid)
-    dense = dense_costs(grid[names[0]], grid[names[1]], top_k=args.top_k, scale=alpha / args.rank)
+    dense = {} if args.skip_dense else dense_costs(grid[names[0]], grid[names[1]], top_k=args.top_k,
+                                                   scale=alpha / args.rank)
     print("\n== summary ==")
-    res["dense_sample"] = dense
-    res["dense_scaled_s"] = args.layers * sum(n * d["adapter_s"] + pairs * d["pair_s"] for d in dense.values())
-    res["dense_scaled_cpu_s"] = args.layers * sum(n * d["adapter_cpu_s"] + pairs * d["pair_cpu_s"]
-                                                  for d in dense.values())
-    res["speedup_vs_dense"] = res["dense_scaled_s"] / res["factored_ray_warm_s"]
-    res["speedup_vs_dense_cold"] = res["dense_scaled_s"] / res["factored_ray_cold_s"]
-    res["speedup_vs_dense_cpu"] = res["dense_scaled_cpu_s"] / res["factored_ray_warm_cpu_s"]
+    if dense:
+        res["dense_sample"] = dense
+        res["dense_scaled_s"] = args.layers * sum(n * d["adapter_s"] + pairs * d["pair_s"] for d in dense.values())
+        res["dense_scaled_cpu_s"] = args.layers * sum(n * d["adapter_cpu_s"] + pairs * d["pair_cpu_s"]
+                                                      for d in dense.values())
+        res["speedup_vs_dense"] = res["dense_scaled_s"] / res["factored_ray_warm_s"]
+        res["speedup_vs_dense_cold"] = res["dense_scaled_s"] / res["factored_ray_cold_s"]
+        res["speedup_vs_dense_cpu"] = res["dense_scaled_cpu_s"] / res["factored_ray_warm_cpu_s"]
     shutil.rmtree(work, ignore_errors=True)
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
@@ -215,10 +218,11 @@ def main() -> None:
     for proj, d in dense.items():
         print(f"dense {proj}: {d['adapter_s']:.2f} s per adapter-module (materialise + SVD), "
               f"{d['pair_s'] * 1e3:.1f} ms per pair-module")
-    print(f"dense baseline, scaled to {n} adapters x {args.layers} layers + {pairs} pairs: "
-          f"{res['dense_scaled_s']:.0f} s ({res['dense_scaled_cpu_s']:.0f} CPU s)")
-    print(f"speed-up factored vs dense: {res['speedup_vs_dense']:.0f}x warm, {res['speedup_vs_dense_cold']:.0f}x cold "
-          f"(wall); {res['speedup_vs_dense_cpu']:.0f}x in CPU seconds (warm)")
+    if dense:
+        print(f"dense baseline, scaled to {n} adapters x {args.layers} layers + {pairs} pairs: "
+              f"{res['dense_scaled_s']:.0f} s ({res['dense_scaled_cpu_s']:.0f} CPU s)")
+        print(f"speed-up factored vs dense: {res['speedup_vs_dense']:.0f}x warm, "
+              f"{res['speedup_vs_dense_cold']:.0f}x cold (wall); {res['speedup_vs_dense_cpu']:.0f}x in CPU seconds (warm)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

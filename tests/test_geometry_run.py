@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.linalg
 
-from analysis.geometry import read_metadata, run_geometry
+from analysis.geometry import CACHE_VERSION, read_metadata, run_geometry
 from analysis.geometry_io import lora_scale
 from analysis.geometry_tables import TABLES, effective_rank
 from sweep.errors import WsgError
@@ -61,9 +61,9 @@ def _check_against_dense(tables, dws):
         w = dws[row["adapter"]][row["module"]]
         s = np.linalg.svd(w, compute_uv=False)
         r = len(row["singular_values"])
-        np.testing.assert_allclose(row["singular_values"], s[:r], rtol=1e-6, atol=1e-12)
-        assert row["fro_norm"] == pytest.approx(np.linalg.norm(w), rel=1e-6)
-        assert row["effective_rank"] == pytest.approx(effective_rank(s[:r]), rel=1e-6)
+        np.testing.assert_allclose(row["singular_values"], s[:r], rtol=0, atol=1e-6)
+        assert row["fro_norm"] == pytest.approx(np.linalg.norm(w), abs=1e-6)
+        assert row["effective_rank"] == pytest.approx(effective_rank(s[:r]), abs=1e-6)
         assert row["layer"] == int(row["module"].split(".")[1]) and row["proj"] == row["module"].split(".")[2]
 
     mp = tables["module_pairs"].to_pylist()
@@ -76,14 +76,13 @@ def _check_against_dense(tables, dws):
         ua, _, vha = np.linalg.svd(wa, full_matrices=False)
         ub, _, vhb = np.linalg.svd(wb, full_matrices=False)
         ref = np.sort(np.degrees(scipy.linalg.subspace_angles(ua[:, :TOP_K], ub[:, :TOP_K])))
-        np.testing.assert_allclose(row["principal_angles_deg"], ref, atol=1e-3)
-        assert row["top1_angle_deg"] == pytest.approx(ref[0], abs=1e-3)
-        assert row["worst_angle_deg"] == pytest.approx(ref[-1], abs=1e-3)
-        assert row["u1_abs_dot"] == pytest.approx(abs(ua[:, 0] @ ub[:, 0]), abs=1e-5)
-        assert row["v1_abs_dot"] == pytest.approx(abs(vha[0] @ vhb[0]), abs=1e-5)
-        # sqrt(1 - cos^2): float32 cross Grams (cosine to ~1e-7) floor it at ~5e-4 for colinear pairs
-        assert row["orth_frac_b_off_a"] == pytest.approx(np.sqrt(_orth_sq(wa, wb) / np.sum(wb * wb)), abs=1e-3)
-        assert row["orth_frac_a_off_b"] == pytest.approx(np.sqrt(_orth_sq(wb, wa) / np.sum(wa * wa)), abs=1e-3)
+        np.testing.assert_allclose(row["principal_angles_deg"], ref, atol=1e-6)
+        assert row["top1_angle_deg"] == pytest.approx(ref[0], abs=1e-6)
+        assert row["worst_angle_deg"] == pytest.approx(ref[-1], abs=1e-6)
+        assert row["u1_abs_dot"] == pytest.approx(abs(ua[:, 0] @ ub[:, 0]), abs=1e-6)
+        assert row["v1_abs_dot"] == pytest.approx(abs(vha[0] @ vhb[0]), abs=1e-6)
+        assert row["orth_frac_b_off_a"] == pytest.approx(np.sqrt(_orth_sq(wa, wb) / np.sum(wb * wb)), abs=1e-6)
+        assert row["orth_frac_a_off_b"] == pytest.approx(np.sqrt(_orth_sq(wb, wa) / np.sum(wa * wa)), abs=1e-6)
 
     def agg(a, b, sel):
         va = np.concatenate([dws[a][m].ravel() for m in sel])
@@ -97,12 +96,12 @@ def _check_against_dense(tables, dws):
         sel = [m for m in mods if m.startswith(f"layers.{row['layer']}.")]
         cos, ob, oa = agg(row["adapter_a"], row["adapter_b"], sel)
         assert row["cosine"] == pytest.approx(cos, abs=1e-6)
-        assert (row["orth_frac_b_off_a"], row["orth_frac_a_off_b"]) == pytest.approx((ob, oa), abs=1e-3)
+        assert (row["orth_frac_b_off_a"], row["orth_frac_a_off_b"]) == pytest.approx((ob, oa), abs=1e-6)
     assert tables["layer_pairs"].num_rows == len(mp) // len(SHAPES)
     for row in tables["global_pairs"].to_pylist():
         cos, ob, oa = agg(row["adapter_a"], row["adapter_b"], mods)
         assert row["cosine"] == pytest.approx(cos, abs=1e-6)
-        assert (row["orth_frac_b_off_a"], row["orth_frac_a_off_b"]) == pytest.approx((ob, oa), abs=1e-3)
+        assert (row["orth_frac_b_off_a"], row["orth_frac_a_off_b"]) == pytest.approx((ob, oa), abs=1e-6)
         mine = [r for r in mp if (r["adapter_a"], r["adapter_b"]) == (row["adapter_a"], row["adapter_b"])]
         assert row["median_top1_angle_deg"] == pytest.approx(np.median([r["top1_angle_deg"] for r in mine]))
         assert row["median_worst_angle_deg"] == pytest.approx(np.median([r["worst_angle_deg"] for r in mine]))
@@ -130,8 +129,10 @@ def test_tables_match_dense_reference(grid, tmp_path):
     assert len(g) == 8
     for r in g:
         assert r["cosine"] == pytest.approx(1.0, abs=1e-6)
-        assert max(r["principal_angles_deg"]) < 0.05
-        assert r["orth_frac_b_off_a"] < 2e-3 and r["u1_abs_dot"] == pytest.approx(1.0, abs=1e-6)
+        # float32 storage of B R, R^-1 A perturbs dW by ~1e-7 of s_1: the true (dense) angles of
+        # the stored copies are up to ~3e-4 degree (checked to 1e-6 above); exact copies: test_geometry_exact
+        assert max(r["principal_angles_deg"]) < 1e-3
+        assert r["orth_frac_b_off_a"] <= 1e-6 and r["u1_abs_dot"] == pytest.approx(1.0, abs=1e-6)
         assert -1.0 <= r["cosine"] <= 1.0
     # rank 6 vs 4 with top_k 3: three angles; with top_k 10 they cap at the smaller rank
     rs = [r for r in tables["module_pairs"].to_pylist() if r["adapter_b"] == "rs"]
@@ -148,15 +149,15 @@ def _assert_tables_close(t1, t2):
         a, b = t1.column(name).to_pylist(), t2.column(name).to_pylist()
         if t1.schema.field(name).type in (pa.float64(), pa.list_(pa.float64())):
             flat = (lambda c: [x for v in c for x in v]) if isinstance(a[0], list) else (lambda c: c)
-            # near-zero angles come from arccos near 1: ~1e-4 degree rounding noise
-            atol = 1e-3 if "angle" in name else 1e-7
+            # an orthogonal fraction near 0 is the square root of a float64 residual: ~1e-8 absolute
+            atol = 1e-8 if name.startswith("orth_frac") else 1e-9
             np.testing.assert_allclose(np.array(flat(a), float), np.array(flat(b), float), rtol=1e-9, atol=atol)
         else:
             assert a == b
 
 
 def _cache_files(out, kind):
-    folder = os.path.join(out, ".cache", "geometry-v1")
+    folder = os.path.join(out, ".cache", CACHE_VERSION)
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(kind))
 
 
