@@ -237,7 +237,7 @@ def _late_cka(ctx: Ctx, a: str, b: str):
     if not rows:
         return None
     n = max(int(r["layer"]) for r in rows) + 1
-    late = [r["cka"] for r in rows if int(r["layer"]) >= n - n // 3]  # "from layer 25 of 36 onward"
+    late = [r["cka"] for r in rows if int(r["layer"]) >= n - max(1, n // 3)]  # "from layer 25 of 36 onward"
     return ratio_ci(late, [1.0] * len(late), root=False) if late else None
 
 

@@ -334,3 +334,34 @@ def seed_lr_panels(global_rows: list[dict], module_rows: list[dict], path: str) 
     ax.set_title("same loss and seed, two LRs", fontsize=10)
     _legend_or_note(ax, lr_pts, "one LR per loss and seed")
     return _save(fig, path)
+
+
+def convergence_curves(rows: list[dict], path: str) -> Optional[str]:
+    """Per cell (geometry/convergence.parquet): cosine of each checkpoint's ΔW
+    with the cell's final ΔW, and ‖ΔW‖ relative to the final one, vs step.
+    Cells flagged not converged (docs/findings.md) are drawn dashed."""
+    if not rows:
+        return None
+    from analysis.findings import CONV_MIN_COS
+
+    cells = sorted({r["cell"] for r in rows})
+    fig, axes = _panels(2, width=5.6, height=4.2)
+    for k, cell in enumerate(cells):
+        pts = sorted((r["step"], r["cos_final"], r["norm_frac_final"], r["converged"]) for r in rows
+                     if r["cell"] == cell)
+        steps = [p[0] for p in pts]
+        ls = "-" if pts[-1][3] else "--"
+        c = plt.cm.tab20(k % 20)
+        for ax, j in ((axes[0][0], 1), (axes[0][1], 2)):
+            ax.plot(steps, [np.nan if p[j] is None else p[j] for p in pts], marker="o", ms=3, ls=ls, color=c,
+                    label=cell + ("" if pts[-1][3] else " (not converged)"))
+    axes[0][0].axhline(CONV_MIN_COS, color="grey", lw=0.8, ls=":")
+    axes[0][0].set_ylabel("cos(ΔW at step, final ΔW) (unitless)")
+    axes[0][0].set_title(f"direction vs the final checkpoint (dotted: {CONV_MIN_COS})", fontsize=10)
+    axes[0][1].set_ylabel("‖ΔW‖_F at step / final ‖ΔW‖_F")
+    axes[0][1].set_title("norm vs the final checkpoint", fontsize=10)
+    for ax in axes[0]:
+        ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][1].legend(fontsize=6 if len(cells) > 8 else 7, loc="best")
+    return _save(fig, path)

@@ -1,9 +1,12 @@
 """The run's HTML report: `<run>/report/index.html` + `figures/*.png`.
 
-Built from whatever tables exist (DESIGN.md "Run directory"): each section
+Built from whatever tables exist (docs/analysis.md "Report"): each section
 names the table it needs and, when that table is absent, says so and which
-stage writes it, instead of failing. The page is self-contained offline:
-images by relative path, no scripts or styles from the network.
+stage writes it, instead of failing. The page opens with the seed paper's
+claims as checks (docs/findings.md), and every cross-loss global number is
+shown with its CI next to the matching noise floor. The page is
+self-contained offline: images by relative path, no scripts or styles from
+the network.
 """
 from __future__ import annotations
 
@@ -15,9 +18,12 @@ from collections import defaultdict
 from datetime import datetime, timezone
 
 from analysis import figures as F
+from analysis import report_findings as RF
 from analysis.adapters import BASE, describe, reference_pairs, Adapter
 from sweep import rundir
 
+_FINDINGS = ("the findings step that follows geometry (`wsg geometry --run RUN`; "
+             "analysis.findings.run_findings, docs/findings.md)")
 # key -> (path in the run, what writes it)
 TABLES = {
     "accuracy": ("eval/accuracy.parquet", "the eval stage (`wsg eval --run RUN`)"),
@@ -29,6 +35,9 @@ TABLES = {
     "lmc": ("analysis/lmc.parquet", "the functional stage (`wsg functional --run RUN`)"),
     "cka": ("analysis/cka.parquet", "the functional stage (`wsg functional --run RUN`)"),
     "logit_lens": ("analysis/logit_lens.parquet", "the functional stage (`wsg functional --run RUN`)"),
+    "claims": ("geometry/claims.parquet", _FINDINGS),
+    "convergence": ("geometry/convergence.parquet", _FINDINGS),
+    "noise_floors": ("geometry/noise_floors.parquet", _FINDINGS),
 }
 
 _CSS = """
@@ -40,6 +49,9 @@ td:first-child,th:first-child,td.s{text-align:left}summary{cursor:pointer;color:
 .missing{background:#fff4e0;border-left:4px solid #e69500;padding:.5em 1em}
 .meta td{text-align:left}img{max-width:100%;border:1px solid #eee}
 .sig{font-weight:bold}.note{color:#555;font-size:.9em}
+td.v-holds{background:#cdeccd}td.v-fails{background:#f6c9c9}td.v-inconclusive{background:#fbe8b0}
+td.v-not_measured{background:#e6e6e6;color:#555}.conv{border-left:4px solid #c0392b;padding:.5em 1em;background:#fbeeee}
+.ok{border-left:4px solid #2e8b57;padding:.5em 1em;background:#eef8f1}td.w{text-align:left;max-width:28em}
 """
 
 
@@ -106,6 +118,13 @@ def _fold(table_html: str, n_rows: int, what: str, *, open_below: int = 40) -> s
     """Long tables folded (<details>, no script needed), short ones open."""
     attr = " open" if n_rows < open_below else ""
     return f"<details{attr}><summary>{html.escape(what)} ({n_rows} rows)</summary>{table_html}</details>"
+
+
+def _ci(v, lo, hi) -> str:
+    """`value [lo, hi]`, or the value alone without a CI."""
+    if v is None:
+        return ""
+    return _fmt(v) + (f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None and hi is not None else "")
 
 
 def _missing(keys: list[str]) -> str:
@@ -188,15 +207,32 @@ def _render(run: str, out_dir: str) -> None:
                                       "p_value"], bold=lambda r: r["p_value"] < 0.05), len(rows),
                         "McNemar tests, smallest p first"))
 
+    def claims():
+        return RF.claims_section(t["claims"], t["convergence"], _fmt, _ci)
+
+    def convergence():
+        p = fig("convergence.png", F.convergence_curves, t["convergence"])
+        rows = RF.convergence_rows(t["convergence"], _fmt)
+        return (RF.convergence_note(t["convergence"], None, "cells")
+                + '<p class="note">Per cell: cosine of each checkpoint\'s ΔW with the final one and the norm growth; '
+                  'converged when the direction has settled (cos >= 0.99 with the last checkpoint at <= 80% of the '
+                  'final step) and the norm grows by <= 10% and no faster than before (docs/findings.md).</p>'
+                + _figure(p, "figures/convergence.png", "Direction and norm of ΔW over checkpoints, per cell.")
+                + _fold(_table(rows, list(rows[0]) if rows else ["cell"]), len(rows), "cells at their final step"))
+
+    def floors():
+        rows, cols = RF.floor_rows_for_table(t["noise_floors"], _fmt, _ci)
+        return ('<p class="note">The global metrics between two cells of one loss at one step that differ in one '
+                'factor only: the LoRA-init seed, the data-order seed, or the LR. A loss effect must exceed them.</p>'
+                + _fold(_table(rows, cols), len(rows), "control pairs"))
+
     def global_cos():
         p = fig("global_cosine.png", F.global_cosine_heatmap, t["global_pairs"], order=order)
         ref = {tuple(sorted(x)) for x in ref_pairs}
         rows = [r for r in t["global_pairs"] if (r["adapter_a"], r["adapter_b"]) in ref] or t["global_pairs"]
+        rows, cols, note = RF.global_rows(rows, t["noise_floors"], ref_loss, _fmt, _ci)
         return (_figure(p, "figures/global_cosine.png", "Global cosine of the LoRA updates ΔW (seed Fig. 1).")
-                + "<h3>Pairs with the reference loss</h3>"
-                + _table(rows, ["adapter_a", "adapter_b", "cosine", "orth_frac_b_off_a", "orth_frac_a_off_b",
-                                "median_top1_angle_deg", "median_worst_angle_deg", "mean_u1_abs_dot",
-                                "mean_v1_abs_dot"]))
+                + "<h3>Pairs with the reference loss, with CIs and noise floors</h3>" + note + _table(rows, cols))
 
     def layer_cos():
         p = fig("layer_cosine.png", F.layer_cosine, t["layer_pairs"], ref_pairs=ref_pairs)
@@ -237,9 +273,12 @@ def _render(run: str, out_dir: str) -> None:
         return ('<p class="note">Mean prediction depth: the first layer from which the logit-lens top-1 '
                 'prediction equals the final one and stays (seed §3.6).</p>' + _table(rows, cols))
 
+    section("Claims of the seed paper", ["claims"], claims)
+    section("Convergence", ["convergence"], convergence)
     section("Accuracy", ["accuracy"], accuracy)
     section("McNemar tests", ["mcnemar"], mcnemar)
     section("Global cosine of weight updates", ["global_pairs"], global_cos)
+    section("Noise floors", ["noise_floors"], floors)
     section("Per-layer cosine to the reference loss", ["layer_pairs"], layer_cos)
     section("Principal angles", ["module_pairs"], angles)
     section("Update norm and effective rank", ["adapter_modules"], norms)
@@ -262,10 +301,12 @@ def _render(run: str, out_dir: str) -> None:
                f'{", ".join("<code>" + TABLES[k][0] + "</code>" for k in absent)}.</div>')
     toc = "".join(f'<li><a href="#s{k}">{html.escape(title)}</a>{" (missing)" if miss else ""}</li>'
                   for k, (title, _, miss) in enumerate(sections))
-    body = "".join(f'<h2 id="s{k}">{html.escape(title)}</h2>{b}' for k, (title, b, _) in enumerate(sections))
+    parts = [f'<h2 id="s{k}">{html.escape(title)}</h2>{b}' for k, (title, b, _) in enumerate(sections)]
+    # The page opens with the claims; the run's identity and the contents follow.
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wsg report: "
             f"{html.escape(os.path.basename(str(run).rstrip('/')))}</title><style>{_CSS}</style></head><body>"
-            f"<h1>wsg report</h1>{meta}{summary}<ul>{toc}</ul>{body}</body></html>")
+            f"<h1>wsg report</h1>{parts[0]}<h2>Run</h2>{meta}{summary}<ul>{toc}</ul>{''.join(parts[1:])}"
+            "</body></html>")
     with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
         f.write(page)
 

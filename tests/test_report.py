@@ -58,6 +58,9 @@ def full_run(tmp_path_factory):
                  use_ray=False, progress=False)
     run_functional(cfg, run, progress=False, use_ray=False)
     write_random_eval(cfg, run, sorted(adapters))
+    from analysis.findings import run_findings
+
+    run_findings(cfg, run)
     return cfg, run, adapters
 
 
@@ -103,7 +106,7 @@ def test_full_report(full_run, tmp_path):
     imgs = _images(page)
     assert {os.path.basename(i) for i in imgs} == {
         "accuracy.png", "global_cosine.png", "layer_cosine.png", "principal_angles.png", "seed_lr.png",
-        "lmc.png", "cka.png"}
+        "lmc.png", "cka.png", "convergence.png"}
     for rel in imgs:
         assert not rel.startswith(("/", "http")), "images must be relative for an offline page"
         with open(os.path.join(run, "report", rel), "rb") as f:
@@ -120,6 +123,33 @@ def test_full_report(full_run, tmp_path):
 
     # Dataset cells: one per McNemar pair of the 12 models (base + 11 adapters), one per accuracy row.
     assert len(adapters) == 11 and page.count(">synthetic</td>") == 66 + 12
+
+    # The page opens with the claims: the first section, one row per claim of claims.parquet, each
+    # verdict coloured, the convergence sentence above the table.
+    claims = rundir.read_table(rundir.join(run, "geometry", "claims.parquet")).to_pylist()
+    first = page.index("<h2")
+    assert page[first:].startswith('<h2 id="s0">Claims of the seed paper</h2>') and first < page.index("<h2>Run</h2>")
+    for r in claims:
+        assert f'<td class="v-{r["verdict"]}">' in page and f'<td class="s">{r["claim"]}</td>' in page
+    assert page.count('<td class="v-') == len(claims) >= 19
+    conv = rundir.read_table(rundir.join(run, "geometry", "convergence.parquet")).to_pylist()
+    bad = {r["cell"] for r in conv if not r["converged"]}
+    claim_cells = {n.split("@")[0] for r in claims for n in r["cells"]}
+    if bad & claim_cells:
+        assert f"{len(bad & claim_cells)} of {len(claim_cells)} cells used by the claims have not converged" in page
+    else:
+        assert f"All {len(claim_cells)} cells used by the claims converged" in page
+    # Cross-loss pairs name the floor they lack: this grid has no data-seed control of sft (dpo's pair
+    # also needs the LR control, which sft lr1e-03 vs lr1e-04 provides, so only the data seed is named).
+    assert page.count("no sft control at another data seed (grid.controls)") == 4  # rft, dpo x 2 steps
+    assert "same loss, not a one-factor control" in page  # sft s42 vs s7: both seeds differ
+    # The noise floors section lists that LR control at both steps; the convergence section one row per cell.
+    floors = rundir.read_table(rundir.join(run, "geometry", "noise_floors.parquet")).to_pylist()
+    assert [(r["control"], r["adapter_a"], r["adapter_b"]) for r in floors] == [
+        ("lr", f"sft-s42-lr1e-03@{s}", f"sft-s42-lr1e-04@{s}") for s in (1, 2)]
+    assert page.count('<td class="s">lr</td>') == 2 and "Noise floors</h2>" in page
+    assert "Convergence</h2>" in page and page.count('<td class="s">not converged: cos(step 1, step 2)') + page.count(
+        '<td class="s">converged: cos(step 1, step 2)') == len({r["cell"] for r in conv})
 
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium): page not opened in a browser")
@@ -138,8 +168,12 @@ def test_partial_and_empty_report(full_run, tmp_path):
     for t in ("global_pairs", "adapter_modules"):
         shutil.copy(os.path.join(src, "geometry", f"{t}.parquet"), os.path.join(run, "geometry"))
     page = open(build_report(run), encoding="utf-8").read()
-    for key in ("accuracy", "mcnemar", "layer_pairs", "module_pairs", "lmc", "cka", "logit_lens"):
+    for key in ("accuracy", "mcnemar", "layer_pairs", "module_pairs", "lmc", "cka", "logit_lens", "claims",
+                "convergence", "noise_floors"):
         assert f"<code>{TABLES[key][0]}</code> is absent" in page
+    # An old run (no findings tables): the claims section still opens the page and names what writes it.
+    assert page[page.index("<h2"):].startswith('<h2 id="s0">Claims of the seed paper</h2>')
+    assert "the findings step that follows geometry" in page and "No floors:" in page
     assert {os.path.basename(i) for i in _images(page)} == {"global_cosine.png", "seed_lr.png"}
     for rel in _images(page):
         assert os.path.getsize(os.path.join(run, "report", rel)) > 1000
@@ -161,3 +195,35 @@ def test_missing_run_dir(tmp_path):
 
     with pytest.raises(WsgError, match="does not exist"):
         build_report(str(tmp_path / "nope"))
+
+
+def test_floor_next_to_cross_loss_pair():
+    """The floor shown next to a cross-loss pair: the reference loss's data-seed
+    control at the same step and LR, plus its LR control when the pair's LRs
+    differ; per metric the most conservative value. Hand-made rows."""
+    from analysis.findings import identify
+    from analysis.report import _ci, _fmt
+    from analysis.report_findings import global_rows, matching_floor
+
+    def floor(a, b, control, cos, orth, top1, u1, step=12):
+        return {"loss": "sft", "control": control, "step": step, "adapter_a": a, "adapter_b": b, "cosine": cos,
+                "orth_frac_b_off_a": orth, "orth_frac_a_off_b": orth - 0.1, "median_top1_angle_deg": top1,
+                "mean_u1_abs_dot": u1}
+
+    floors = [floor("sft-i42-d7-lr1e-04@12", "sft-s42-lr1e-04@12", "data_seed", 0.9, 0.4, 20.0, 0.95),
+              floor("sft-s42-lr1e-03@12", "sft-s42-lr1e-04@12", "lr", 0.55, 0.8, 30.0, 0.9),
+              floor("sft-i42-d7-lr1e-03@12", "sft-s42-lr1e-03@12", "data_seed", 0.1, 0.99, 80.0, 0.1),  # other LR
+              floor("sft-i42-d7-lr1e-04@6", "sft-s42-lr1e-04@6", "data_seed", 0.2, 0.9, 70.0, 0.2, step=6)]
+    sft, dpo, rft = (identify(n) for n in ("sft-s42-lr1e-04@12", "dpo-s42-lr1e-05@12", "rft-s42-lr1e-04@12"))
+    f = matching_floor(floors, sft, dpo, "sft")  # LRs differ: data-seed and LR controls
+    assert f == {"kinds": "data_seed, lr", "cosine": 0.55, "orth": 0.8, "top1": 30.0, "u1": 0.9}
+    f = matching_floor(floors, rft, sft, "sft")  # same LR: the data-seed control alone
+    assert (f["cosine"], f["orth"], f["top1"], f["u1"]) == (0.9, 0.4, 20.0, 0.95)
+    assert "missing" in matching_floor(floors[1:2], rft, sft, "sft")
+    row = {"adapter_a": "dpo-s42-lr1e-05@12", "adapter_b": "sft-s42-lr1e-04@12", "cosine": 0.06,
+           "cosine_ci_low": 0.02, "cosine_ci_high": 0.1, "orth_frac_b_off_a": 0.99, "orth_frac_a_off_b": 0.99,
+           "median_top1_angle_deg": 55.0, "mean_u1_abs_dot": 0.11, "mean_v1_abs_dot": 0.7}
+    out, cols, _ = global_rows([row], floors, "sft", _fmt, _ci)
+    assert out[0]["cosine [CI]"] == "0.06 [0.02, 0.1]" and out[0]["floor cosine"] == "0.55"
+    assert out[0]["floor from"] == "sft data_seed, lr control(s), same step" and "floor orth" in cols
+
