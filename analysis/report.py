@@ -52,6 +52,7 @@ td:first-child,th:first-child,td.s{text-align:left}summary{cursor:pointer;color:
 td.v-holds{background:#cdeccd}td.v-fails{background:#f6c9c9}td.v-inconclusive{background:#fbe8b0}
 td.v-not_measured{background:#e6e6e6;color:#555}.conv{border-left:4px solid #c0392b;padding:.5em 1em;background:#fbeeee}
 .ok{border-left:4px solid #2e8b57;padding:.5em 1em;background:#eef8f1}td.w{text-align:left;max-width:28em}
+td.c{text-align:left;white-space:nowrap;font-size:.8em}
 """
 
 

@@ -72,7 +72,7 @@ def claims_section(rows: list[dict], conv_rows, fmt, ci) -> str:
             f'<td>{ci(r["value"], r["ci_low"], r["ci_high"])}</td>'
             f'<td title="{_esc(r.get("floor_kind") or "")}">{fmt(r.get("noise_floor"))}</td>'
             f'<td>{"" if r["step"] is None else r["step"]}</td><td class="s">{prev}</td>'
-            f'<td class="s">{cells}</td><td class="w">{_esc(r.get("note") or "")}</td></tr>')
+            f'<td class="c">{cells}</td><td class="w">{_esc(r.get("note") or "")}</td></tr>')
     table = "<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" + "".join(body) + "</table>"
     return (convergence_note(conv_rows, _cells_of(rows), "cells used by the claims") + intro + table
             + '<p class="note">⚠: a cell behind this verdict has not converged. Hover a noise floor for the control '
