@@ -27,8 +27,8 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 
-from analysis.findings import (F64, I64, STR, Ident, PairIndex, control_kind, identify, layer_sq_norms, ratio_ci,
-                               row_ident, rows_of, same_lr)
+from analysis.findings import (F64, I64, STR, Ident, PairIndex, identify, layer_sq_norms, matching_controls, ratio_ci,
+                               relevant_controls, row_ident, rows_of, same_lr)
 from sweep.cells import CellKey
 
 RULE = ("not_measured if a needed cell/table is absent; fails if the CI lies on the other side of the test; "
@@ -106,8 +106,10 @@ def judge(m: Measure, test: Test, floor_mode: Optional[str]) -> tuple[str, str]:
     floor itself), "required" (the floor must be measured; it is reported,
     not compared), "below"/"above" (the whole CI must lie below/above the
     floor), "power" (accuracy: the paired CIs must exclude a 5-point gap)."""
-    if m.missing or m.value is None:
-        return "not_measured", m.missing or "no value"
+    if m.missing or _num(m.value) is None:
+        return "not_measured", m.missing or "no value (a zero or undefined ΔW)"
+    if _num(m.ci_low) is None or _num(m.ci_high) is None:
+        m.ci_low = m.ci_high = None
     lo = m.value if m.ci_low is None else m.ci_low
     hi = m.value if m.ci_high is None else m.ci_high
     what = "CI" if m.ci_low is not None else "value (no CI)"
@@ -166,7 +168,7 @@ class Ctx:
     """The run's tables, cells and control pairs, as the claims read them."""
 
     def __init__(self, tables: dict, reference_loss: str = "sft", lr_scales: Optional[dict] = None):
-        self.rows = {k: rows_of(v) for k, v in tables.items()}
+        self.rows = {k: rows_of(v) for k, v in tables.items() if k != "module_pairs"}
         self.pairs = PairIndex(tables.get("global_pairs"))
         self.layer_sq = layer_sq_norms(tables.get("adapter_modules"))
         self.ref, self.scales = reference_loss, dict(lr_scales or {})
@@ -195,13 +197,7 @@ class Ctx:
                 idx[frozenset((r["adapter_a"], r["adapter_b"]))].append(r)
         # Per pair and layer: Σ u1 dots, Σ v1 dots and their counts (NaN dots of
         # a zero ΔW left out, as global_pairs' nanmean does): their CIs.
-        self.dots: dict[frozenset, dict[int, list]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0, 0, 0]))
-        for r in self.rows.get("module_pairs", []):
-            acc = self.dots[frozenset((r["adapter_a"], r["adapter_b"]))][int(r["layer"])]
-            for k, col in ((0, "u1_abs_dot"), (1, "v1_abs_dot")):
-                if _num(r.get(col)) is not None:
-                    acc[k] += r[col]
-                    acc[k + 2] += 1
+        self.dots = _layer_dots(tables.get("module_pairs"))
         self.mcnemar = {(r["dataset"], frozenset((r["model_a"], r["model_b"]))): r
                         for r in self.rows.get("mcnemar", [])}
         self.conv = {r["cell"]: r["converged"] for r in self.rows.get("convergence", [])}
@@ -276,39 +272,21 @@ class Ctx:
     # -- noise floors ------------------------------------------------------------
     def control_pairs(self, loss: str, step: int, kind: str, lr: float, ratio: Optional[float] = None):
         names = sorted(n for n, i in self.idents.items() if i.loss == loss and i.step == step)
-        out = []
-        for a, b in combinations(names, 2):
-            ia, ib = self.idents[a], self.idents[b]
-            if control_kind(ia, ib) != kind:
-                continue
-            if kind != "lr" and not same_lr(ia.lr, lr):
-                continue
-            if kind == "lr" and not (same_lr(ia.lr, lr) or same_lr(ib.lr, lr)):
-                continue
-            out.append((a, b))
-        if kind == "lr" and ratio and out:
-            dist = {p: abs(abs(math.log(self.idents[p[0]].lr / self.idents[p[1]].lr)) - abs(math.log(ratio)))
-                    for p in out}
-            out = [p for p in out if dist[p] <= min(dist.values()) + 1e-9]
-        return out
+        pairs = [(self.idents[a], self.idents[b]) for a, b in combinations(names, 2)]
+        return [(a.name, b.name) for a, b in matching_controls(pairs, kind, lr, ratio)]
 
     def add_floor(self, m: Measure, pair: tuple, fn: Callable[[str, str], Optional[float]], worst: str,
                   kinds: Optional[tuple] = None) -> None:
         """Set m.floor to the most conservative fn (worst = "min" or "max")
         over the control pairs matching the claim's pair (cells `pair`) at
-        m.step. Default kinds: the data-seed control (the pair shares init and
-        data order, so data order is the noise it carries; the init-seed
-        control stands in when absent), plus the LR control when the pair's
-        LRs differ (DPO trains at a scaled LR, §2) and the init-seed control
-        when its init seeds differ."""
+        m.step. Default kinds: findings.relevant_controls (the init-seed
+        control stands in for an absent data-seed one: more conservative)."""
         a, b = pair
         floor_loss = next((x for x in (self.ref, "sft", a[0], b[0]) if any(
             i.loss == x and i.step == m.step for i in self.idents.values())), self.ref)
         base = a if a[0] == floor_loss else b if b[0] == floor_loss else self.cell(floor_loss)
         lr = base[3] if base else self.lr
-        if kinds is None:
-            kinds = ("data_seed",) + (("lr",) if not same_lr(a[3], b[3]) else ()) + (
-                ("init_seed",) if a[1] != b[1] else ())
+        kinds = kinds or relevant_controls(a, b)
         ratio = max(a[3], b[3]) / min(a[3], b[3])
         pick = max if worst == "max" else min
         vals, what, need = [], [], []
@@ -328,6 +306,30 @@ class Ctx:
         m.floor = pick(vals) if vals and not need else None
         m.floor_missing = "; ".join(need)
         m.floor_what = "; ".join(what)
+
+
+def _layer_dots(module_pairs) -> dict[frozenset, dict[int, tuple]]:
+    """pair -> layer -> (Σ u1 dots, Σ v1 dots, n u1, n v1), grouped in Arrow
+    (module_pairs has pairs x modules rows: ~650k on the paper's grid)."""
+    import pyarrow.compute as pc
+
+    if module_pairs is None:
+        return {}
+    t = module_pairs if isinstance(module_pairs, pa.Table) else pa.Table.from_pylist(list(module_pairs))
+    if not t.num_rows:
+        return {}
+    cols = {}
+    for c in ("u1_abs_dot", "v1_abs_dot"):
+        x = t.column(c).cast(pa.float64())
+        cols[c] = pc.if_else(pc.is_nan(x), pa.scalar(None, pa.float64()), x)  # nanmean, as global_pairs
+    g = pa.table({"a": t.column("adapter_a"), "b": t.column("adapter_b"), "layer": t.column("layer"), **cols}) \
+        .group_by(["a", "b", "layer"]).aggregate([("u1_abs_dot", "sum"), ("v1_abs_dot", "sum"),
+                                                  ("u1_abs_dot", "count"), ("v1_abs_dot", "count")])
+    out: dict[frozenset, dict[int, tuple]] = defaultdict(dict)
+    for r in g.to_pylist():
+        out[frozenset((r["a"], r["b"]))][int(r["layer"])] = (
+            r["u1_abs_dot_sum"] or 0.0, r["v1_abs_dot_sum"] or 0.0, r["u1_abs_dot_count"], r["v1_abs_dot_count"])
+    return dict(out)
 
 
 def _cell_id(cell) -> str:

@@ -371,3 +371,18 @@ def test_paired_ci_coverage():
         _, lo, hi = paired_diff_ci(n, both + xo, both + yo, xo, yo)
         hits += lo <= p_x - p_y <= hi
     assert 0.93 <= hits / reps <= 0.975
+
+
+def test_u1_ci_from_module_pairs_leaves_out_nan():
+    """u1/v1 CIs come from module_pairs by layer; a NaN dot (a zero ΔW) is left
+    out as global_pairs' nanmean does, so equal dots give a zero-width CI."""
+    from analysis.claims import Ctx
+
+    a, b = "sft-s42-lr1e-04@1", "sft-s43-lr1e-04@1"
+    mp = [{"adapter_a": a, "adapter_b": b, "layer": layer, "u1_abs_dot": u, "v1_abs_dot": 0.1 * (layer + 1)}
+          for layer, us in enumerate(([0.2, float("nan")], [0.2, 0.2], [0.2, 0.2])) for u in us]
+    gp = [{"adapter_a": a, "adapter_b": b, "cosine": 0.1, "mean_u1_abs_dot": 0.2, "mean_v1_abs_dot": 0.2}]
+    ctx = Ctx({"global_pairs": pa.Table.from_pylist(gp), "module_pairs": pa.Table.from_pylist(mp)})
+    assert ctx.g(a, b, "mean_u1_abs_dot") == pytest.approx((0.2, 0.2, 0.2))
+    v, lo, hi = ctx.g(a, b, "mean_v1_abs_dot")
+    assert v == 0.2 and 0.1 <= lo < 0.2 < hi <= 0.3  # layer means 0.1, 0.2, 0.3 resampled
