@@ -385,4 +385,4 @@ def test_u1_ci_from_module_pairs_leaves_out_nan():
     ctx = Ctx({"global_pairs": pa.Table.from_pylist(gp), "module_pairs": pa.Table.from_pylist(mp)})
     assert ctx.g(a, b, "mean_u1_abs_dot") == pytest.approx((0.2, 0.2, 0.2))
     v, lo, hi = ctx.g(a, b, "mean_v1_abs_dot")
-    assert v == 0.2 and 0.1 <= lo < 0.2 < hi <= 0.3  # layer means 0.1, 0.2, 0.3 resampled
+    assert v == 0.2 and 0.1 - 1e-12 <= lo < 0.2 < hi <= 0.3 + 1e-12  # layer means 0.1, 0.2, 0.3 resampled
