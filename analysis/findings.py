@@ -110,6 +110,35 @@ def control_kind(a: Optional[Ident], b: Optional[Ident]) -> Optional[str]:
     return diff[0] if len(diff) == 1 else None
 
 
+def relevant_controls(a: tuple, b: tuple) -> tuple[str, ...]:
+    """The control kinds whose floor a pair of cells (loss, init, data, lr)
+    must beat: the data-seed control always (a cross-loss pair shares init
+    and data order; reshuffling the data is the noise it could carry), the
+    LR control when the LRs differ (DPO trains at a scaled LR, seed §2), the
+    init-seed control when the init seeds differ."""
+    return ("data_seed",) + (("lr",) if not same_lr(a[3], b[3]) else ()) + (("init_seed",) if a[1] != b[1] else ())
+
+
+def matching_controls(pairs: Iterable[tuple[Ident, Ident]], kind: str, lr: float,
+                      ratio: Optional[float] = None) -> list[tuple[Ident, Ident]]:
+    """The control pairs of `kind` that match a claim or a table row: seed
+    controls at the reference cell's LR; LR controls with one side at it,
+    those whose LR ratio is nearest `ratio` (e.g. 10 for DPO at 0.1x)."""
+    out = []
+    for a, b in pairs:
+        if control_kind(a, b) != kind:
+            continue
+        if kind != "lr" and not same_lr(a.lr, lr):
+            continue
+        if kind == "lr" and not (same_lr(a.lr, lr) or same_lr(b.lr, lr)):
+            continue
+        out.append((a, b))
+    if kind == "lr" and ratio and out:
+        dist = {p: abs(abs(math.log(p[0].lr / p[1].lr)) - abs(math.log(ratio))) for p in out}
+        out = [p for p in out if dist[p] <= min(dist.values()) + 1e-9]
+    return out
+
+
 def rows_of(table) -> list[dict]:
     if table is None:
         return []
