@@ -34,14 +34,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from analysis.adapters import BASE, Adapter, content_hash, list_adapters
+from analysis.adapters import BASE, Adapter, list_adapters
+from analysis.lora_io import content_hash
 from analysis.stats import PREDICTIONS_SCHEMA, accuracy_table, mcnemar_table
 from rollouts.engine import EngineActor, EngineOptions, shutdown_engines, wait_ready
 from sweep import rundir
 from sweep.errors import WsgError
+from sweep.layout import RunLayout
 
 # vLLM accepts these LoRA ranks only (max_lora_rank).
-_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def eval_prompts(cfg, eval_set) -> tuple[list, list[str]]:
@@ -57,25 +58,6 @@ def eval_prompts(cfg, eval_set) -> tuple[list, list[str]]:
     tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     prompts = render_prompts(tok, problems, instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt)
     return problems, prompts
-
-
-def resolve_mode(mode: str, *, gpus: float) -> str:
-    """"auto" -> "lora" with GPUs, "merged" without (see the module docstring)."""
-    if mode not in ("auto", "lora", "merged"):
-        raise WsgError(f"analysis.eval_mode={mode!r}; valid: auto, lora, merged")
-    if mode == "auto":
-        return "lora" if gpus >= 1 else "merged"
-    return mode
-
-
-def lora_rank_cap(ranks: list[int]) -> int:
-    """Smallest vLLM-supported max_lora_rank that fits every adapter."""
-    need = max(ranks, default=8)
-    for r in _VLLM_LORA_RANKS:
-        if r >= need:
-            return r
-    raise WsgError(f"adapter rank {need} exceeds vLLM's largest max_lora_rank {_VLLM_LORA_RANKS[-1]}; "
-                   "use analysis.eval_mode: merged")
 
 
 class EvalEngine(EngineActor):
@@ -154,7 +136,7 @@ def _fingerprint(cfg, adapter: Adapter | None) -> str:
 
 
 def model_cache_path(run: str, name: str) -> str:
-    return rundir.join(rundir.eval_dir(run), "models", f"{name}.parquet")
+    return RunLayout.of(run).eval_model(name)
 
 
 def _cached(run: str, name: str, fingerprint: str) -> pa.Table | None:
@@ -178,16 +160,18 @@ def _start_engines(cfg, mode: str, adapters: list[Adapter], n_models: int) -> li
     `cpus_per_engine`, `gpus_per_engine`), never more engines than models."""
     import ray
 
-    from rollouts.stage import eager_unless_gpu, engine_options, pool_size
+    from rollouts.engine_rules import eager_unless_gpu, rollout_engine_options, vllm_lora_rank
+    from rollouts.stage import pool_size
     from sweep.models import resolve_model
 
     ro = cfg.rollouts
     n, g = pool_size(ro.num_engines, cpus_per_engine=ro.cpus_per_engine, gpus_per_engine=ro.gpus_per_engine,
                      n_shards=n_models, resources=ray.cluster_resources())
     ranks = [int(rundir.read_json(rundir.join(a.path, "adapter_config.json"))["r"]) for a in adapters]
-    opts = engine_options(cfg, resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
-                          enable_lora=mode == "lora", max_lora_rank=lora_rank_cap(ranks), max_loras=1,
-                          enforce_eager=eager_unless_gpu(cfg, g))
+    opts = rollout_engine_options(
+        cfg, resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code), enable_lora=mode == "lora",
+        max_lora_rank=vllm_lora_rank(max(ranks, default=8), field="adapter rank"), max_loras=1,
+        enforce_eager=eager_unless_gpu(cfg, g))
     actor = ray.remote(EvalEngine).options(num_cpus=ro.cpus_per_engine, num_gpus=g,
                                            max_concurrency=1, max_restarts=0)
     engines = [actor.remote(opts) for _ in range(n)]
@@ -241,13 +225,15 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
               flush=True)
     mode, n_engines = None, 0
     if todo:
-        owned = not ray.is_initialized()
-        if owned:
-            ray.init(address=cfg.resources.ray_address, log_to_driver=progress)
+        from sweep.session import connect
+
+        owned = connect(cfg.resources.ray_address, log_to_driver=progress)
         engines: list = []
         try:
             gpus = ray.cluster_resources().get("GPU", 0)
-            mode = resolve_mode(cfg.analysis.eval_mode, gpus=gpus)
+            from rollouts.engine_rules import adapter_mode
+
+            mode = adapter_mode(cfg.analysis.eval_mode, gpus=gpus, field="analysis.eval_mode")
             sets = [(es, *eval_prompts(cfg, es)) for es in cfg.analysis.eval_sets]
             engines = _start_engines(cfg, mode, adapters, len(todo))
             n_engines = len(engines)
@@ -294,10 +280,10 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
                 ray.shutdown()
     preds = pa.concat_tables([tables[n].replace_schema_metadata(None) for n, _ in models])
     acc, mc = accuracy_table(preds), mcnemar_table(preds)
-    out = rundir.eval_dir(run)
-    rundir.write_table(rundir.join(out, "predictions.parquet"), preds)
-    rundir.write_table(rundir.join(out, "accuracy.parquet"), acc)
-    rundir.write_table(rundir.join(out, "mcnemar.parquet"), mc)
+    layout = RunLayout.of(run)
+    rundir.write_table(layout.eval_table("predictions"), preds)
+    rundir.write_table(layout.eval_table("accuracy"), acc)
+    rundir.write_table(layout.eval_table("mcnemar"), mc)
     return {"models": len(models), "evaluated": len(todo), "cached": len(models) - len(todo), "mode": mode,
             "engines": n_engines,
             "items": preds.num_rows, "pairs": mc.num_rows}

@@ -30,7 +30,8 @@ from itertools import combinations
 import numpy as np
 import pyarrow as pa
 
-from analysis.adapters import BASE, Adapter, content_hash, list_adapters, reference_pairs
+from analysis.adapters import BASE, Adapter, list_adapters, reference_pairs
+from analysis.lora_io import content_hash
 from sweep import rundir
 from sweep.errors import WsgError
 
@@ -318,9 +319,9 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
         functional_worker({"model": cfg.model.name, "dtype": cfg.model.dtype, "run": run, "items": items,
                            "trust_remote_code": cfg.model.trust_remote_code, "units": todo})
     elif todo:
-        owned = not ray.is_initialized()
-        if owned:
-            ray.init(address=cfg.resources.ray_address, log_to_driver=progress)
+        from sweep.session import connect
+
+        owned = connect(cfg.resources.ray_address, log_to_driver=progress)
         try:
             _run_tasks(cfg, run, todo, items, progress)
         finally:

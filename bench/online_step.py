@@ -1,8 +1,8 @@
 """Benchmark: seconds per online step, split into generation, reward,
 training and sync, for both sync strategies; and the learning check.
 
-Each run is a real online cell (`train.online.run_online_cell`: local Ray,
-a placement group holding the trainer actor and the vLLM engine actor,
+Each run is a real online cell (`train.cell.run_cell`: local Ray, a Ray
+Train worker whose bundle holds its vLLM engine actor too,
 SmolLM2-135M-Instruct from the embedded default config, math-verify
 rewards), read back from its metrics.parquet. The first step is excluded
 from the split (first-call warm-up) and the last has no sync.
@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from sweep.layout import RunLayout
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,14 +49,14 @@ def run_cell(args, *, loss: str, sync: str, steps: int, lr: float) -> tuple[dict
     import pyarrow.parquet as pq
 
     from sweep import rundir
-    from train.online import run_online_cell
+    from train.cell import run_cell
 
     cfg = make_cfg(args, sync=sync, steps=steps)
     run = tempfile.mkdtemp(prefix="wsg-bench-online-", dir=args.workdir)
     t0 = time.perf_counter()
-    out = run_online_cell(cfg, run, loss=loss, seed=args.seed, lr=lr)
+    out = run_cell(cfg, run, loss=loss, seed=args.seed, lr=lr)
     wall = time.perf_counter() - t0
-    rows = pq.read_table(os.path.join(rundir.cell_dir(run, out["cell_id"]), "metrics.parquet")).to_pylist()
+    rows = pq.read_table(os.path.join(RunLayout.of(run).cell(out["cell_id"]).root, "metrics.parquet")).to_pylist()
     adapters = [p for p in out["checkpoints"] if rundir.is_complete(p)]
     return {"loss": loss, "sync": out["sync"], "steps": out["step"], "wall_s": wall, "adapters": adapters,
             "run": run}, rows
@@ -80,18 +81,19 @@ def gen_ab(args, adapter_dir: str, *, repeats: int = 3) -> dict:
 
     from rollouts.engine import EngineActor
     from sweep.models import load_causal_lm
-    from train.online import engine_options, prepare_prompts
+    from rollouts.engine_rules import online_engine_options
+    from train.online import prepare_prompts
     from train.online_sync import write_merged
 
     cfg = make_cfg(args, sync="lora", steps=2)
-    prompts = prepare_prompts(cfg)[0][: args.prompts_per_step]
+    prompts = prepare_prompts(cfg).prompt_ids[: args.prompts_per_step]
     out = {}
     with tf.TemporaryDirectory(prefix="wsg-bench-merged-") as merged:
         model = PeftModel.from_pretrained(load_causal_lm(cfg.model.name), adapter_dir)
         write_merged(model, merged, dtype=None)
         del model
         for name in ("lora", "merged"):
-            eng = EngineActor(engine_options(cfg, name))
+            eng = EngineActor(online_engine_options(cfg, name))
             try:
                 lora = ("ab", 1, adapter_dir) if name == "lora" else None
                 if name == "merged":
@@ -174,7 +176,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         res = mode_split(args) if args.mode == "split" else mode_learn(args)
     finally:

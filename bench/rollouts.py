@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from sweep.layout import RunLayout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,7 +59,7 @@ def _prompt_ids(cfg, run: str) -> tuple[list[list[int]], int]:
     """The exact prompt token ids the stage fed its engines (from its table)."""
     from sweep import rundir
 
-    t = rundir.read_table(rundir.join(rundir.rollouts_dir(run), "rollouts.parquet"),
+    t = rundir.read_table(RunLayout.of(run).rollouts,
                           columns=["prompt_id", "sample_idx", "prompt_token_ids", "n_completion_tokens"])
     rows = [r for r in t.to_pylist() if r["sample_idx"] == 0]
     return [r["prompt_token_ids"] for r in rows], sum(t.column("n_completion_tokens").to_pylist())
@@ -81,9 +82,9 @@ def _subprocess_phase(phase: str, args, cfg_path: str, prompts_file: str, *, nic
 
 def _raw_vllm(cfg, path: str, prompt_ids) -> dict:
     from rollouts.engine import engine_env
-    from rollouts.stage import engine_options
+    from rollouts.engine_rules import rollout_engine_options
 
-    opts = engine_options(cfg, path)
+    opts = rollout_engine_options(cfg, path)
     work = tempfile.mkdtemp(prefix="wsg-bench-vllm-")
     os.environ.update(engine_env(work, opts))
     import torch

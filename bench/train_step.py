@@ -38,6 +38,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from sweep import rundir  # noqa: E402
 from sweep.config import parse_config  # noqa: E402
+from sweep.layout import RunLayout
 
 LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
@@ -174,10 +175,10 @@ def paired_steps(model: str, cfg, run: str, table, *, steps: int, batch: int, ma
 
 def run_wsg(cfg, run: str, loss: str, lr: float) -> dict:
     from train.cell import run_cell
-    from train.cell_id import cell_id
+    from sweep.cells import cell_id
 
     run_cell(cfg, run, loss=loss, seed=42, lr=lr)
-    m = rundir.read_table(rundir.join(rundir.cell_dir(run, cell_id(loss, 42, lr)), "metrics.parquet")).to_pandas()
+    m = rundir.read_table(RunLayout.of(run).cell(cell_id(loss, 42, lr)).metrics).to_pandas()
     m = m[m.step > 1]
     return {"tok_s": float(m.tokens.sum() / m.step_time_s.sum()), "s_per_step": float(m.step_time_s.mean()),
             "peak_rss_mb": float(m.peak_rss_mb.max())}
@@ -201,8 +202,8 @@ def main(argv=None) -> int:
     tok = load_tokenizer(args.model)
     rows, pairs = make_rollouts(tok, n_prompts=args.prompts, k=4, seed=0, max_len=args.max_len)
     run = tempfile.mkdtemp(prefix="wsg-bench-run-")
-    rundir.write_table(rundir.join(rundir.rollouts_dir(run), "rollouts.parquet"), rows)
-    rundir.write_table(rundir.join(rundir.rollouts_dir(run), "pairs.parquet"), pairs)
+    rundir.write_table(RunLayout.of(run).rollouts, rows)
+    rundir.write_table(RunLayout.of(run).pairs, pairs)
     cfg = cell_config(args.model, steps=args.steps, batch=args.batch, max_len=args.max_len, threads=args.threads)
     lengths = np.array([len(p) + len(c) for p, c in zip(rows.column("prompt_token_ids").to_pylist(),
                                                        rows.column("completion_token_ids").to_pylist())])
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
     if args.skip_cells:
         print(json.dumps({"model": args.model, "steps": args.steps, "threads": args.threads, "paired": paired}))
         return 0
-    ray.init(num_cpus=max(args.threads, 2), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(args.threads, 2), include_dashboard=False, log_to_driver=False)
     try:
         sft = run_wsg(cfg, run, "sft", 1e-5)
         print(f"wsg sft cell:   {sft['tok_s']:.1f} tok/s ({sft['s_per_step']:.2f} s/step), "

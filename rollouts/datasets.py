@@ -24,13 +24,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
 import re
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from rollouts import synthetic
 from sweep.errors import WsgError
@@ -281,16 +280,3 @@ def _select(rows: list[dict], columns: dict[str, str], src, where: str):
         raise WsgError(f"{where!r}: the id column {columns.get('id')!r} has repeated values; "
                        "ids must be unique (or drop the id mapping to number the rows)")
     return probs, report
-
-
-def write_problems(problems: Iterable[Problem], path: str | os.PathLike) -> None:
-    """Problems to a .jsonl or .parquet file with columns id, problem, answer."""
-    rows = [asdict(p) for p in problems]
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

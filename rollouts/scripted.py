@@ -50,19 +50,20 @@ def scripted_samples(problems: list[Problem], *, k: int, error_rate: float, seed
     return [[scripted_completion(p, rng, error_rate=error_rate) for _ in range(k)] for p in problems]
 
 
-def run_scripted(cfg, run, spec, shards, pending, stats, progress, path, *, finish_shard) -> dict:
-    """Backend of the rollouts stage (same contract as the vLLM/endpoint ones)."""
+def run_scripted(job) -> dict:
+    """Backend of the rollouts stage (a rollouts.stage.SamplingJob, like the vLLM/endpoint ones)."""
     import time
 
     from rollouts.prompts import encode_prompts, render_prompts
     from sweep.models import load_tokenizer
 
+    cfg, stats = job.cfg, job.stats
     ro = cfg.rollouts
     tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     stats.reward_cpus = 0.0
     stats.t_first = time.perf_counter()
-    for i in pending:
-        probs = shards[i]
+    for i in job.pending:
+        probs = job.shards[i]
         texts = render_prompts(tok, probs, instruction=cfg.data.instruction, system_prompt=cfg.data.system_prompt)
         pids = encode_prompts(tok, texts)
         comps = scripted_samples(probs, k=ro.k, error_rate=ro.scripted_error_rate, seed=ro.seed * 1_000_003 + i)
@@ -70,5 +71,5 @@ def run_scripted(cfg, run, spec, shards, pending, stats, progress, path, *, fini
             {"text": c, "finish_reason": "stop", "logprobs": None,
              "token_ids": tok.encode(c, add_special_tokens=False) + [tok.eos_token_id]} for c in cs]}
             for pid, cs in zip(pids, comps)]
-        finish_shard(cfg, run, i, spec, probs, texts, results, stats, progress, len(shards))
+        job.finish_shard(i, texts, results)
     return {"n_engines": 0, "teacher": "scripted", "error_rate": ro.scripted_error_rate}

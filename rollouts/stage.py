@@ -20,17 +20,19 @@ import json
 import sys
 import time
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from rollouts import schema
 from rollouts.datasets import Problem, load_problems_with_report
-from rollouts.engine import EngineOptions, shutdown_engines, start_engines, wait_ready
+from rollouts.engine import shutdown_engines, start_engines, wait_ready
+from rollouts.engine_rules import rollout_engine_options
 from rollouts.prompts import build_messages, encode_prompts, render_prompts
 from rollouts.reward import score_many, warm_up
 from sweep import rundir, telemetry
 from sweep.errors import WsgError
+from sweep.layout import RunLayout
 
-SHARD_DIR = "shards"
 # Shards queued per engine: the next one is already waiting while the driver
 # scores and writes the previous one, so engines never idle between shards.
 QUEUE_DEPTH = 2
@@ -56,28 +58,6 @@ def spec_hash(cfg) -> str:
             "data": cfg.data.model_dump(mode="json"), "rollouts": r}
     blob = json.dumps(spec, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def engine_options(cfg, model_path: str, **overrides) -> EngineOptions:
-    """The rollout engines' options from the config (also used by bench/)."""
-    ro = cfg.rollouts
-    kw = dict(model=model_path, dtype=ro.dtype, seed=ro.seed, max_model_len=cfg.model.max_model_len,
-              enforce_eager=ro.enforce_eager, trust_remote_code=cfg.model.trust_remote_code,
-              tensor_parallel_size=max(1, int(ro.gpus_per_engine)))
-    if 0 < ro.gpus_per_engine < 1:
-        # Engines sharing a GPU must each stay within their share of its memory.
-        kw["gpu_memory_utilization"] = round(0.85 * ro.gpus_per_engine, 3)
-    kw.update(overrides)
-    return EngineOptions(**kw)
-
-
-def eager_unless_gpu(cfg, gpus: float) -> bool:
-    """`enforce_eager` for the engines that live briefly: evaluation and online
-    cells. On CPU they stay eager: compiling gains 10-15% sampling speed but
-    costs 22-84 s per start, and a compiled graph is keyed by the weights
-    folder, so every merged model of an evaluation would compile anew
-    (docs/rollouts.md, "Compiled engines"). With GPUs the config decides."""
-    return cfg.rollouts.enforce_eager or gpus == 0
 
 
 def first_submissions(n_engines: int, n_shards: int, depth: int = QUEUE_DEPTH) -> list[int]:
@@ -115,7 +95,7 @@ def _log(progress: bool, msg: str) -> None:
 
 
 def _shard_path(run: str, i: int) -> str:
-    return rundir.join(rundir.rollouts_dir(run), SHARD_DIR, f"shard_{i:05d}.parquet")
+    return RunLayout.of(run).rollout_shard(i)
 
 
 def _existing_shard(run: str, i: int, spec: str, ids: list[str]) -> bool:
@@ -126,11 +106,11 @@ def _existing_shard(run: str, i: int, spec: str, ids: list[str]) -> bool:
     meta = {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items()}
     if meta.get("spec_hash") != spec:
         raise WsgError(f"{path} was written with other rollout settings (spec {meta.get('spec_hash')} "
-                       f"!= {spec}); use a new --run folder, or delete {rundir.rollouts_dir(run)} "
+                       f"!= {spec}); use a new --run folder, or delete {RunLayout.of(run).rollouts_dir} "
                        "to resample")
     if sorted(set(t.column("prompt_id").to_pylist())) != sorted(ids):
         raise WsgError(f"{path} holds other prompts than this config selects (did the data file "
-                       f"change?); delete {rundir.rollouts_dir(run)} to resample")
+                       f"change?); delete {RunLayout.of(run).rollouts_dir} to resample")
     return True
 
 
@@ -153,39 +133,58 @@ def _rows_for_shard(cfg, problems: list[Problem], texts: list[str], results: lis
     return rows
 
 
+@dataclass
 class _Stats:
-    def __init__(self):
-        self.tokens = 0
-        self.samples = 0
-        self.reward_timeouts = 0
-        self.t_first = None
-        self.t_last = None
-        self.reward_cpus = 1.0
+    tokens: int = 0
+    samples: int = 0
+    reward_timeouts: int = 0
+    t_first: Optional[float] = None
+    t_last: Optional[float] = None
+    reward_cpus: float = 1.0
 
 
-def _finish_shard(cfg, run, i, spec, problems, texts, results, stats: _Stats, progress, n_shards):
-    comps = [s["text"] for r in results for s in r["samples"]]
-    golds = [p.answer for p, r in zip(problems, results) for _ in r["samples"]]
-    rewards, rstats = score_many(comps, golds, timeout_s=cfg.rollouts.reward_timeout_s,
-                                 num_cpus=stats.reward_cpus)
-    rows = _rows_for_shard(cfg, problems, texts, results, rewards)
-    rundir.write_table(_shard_path(run, i), schema.rollouts_table(
-        rows, {"spec_hash": spec, "shard": i, "n_shards": n_shards}))
-    n_tok = sum(r["n_completion_tokens"] for r in rows)
-    stats.tokens += n_tok
-    stats.samples += len(rows)
-    stats.reward_timeouts += rstats["n_timeouts"]
-    stats.t_last = time.perf_counter()
-    el = stats.t_last - stats.t_first
-    _log(progress, f"shard {i + 1}/{n_shards}: {len(rows)} samples, reward "
-                   f"{sum(rewards) / max(len(rewards), 1):.3f}, {stats.tokens / el:.0f} tok/s so far")
-    telemetry.rollout_throughput(stats.tokens / el)  # the dashboard's wsg_rollout_tokens_per_s
+@dataclass
+class SamplingJob:
+    """What a rollout backend is given (the vLLM engines, an OpenAI-compatible
+    endpoint, the scripted teacher: BACKENDS): the shards still to sample.
+    For each shard it calls `finish_shard` with the policy's prompt texts and
+    the engine-shaped results ({"prompt_token_ids", "samples": [{"text",
+    "token_ids", "logprobs", "finish_reason"}]} per problem), which rewards
+    the samples and writes the shard; it returns its own summary fields."""
+
+    cfg: Any
+    run: str
+    spec: str                   # the sampling spec hash every shard records
+    shards: list                # list[list[Problem]]
+    pending: list[int]          # indices of the shards to sample
+    progress: bool
+    model_path: Optional[str]   # the teacher's resolved folder (vllm backend)
+    stats: _Stats = field(default_factory=_Stats)
+
+    def finish_shard(self, i: int, texts: list[str], results: list[dict]) -> None:
+        cfg, problems, stats = self.cfg, self.shards[i], self.stats
+        comps = [s["text"] for r in results for s in r["samples"]]
+        golds = [p.answer for p, r in zip(problems, results) for _ in r["samples"]]
+        rewards, rstats = score_many(comps, golds, timeout_s=cfg.rollouts.reward_timeout_s,
+                                     num_cpus=stats.reward_cpus)
+        rows = _rows_for_shard(cfg, problems, texts, results, rewards)
+        rundir.write_table(_shard_path(self.run, i), schema.rollouts_table(
+            rows, {"spec_hash": self.spec, "shard": i, "n_shards": len(self.shards)}))
+        stats.tokens += sum(r["n_completion_tokens"] for r in rows)
+        stats.samples += len(rows)
+        stats.reward_timeouts += rstats["n_timeouts"]
+        stats.t_last = time.perf_counter()
+        el = stats.t_last - stats.t_first
+        _log(self.progress, f"shard {i + 1}/{len(self.shards)}: {len(rows)} samples, reward "
+                            f"{sum(rewards) / max(len(rewards), 1):.3f}, {stats.tokens / el:.0f} tok/s so far")
+        telemetry.rollout_throughput(stats.tokens / el)  # the dashboard's wsg_rollout_tokens_per_s
 
 
 # ------------------------------------------------------------------- backends
-def _run_vllm(cfg, run, spec, shards, pending, stats, progress, path: str) -> dict:
+def _run_vllm(job: SamplingJob) -> dict:
     import ray
 
+    cfg, shards, pending, stats, progress = job.cfg, job.shards, job.pending, job.stats, job.progress
     name = teacher_name(cfg)
     ro = cfg.rollouts
     n, g = pool_size(ro.num_engines, cpus_per_engine=ro.cpus_per_engine, gpus_per_engine=ro.gpus_per_engine,
@@ -194,7 +193,8 @@ def _run_vllm(cfg, run, spec, shards, pending, stats, progress, path: str) -> di
     # Reward tasks must be schedulable while the engines hold their CPUs.
     stats.reward_cpus = 1.0 if spare >= 1 else 0.0
     t0 = time.perf_counter()
-    engines = start_engines(engine_options(cfg, path), n, num_cpus=ro.cpus_per_engine, num_gpus=g)
+    engines = start_engines(rollout_engine_options(cfg, job.model_path), n, num_cpus=ro.cpus_per_engine,
+                            num_gpus=g)
     warm = warm_up(stats.reward_cpus)
     try:
         infos = wait_ready(engines, model=name)
@@ -234,7 +234,7 @@ def _run_vllm(cfg, run, spec, shards, pending, stats, progress, path: str) -> di
                 raise WsgError(f"a vLLM engine of {name!r} failed while sampling shard {i}: "
                                f"{str(exc).strip().splitlines()[-1][:400]}; rerun the same command "
                                "to resume (finished shards are kept)") from None
-            _finish_shard(cfg, run, i, spec, shards[i], texts[i], results, stats, progress, len(shards))
+            job.finish_shard(i, texts[i], results)
         cpu1 = ray.get([e.cpu_seconds.remote() for e in engines])
         return {"n_engines": n, "engine_start_s": round(start_s, 2), "engine": infos[0],
                 "engine_cpu_s": round(sum(cpu1) - sum(cpu0), 2)}
@@ -242,19 +242,20 @@ def _run_vllm(cfg, run, spec, shards, pending, stats, progress, path: str) -> di
         shutdown_engines(engines)
 
 
-def _run_openai(cfg, run, spec, shards, pending, stats, progress, path: str | None) -> dict:
+def _run_openai(job: SamplingJob) -> dict:
     from rollouts.endpoint import EndpointClient
     from sweep.models import load_tokenizer
 
     import ray
 
+    cfg, shards, stats = job.cfg, job.shards, job.stats
     ro, ep = cfg.rollouts, cfg.rollouts.endpoint
     client = EndpointClient.from_config(ep)
     stats.reward_cpus = 1.0 if float(ray.cluster_resources().get("CPU", 0)) >= 1 else 0.0
     # prompt_text/token ids are the POLICY's: that is what training consumes.
     tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     stats.t_first = time.perf_counter()
-    for i in pending:
+    for i in job.pending:
         probs = shards[i]
         texts = render_prompts(tok, probs, instruction=cfg.data.instruction,
                                system_prompt=cfg.data.system_prompt)
@@ -269,8 +270,17 @@ def _run_openai(cfg, run, spec, shards, pending, stats, progress, path: str | No
             samples = [{"text": s["text"], "finish_reason": s["finish_reason"], "logprobs": None,
                         "token_ids": tok.encode(s["text"], add_special_tokens=False)} for s in o["samples"]]
             results.append({"prompt_token_ids": pid, "samples": samples})
-        _finish_shard(cfg, run, i, spec, probs, texts, results, stats, progress, len(shards))
+        job.finish_shard(i, texts, results)
     return {"n_engines": 0, "endpoint": ep.base_url}
+
+
+def _run_scripted(job: SamplingJob) -> dict:
+    from rollouts.scripted import run_scripted
+
+    return run_scripted(job)
+
+
+BACKENDS = {"vllm": _run_vllm, "openai": _run_openai, "scripted": _run_scripted}
 
 
 # ---------------------------------------------------------------------- stage
@@ -278,13 +288,13 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     """Run (or resume, or skip) the rollouts stage of `run`; returns a summary:
     n_prompts, n_samples, reward_mean, frac_prompts_mixed, n_pairs, tok_s,
     skipped, and details (load report, engines, timings)."""
-    import ray
 
-    out_dir = rundir.rollouts_dir(run)
-    final_r, final_p = rundir.join(out_dir, "rollouts.parquet"), rundir.join(out_dir, "pairs.parquet")
+    layout = RunLayout.of(run)
+    out_dir = layout.rollouts_dir
+    final_r, final_p = layout.rollouts, layout.pairs
     spec = spec_hash(cfg)
     if rundir.is_complete(out_dir) and rundir.exists(final_r) and rundir.exists(final_p):
-        info = rundir.read_json(rundir.join(out_dir, rundir.COMPLETE_MARKER))
+        info = rundir.read_json(layout.rollouts_complete)
         if info.get("spec_hash") not in (None, spec):
             raise WsgError(f"{out_dir} holds finished rollouts of other settings (spec "
                            f"{info.get('spec_hash')} != {spec}); use a new --run folder or delete it")
@@ -304,25 +314,16 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
         from sweep.models import resolve_model
 
         path = resolve_model(teacher_name(cfg), trust_remote_code=cfg.model.trust_remote_code)
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(address=cfg.resources.ray_address, include_dashboard=False, log_to_driver=progress)
-        started_ray = True
-    stats = _Stats()
+    from sweep.session import session
+
+    job = SamplingJob(cfg=cfg, run=run, spec=spec, shards=shards, pending=pending, progress=progress,
+                      model_path=path)
+    stats = job.stats
     t0 = time.perf_counter()
-    try:
+    with session(cfg.resources.ray_address, log_to_driver=progress):
         extra: dict = {"n_engines": 0}
         if pending:
-            if cfg.rollouts.backend == "scripted":
-                from rollouts.scripted import run_scripted
-                extra = run_scripted(cfg, run, spec, shards, pending, stats, progress, path,
-                                     finish_shard=_finish_shard)
-            else:
-                backend = _run_vllm if cfg.rollouts.backend == "vllm" else _run_openai
-                extra = backend(cfg, run, spec, shards, pending, stats, progress, path)
-    finally:
-        if started_ray:
-            ray.shutdown()
+            extra = BACKENDS[cfg.rollouts.backend](job)
     gen_s = (stats.t_last - stats.t_first) if stats.t_first and stats.t_last else 0.0
 
     tables = [rundir.read_table(_shard_path(run, i)) for i in range(len(shards))]

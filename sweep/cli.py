@@ -1,5 +1,5 @@
-"""`wsg`: the command line. Each stage command runs one stage of DESIGN.md's
-pipeline on a run directory; `wsg run` drives them all and resumes.
+"""`wsg`: the command line. Each stage command runs one stage of the
+pipeline (docs/design.md) on a run directory; `wsg run` drives them all and resumes.
 
 User errors (`WsgError`) print a short message and exit 2, no traceback.
 """
@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arg(p)
     _add_run_arg(p, required=True)
     p.add_argument("--loss", required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True, help="the grid seed: LoRA init and data order")
+    p.add_argument("--init-seed", type=int, default=None, help="a different LoRA-init seed (a control cell)")
+    p.add_argument("--data-seed", type=int, default=None, help="a different data-order seed (a control cell)")
     p.add_argument("--lr", type=float, required=True)
     _add_ray_arg(p)
 
@@ -112,7 +114,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(pipeline.status_text(args.run))
         return 0
     if args.cmd == "report":
-        path = pipeline.stage_report(args.run)
+        path = pipeline.build_report(args.run)
         print(f"report: {path}")
         return 0
     if args.cmd == "geometry":
@@ -128,13 +130,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     run = pipeline.prepare_run(cfg, run)
     pipeline.ensure_ray(address)
     if args.cmd == "rollouts":
-        print(pipeline.stage_rollouts(cfg, run))
+        print(pipeline.run_rollouts(cfg, run))
     elif args.cmd == "train":
-        print(pipeline.stage_train_one(cfg, run, loss=args.loss, seed=args.seed, lr=args.lr))
+        print(pipeline.stage_train_one(cfg, run, loss=args.loss, seed=args.seed, lr=args.lr,
+                                       init_seed=args.init_seed, data_seed=args.data_seed))
     elif args.cmd == "eval":
-        print(pipeline.stage_eval(cfg, run))
+        print(pipeline.run_eval(cfg, run))
     elif args.cmd == "functional":
-        print(pipeline.stage_functional(cfg, run))
+        print(pipeline.run_functional(cfg, run))
     return 0
 
 

@@ -17,11 +17,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sweep.errors import ConfigError
+from train.losses import hyper_problems, loss_names
 
-OFFLINE_LOSSES = ("sft", "rft", "dft", "rift", "offline_grpo", "dpo", "ipo", "simpo")
-ONLINE_LOSSES = ("online_grpo", "online_dapo")
-ALL_LOSSES = OFFLINE_LOSSES + ONLINE_LOSSES
-PAIR_LOSSES = ("dpo", "ipo", "simpo")
+
+def _known_losses(names, where: str = "") -> None:
+    valid = loss_names()
+    bad = [x for x in names if x not in valid]
+    if bad:
+        raise ValueError(f"{where + ': ' if where else ''}unknown loss(es) {bad}; valid: {', '.join(valid)}")
 
 
 class _Strict(BaseModel):
@@ -135,7 +138,6 @@ class TrainCfg(_Strict):
     num_workers: int = Field(1, gt=0)
     max_steps: int = Field(1500, gt=0)
     checkpoint_steps: list[int] = Field(default_factory=lambda: [1000, 1500])
-    lr: float = Field(5e-6, gt=0)
     warmup_frac: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -153,6 +155,14 @@ class TrainCfg(_Strict):
     # Extra resume-only checkpoints (optimizer/RNG state, no adapter folder)
     # every N steps; 0 = only at checkpoint_steps and the last step.
     resume_every: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lr(cls, data):
+        if isinstance(data, dict) and "lr" in data:
+            raise ValueError("lr is not read by anything: a cell's learning rate comes from grid.lrs "
+                             "(and losses.<name>.lrs / lr_scale); remove train.lr")
+        return data
 
     @model_validator(mode="after")
     def _batch_and_steps(self):
@@ -211,20 +221,47 @@ class ExtraCell(_Strict):
     loss: str
     seed: int
     lr: float = Field(gt=0)
+    # Either seed alone (the other stays `seed`): a control cell by hand.
+    init_seed: Optional[int] = None
+    data_seed: Optional[int] = None
+
+
+class ControlsCfg(_Strict):
+    """Cheap control cells that measure noise floors (docs/findings.md): for
+    each control loss and each (seed, LR) of the grid, one cell per entry
+    that differs from the grid cell in ONE factor only: the LoRA-init seed,
+    the data-order seed, or the LR (times a factor). The seed paper shows the
+    init seed alone rotates dW more than the loss does (§3.4)."""
+
+    # Default: [analysis.reference_loss] when any control is asked for.
+    losses: Optional[list[str]] = None
+    init_seeds: list[int] = Field(default_factory=list)
+    data_seeds: list[int] = Field(default_factory=list)
+    lr_factors: list[float] = Field(default_factory=list)
+
+    @field_validator("lr_factors")
+    @classmethod
+    def _factors(cls, v):
+        if any(x <= 0 or x == 1 for x in v):
+            raise ValueError(f"grid.controls.lr_factors must be > 0 and != 1, got {v}")
+        return v
+
+    @property
+    def any(self) -> bool:
+        return bool(self.init_seeds or self.data_seeds or self.lr_factors)
 
 
 class GridCfg(_Strict):
-    losses: list[str] = Field(default_factory=lambda: list(OFFLINE_LOSSES[:6]))
+    losses: list[str] = Field(default_factory=lambda: list(loss_names(online=False)[:6]))
     seeds: list[int] = Field(default_factory=lambda: [42])
     lrs: list[float] = Field(default_factory=lambda: [5e-6])
     extra_cells: list[ExtraCell] = Field(default_factory=list)
+    controls: ControlsCfg = Field(default_factory=ControlsCfg)
 
     @field_validator("losses")
     @classmethod
     def _known(cls, v):
-        bad = [x for x in v if x not in ALL_LOSSES]
-        if bad:
-            raise ValueError(f"unknown loss(es) {bad}; valid: {', '.join(ALL_LOSSES)}")
+        _known_losses(v)
         if len(set(v)) != len(v):
             raise ValueError(f"grid.losses has repeats: {v}")
         return v
@@ -282,22 +319,34 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross(self):
-        bad = [k for k in self.losses if k not in ALL_LOSSES]
-        if bad:
-            raise ValueError(f"losses: unknown loss name(s) {bad}; valid: {', '.join(ALL_LOSSES)}")
-        for c in self.grid.extra_cells:
-            if c.loss not in ALL_LOSSES:
-                raise ValueError(f"grid.extra_cells: unknown loss {c.loss!r}; valid: {', '.join(ALL_LOSSES)}")
-        if self.analysis.reference_loss not in self.grid.losses + [c.loss for c in self.grid.extra_cells]:
+        _known_losses(list(self.losses), "losses")
+        _known_losses([c.loss for c in self.grid.extra_cells], "grid.extra_cells")
+        _known_losses(self.grid.controls.losses or [], "grid.controls.losses")
+        # Every loss's variant and hyperparameters, online ones included, now
+        # rather than when its cell starts (the message names losses.<name>.<key>).
+        problems = [f"losses.{name}.{key}: {why}" for name, lc in self.losses.items()
+                    for key, why in hyper_problems(name, lc.variant, lc.hyper)]
+        if problems:
+            raise ValueError("\n".join(problems))
+        trained = self.grid.losses + [c.loss for c in self.grid.extra_cells]
+        if self.analysis.reference_loss not in trained:
             raise ValueError(f"analysis.reference_loss={self.analysis.reference_loss!r} is not in grid.losses "
                              f"{self.grid.losses}; pick one of them")
+        missing = [x for x in self.control_losses if x not in self.grid.losses]
+        if missing:
+            raise ValueError(f"grid.controls.losses {missing} are not in grid.losses {self.grid.losses}: a control "
+                             "cell varies one factor of a grid cell; add them to grid.losses")
         return self
+
+    @property
+    def control_losses(self) -> list[str]:
+        c = self.grid.controls
+        if not c.any:
+            return []
+        return list(c.losses) if c.losses is not None else [self.analysis.reference_loss]
 
     def loss_cfg(self, loss: str) -> LossCfg:
         return self.losses.get(loss, LossCfg())
-
-    def config_hash(self) -> str:
-        return config_hash(self)
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
@@ -322,6 +371,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         # Skip pydantic's union/function-name noise in the location.
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
         msg = e["msg"].removeprefix("Value error, ")
+        if not loc and e["type"] == "value_error":  # a cross-field check names its own keys
+            lines.extend(f"  {m}" for m in msg.split("\n") if m)
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key (typo?); remove it or check the spelling against `wsg config show`"
         elif e["type"] == "missing":

@@ -12,7 +12,3 @@ class WsgError(Exception):
 
 class ConfigError(WsgError):
     """A config file is invalid; the message names the key path."""
-
-
-class StageNotBuilt(WsgError):
-    """A pipeline stage that this version of wsg does not implement yet."""

@@ -1,4 +1,4 @@
-"""The grid: loss x seed x LR cells as one Ray Tune experiment (Train V2).
+"""The grid: loss x seed x LR cells (+ control cells) as one Ray Tune experiment (Train V2).
 
 Each Tune trial is a driver *function* that builds and fits the cell's
 `TorchTrainer` (Ray 2.60: passing a Trainer to `Tuner` is deprecated). Tune
@@ -11,61 +11,75 @@ from __future__ import annotations
 
 import os
 import traceback
-from dataclasses import dataclass
 
 from sweep import rundir, telemetry
-from sweep.config import ONLINE_LOSSES, ExperimentConfig
+from sweep.cells import CellKey
+from sweep.config import ExperimentConfig
 from sweep.errors import WsgError
+from sweep.layout import RunLayout
+from sweep.session import TRIAL_SLOT
+from train.cell import run_cell, validate_cell
+from train.losses import get_loss
+from train.task import placement
 
 
-@dataclass(frozen=True)
-class Cell:
-    loss: str
-    seed: int
-    lr: float
-
-    @property
-    def id(self) -> str:
-        from train.cell_id import cell_id
-        return cell_id(self.loss, self.seed, self.lr)
-
-    @property
-    def online(self) -> bool:
-        return self.loss in ONLINE_LOSSES
+def _rounded(lr: float) -> float:
+    return float(f"{lr:.6g}")
 
 
-def plan_cells(cfg: ExperimentConfig) -> list[Cell]:
-    """Cells = losses x seeds x LRs with per-loss rules, then extra cells.
+def plan_cells(cfg: ExperimentConfig) -> list[CellKey]:
+    """Cells = losses x seeds x LRs with per-loss rules, then control cells,
+    then extra cells.
 
     Per-loss rules: an explicit `losses.<name>.lrs` list replaces the grid's
     LRs; otherwise they are scaled by `lr_scale` (the seed's DPO convention,
-    §2 Training: 10x smaller). Duplicates (same id) are dropped.
-    """
-    cells: dict[str, Cell] = {}
-    for loss in cfg.grid.losses:
+    §2 Training: 10x smaller). Controls (grid.controls): for each control
+    loss and grid cell of it, one cell per other init seed, other data seed
+    and LR factor, differing from that cell in that factor only (noise
+    floors, docs/findings.md). Duplicates (same id) are dropped."""
+    cells: dict[str, CellKey] = {}
+
+    def add(k: CellKey) -> None:
+        cells.setdefault(k.id, k)
+
+    def lrs_of(loss: str) -> list[float]:
         lc = cfg.loss_cfg(loss)
-        lrs = lc.lrs if lc.lrs is not None else [lr * lc.lr_scale for lr in cfg.grid.lrs]
+        return [_rounded(x) for x in (lc.lrs if lc.lrs is not None else [lr * lc.lr_scale for lr in cfg.grid.lrs])]
+
+    for loss in cfg.grid.losses:
         for seed in cfg.grid.seeds:
-            for lr in lrs:
-                c = Cell(loss, seed, float(f"{lr:.6g}"))
-                cells.setdefault(c.id, c)
+            for lr in lrs_of(loss):
+                add(CellKey.of(loss, seed, lr))
+    c = cfg.grid.controls
+    for loss in cfg.control_losses:
+        for seed in cfg.grid.seeds:
+            for lr in lrs_of(loss):
+                for i in c.init_seeds:
+                    add(CellKey.of(loss, seed, lr, init_seed=i))
+                for d in c.data_seeds:
+                    add(CellKey.of(loss, seed, lr, data_seed=d))
+                for f in c.lr_factors:
+                    add(CellKey.of(loss, seed, _rounded(lr * f)))
     for e in cfg.grid.extra_cells:
-        c = Cell(e.loss, e.seed, float(e.lr))
-        cells.setdefault(c.id, c)
+        add(CellKey.of(e.loss, e.seed, float(e.lr), init_seed=e.init_seed, data_seed=e.data_seed))
     return list(cells.values())
 
 
-def cell_resources(cfg: ExperimentConfig, cell: Cell) -> dict[str, float]:
+def is_online(key: CellKey) -> bool:
+    return get_loss(key.loss).online
+
+
+def cell_resources(cfg: ExperimentConfig, cell: CellKey) -> dict[str, float]:
     """What one running cell holds: its Train workers (+ its vLLM engine if online)."""
-    t = cfg.train
-    res = {"CPU": t.cpus_per_worker * t.num_workers, "GPU": t.gpus_per_worker * t.num_workers}
-    if cell.online:
-        res["CPU"] += cfg.online.engine_cpus
-        res["GPU"] += cfg.online.engine_gpus
-    return res
+    p = placement(cfg, online=is_online(cell))
+    n = cfg.train.num_workers
+    out = {"CPU": p.worker.get("CPU", 0.0) * n, "GPU": p.worker.get("GPU", 0.0) * n}
+    for k, v in (p.engine or {}).items():
+        out[k] += v
+    return out
 
 
-def max_concurrent(cfg: ExperimentConfig, cells: list[Cell]) -> int:
+def max_concurrent(cfg: ExperimentConfig, cells: list[CellKey]) -> int:
     import ray
 
     if cfg.resources.max_concurrent_cells:
@@ -79,38 +93,29 @@ def max_concurrent(cfg: ExperimentConfig, cells: list[Cell]) -> int:
     return max(1, min(by_cpu, by_gpu, len(cells)))
 
 
-def run_one_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float) -> dict:
+def run_one_cell(cfg: ExperimentConfig, run: str, key: CellKey) -> dict:
     """Train one cell: exactly the function every grid trial calls."""
-    if loss in ONLINE_LOSSES:
-        from train.online import run_online_cell
-        return run_online_cell(cfg, run, loss=loss, seed=seed, lr=lr)
-    from train.cell import run_cell
-    return run_cell(cfg, run, loss=loss, seed=seed, lr=lr)
+    return run_cell(cfg, run, loss=key.loss, seed=key.init_seed, lr=key.lr, init_seed=key.init_seed,
+                    data_seed=key.data_seed)
 
 
-def _trial(config: dict) -> None:
+def _trial(cfg: ExperimentConfig, run: str, key: CellKey) -> None:
     """Tune function trainable: one cell. Records failures in the run dir."""
     from ray import tune
 
-    from sweep.config import parse_config
-
-    cfg = parse_config(config["cfg"])
-    run, cell = config["run"], Cell(config["loss"], config["seed"], config["lr"])
-    cdir = rundir.cell_dir(run, cell.id)
+    cl = RunLayout.of(run).cell(key.id)
     try:
-        summary = run_one_cell(cfg, run, loss=cell.loss, seed=cell.seed, lr=cell.lr)
+        summary = run_one_cell(cfg, run, key)
     except Exception as err:  # noqa: BLE001 - recorded, then re-raised for Tune
         msg = str(err) if isinstance(err, WsgError) else f"{type(err).__name__}: {err}"
-        rundir.write_text(rundir.join(cdir, "FAILED"), msg + "\n\n" + traceback.format_exc())
-        telemetry.cell_finished(cell.loss, ok=False)
+        rundir.write_text(cl.failed, msg + "\n\n" + traceback.format_exc())
+        telemetry.cell_finished(key.loss, ok=False)
         raise
-    if rundir.exists(rundir.join(cdir, "FAILED")):
-        rundir.resolve(cdir)[0].delete_file(rundir.resolve(rundir.join(cdir, "FAILED"))[1])
-    telemetry.cell_finished(cell.loss, ok=True)
+    if rundir.exists(cl.failed):
+        fs, path = rundir.resolve(cl.failed)
+        fs.delete_file(path)
+    telemetry.cell_finished(key.loss, ok=True)
     tune.report({"done": 1, "skipped": int(bool((summary or {}).get("skipped", False)))})
-
-
-TRIAL_SLOT = "wsg_trial_slot"
 
 
 def trial_driver_resources() -> dict[str, float]:
@@ -135,7 +140,7 @@ def trial_driver_resources() -> dict[str, float]:
 
 
 def _tune_storage(run: str) -> str:
-    path = rundir.join(run, "tune")
+    path = RunLayout.of(run).tune_dir
     return path if not rundir.is_local(path) else rundir.resolve(path)[1]
 
 
@@ -143,22 +148,23 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     """Run every incomplete cell; returns counts. Raises if any cell failed."""
     from ray import tune
 
+    layout = RunLayout.of(run)
     cells = plan_cells(cfg)
-    todo = [c for c in cells if not rundir.is_complete(rundir.cell_dir(run, c.id))]
+    todo = [c for c in cells if not rundir.is_complete(layout.cell(c.id).root)]
     print(f"wsg: grid of {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run", flush=True)
     if not todo:
         return {"cells": len(cells), "trained": 0, "failed": 0}
-    for c in todo:
-        _validate_cell_inputs(cfg, run, c)
+    for c in todo:  # refuse bad input before any worker starts
+        validate_cell(cfg, layout.root, c)
     # One grid_search over whole cells keeps (loss, seed, lr) tied together;
     # the config and run travel as constant parameters, so Tune's progress
     # table shows only the cell.
-    param_space = {"cell": tune.grid_search([{"loss": c.loss, "seed": c.seed, "lr": c.lr} for c in cells])}
+    param_space = {"cell": tune.grid_search([c.as_dict() for c in cells])}
 
-    def trainable(config, cfg_json=None, run_dir=None):
-        _trial({"cfg": cfg_json, "run": run_dir, **config["cell"]})
+    def trainable(config, cfg=None, run_dir=None):
+        _trial(cfg, run_dir, CellKey(**config["cell"]))
 
-    trainable = tune.with_parameters(trainable, cfg_json=cfg.model_dump(mode="json"), run_dir=run)
+    trainable = tune.with_parameters(trainable, cfg=cfg, run_dir=layout.root)
     trainable = tune.with_resources(trainable, trial_driver_resources())
     storage, name = _tune_storage(run), "grid"
     exp = os.path.join(storage, name) if rundir.is_local(run) else rundir.join(storage, name)
@@ -175,12 +181,12 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
                                         trial_dirname_creator=lambda t: _trial_name(t)),
             run_config=run_config)
     results = tuner.fit()
-    failed = [c.id for c in cells if not rundir.is_complete(rundir.cell_dir(run, c.id))]
+    failed = [c.id for c in cells if not rundir.is_complete(layout.cell(c.id).root)]
     n_err = sum(1 for r in results if r.error is not None)
     if failed:
         reasons = []
         for cid in failed:
-            f = rundir.join(rundir.cell_dir(run, cid), "FAILED")
+            f = layout.cell(cid).failed
             why = rundir.read_text(f).splitlines()[0] if rundir.exists(f) else "did not finish"
             reasons.append(f"  {cid}: {why}")
         raise WsgError(f"{len(failed)} cell(s) did not complete (finished ones are kept; rerun the same "
@@ -189,16 +195,7 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
 
 
 def _trial_name(trial) -> str:
-    c = trial.config.get("cell", {})
     try:
-        return Cell(c["loss"], c["seed"], c["lr"]).id
-    except (KeyError, TypeError):
+        return CellKey(**trial.config.get("cell", {})).id
+    except (TypeError, WsgError):
         return trial.trial_id
-
-
-def _validate_cell_inputs(cfg: ExperimentConfig, run: str, cell: Cell) -> None:
-    """Refuse bad input before any worker starts (the cell's own validator)."""
-    if cell.online:
-        return
-    from train.cell import validate_cell
-    validate_cell(cfg, run, loss=cell.loss, seed=cell.seed, lr=cell.lr)

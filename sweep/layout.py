@@ -102,6 +102,10 @@ class RunLayout:
     def pairs(self) -> str:
         return self._p("rollouts", "pairs.parquet")
 
+    @property
+    def rollouts_complete(self) -> str:
+        return self._p("rollouts", rundir.COMPLETE_MARKER)
+
     def rollout_shard(self, i: int) -> str:
         return self._p("rollouts", "shards", f"shard_{i:05d}.parquet")
 

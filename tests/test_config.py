@@ -30,7 +30,7 @@ def test_paper_config_is_the_seed_protocol():
     assert (t.lora.r, t.lora.alpha, t.lora.dropout) == (32, 64, 0.0)
     assert sorted(t.lora.target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert t.effective_batch == 32 and t.warmup_frac == 0.05 and t.weight_decay == 0.01
-    assert t.max_grad_norm == 1.0 and t.lr == 5e-6 and t.checkpoint_steps == [1000, 1500]
+    assert t.max_grad_norm == 1.0 and cfg.grid.lrs == [5e-6] and t.checkpoint_steps == [1000, 1500]
     assert cfg.loss_cfg("dpo").lr_scale == 0.1 and cfg.rollouts.k == 4 and cfg.grid.seeds == [42]
 
 
@@ -70,13 +70,32 @@ def test_nonpositive_lr_refused():
     assert "losses.dpo.lrs" in _err({"losses": {"dpo": {"lrs": [-1e-6]}}})
 
 
+def test_train_lr_is_refused_naming_where_lrs_live():
+    assert "grid.lrs" in _err({"train": {"lr": 1e-5}})
+
+
+def test_every_loss_hyperparameter_is_checked_at_load_naming_the_key():
+    err = _err({"grid": {"losses": ["sft", "online_grpo"]},
+                "losses": {"online_grpo": {"hyper": {"kl_coeff": 0.1, "clip_eps_low": "x"}},
+                           "dpo": {"variant": "nope"}}})
+    assert "losses.online_grpo.hyper.kl_coeff" in err and "kl_coef" in err  # the valid names are listed
+    assert "losses.online_grpo.hyper.clip_eps_low" in err and "float" in err
+    assert "losses.dpo.variant" in err
+
+
+def test_controls_vary_a_grid_loss():
+    assert "grid.controls.losses" in _err({"grid": {"losses": ["sft"], "controls": {"losses": ["dpo"],
+                                                                                  "init_seeds": [1]}}})
+    assert "lr_factors" in _err({"grid": {"controls": {"lr_factors": [1.0]}}})
+
+
 def test_openai_backend_needs_endpoint():
     assert "rollouts.endpoint" in _err({"rollouts": {"backend": "openai"}})
 
 
 def test_hash_changes_with_content():
     a = parse_config({})
-    b = parse_config({"train": {"lr": 1e-5}})
+    b = parse_config({"train": {"max_grad_norm": 2.0}})
     assert config_hash(a) != config_hash(b) and len(config_hash(a)) == 16
 
 

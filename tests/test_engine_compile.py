@@ -102,7 +102,7 @@ def test_compiled_engine_reuses_its_cache_and_matches_eager(tmp_path):
     cache = tmp_path / "wsg-cache"
     if ray.is_initialized():  # this test needs its own runtime_env (WSG_CACHE for the actors)
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"WSG_CACHE": str(cache)}})
     try:
         prompts = [[1, 5, 9, 42, 7], [3, 3, 8], [100, 200, 300, 17, 2, 9]]

@@ -17,6 +17,7 @@ import torch
 from statsmodels.stats.proportion import proportion_confint
 
 from sweep import rundir
+from sweep.layout import RunLayout
 from test_functional import make_tiny_run
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def _hf_greedy(adapter_path, prompts, max_new_tokens):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -77,7 +78,7 @@ def test_run_eval(tmp_path, ray_local):
     prompts = [r["prompt"] for r in by["base"]]
     n_new = cfg.analysis.eval_max_tokens
     assert [r["completion"] for r in by["base"]] == _hf_greedy(None, prompts, n_new)
-    dpo = rundir.step_dir(run, "dpo-s42-lr1e-05", 2)
+    dpo = RunLayout.of(run).cell("dpo-s42-lr1e-05").step(2)
     assert [r["completion"] for r in by["dpo-s42-lr1e-05@2"]] == _hf_greedy(dpo, prompts, n_new)
     assert [r["completion"] for r in by["dpo-s42-lr1e-05@2"]] != [r["completion"] for r in by["base"]]
     assert [r["completion"] for r in by["sft_copy"]] == [r["completion"] for r in by["sft-s7-lr1e-04@2"]]
@@ -110,7 +111,7 @@ def test_run_eval(tmp_path, ray_local):
     lrun = str(tmp_path / "lora_run")
     os.makedirs(os.path.join(lrun, "cells"))
     for cell in ("dpo-s42-lr1e-05", "sft-s7-lr1e-04"):
-        shutil.copytree(rundir.step_dir(run, cell, 2), rundir.step_dir(lrun, cell, 2))
+        shutil.copytree(RunLayout.of(run).cell(cell).step(2), RunLayout.of(lrun).cell(cell).step(2))
     lsum = run_eval(lcfg, lrun, progress=False)
     assert lsum["mode"] == "lora" and lsum["evaluated"] == 3
     lp = rundir.read_table(rundir.join(lrun, "eval", "predictions.parquet"))

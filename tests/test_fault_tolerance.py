@@ -23,6 +23,7 @@ import yaml
 
 from sweep import rundir
 from sweep.config import parse_config
+from sweep.layout import RunLayout
 from test_train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 def _adapter(run: str, cid: str, step: int):
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(rundir.step_dir(run, cid, step), "adapter_model.safetensors"))
+    return load_file(os.path.join(RunLayout.of(run).cell(cid).step(step), "adapter_model.safetensors"))
 
 
 def _grid_cfg(losses, **train):
@@ -47,12 +48,12 @@ def test_worker_crash_resumes_to_the_uninterrupted_adapter(tmp_path, tokenizer, 
     import torch
 
     from train.cell import run_cell
-    from train.cell_id import cell_id
+    from sweep.cells import cell_id
 
     cfg = tiny_cfg(max_steps=4, checkpoint_steps=[2, 4], max_failures=2)
     straight = write_run(str(tmp_path / "straight"), tokenizer)
     crashed = write_run(str(tmp_path / "crashed"), tokenizer)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         run_cell(cfg, straight, loss="sft", seed=42, lr=1e-3)
         monkeypatch.setenv("WSG_FAULT_CRASH_AT_STEP", "3")
@@ -61,7 +62,7 @@ def test_worker_crash_resumes_to_the_uninterrupted_adapter(tmp_path, tokenizer, 
         ray.shutdown()
     cid = cell_id("sft", 42, 1e-3)
     # the crash really happened (the worker leaves this marker before exiting)
-    assert rundir.exists(rundir.join(rundir.cell_dir(crashed, cid), "_fault_injected"))
+    assert rundir.exists(rundir.join(RunLayout.of(crashed).cell(cid).root, "_fault_injected"))
     assert summary["state"] == "complete" and summary["step"] == 4
     a, b = _adapter(straight, cid, 4), _adapter(crashed, cid, 4)
     assert a.keys() == b.keys()
@@ -173,7 +174,7 @@ def test_node_removed_mid_run_the_grid_completes(tmp_path, tokenizer):
         assert not th.is_alive(), "grid did not finish"
         assert "error" not in result, result.get("error")
         for c in plan_cells(cfg):
-            assert rundir.is_complete(rundir.cell_dir(run, c.id)), c.id
+            assert rundir.is_complete(RunLayout.of(run).cell(c.id).root), c.id
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -187,7 +188,7 @@ def test_grid_leaves_no_placement_groups_or_actors(tmp_path, tokenizer):
 
     cfg = _grid_cfg(["sft", "dpo"], max_steps=2, checkpoint_steps=[2])
     run = write_run(str(tmp_path / "run"), tokenizer)
-    ray.init(num_cpus=2, include_dashboard=True, resources={"wsg_trial_slot": 100})
+    ray.init(address="local", num_cpus=2, include_dashboard=True, resources={"wsg_trial_slot": 100})
     try:
         summary = run_grid(cfg, run)
         assert summary["trained"] == 2 and summary["failed"] == 0

@@ -74,7 +74,7 @@ def make_tiny_run(root, *, copy_of: str | None = "sft-s7-lr1e-04@2", cells=CELLS
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -91,7 +91,7 @@ def _hf_with_adapter(path):
 def test_discovery_and_pairs(tmp_path):
     from analysis.adapters import list_adapters, reference_pairs
     from analysis.functional import cka_pair_list, lmc_pair_list
-    from train.cell_id import cell_id, parse_cell_id
+    from sweep.cells import cell_id, parse_cell_id
 
     cfg, run = make_tiny_run(tmp_path)
     ads = list_adapters(cfg, run)

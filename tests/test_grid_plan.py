@@ -1,6 +1,7 @@
 """Grid planning: per-loss LR rules, extra cells, stable ids, resources."""
 from sweep.config import parse_config
-from sweep.grid import Cell, cell_resources, plan_cells
+from sweep.cells import CellKey
+from sweep.grid import cell_resources, is_online, plan_cells
 
 
 def test_dpo_convention_explicit_lrs_and_extra_cells():
@@ -30,4 +31,29 @@ def test_online_cells_hold_their_engine():
                         "train": {"cpus_per_worker": 2}, "online": {"engine_cpus": 3}})
     off, on = plan_cells(cfg)
     assert cell_resources(cfg, off)["CPU"] == 2 and cell_resources(cfg, on)["CPU"] == 5
-    assert on.online and not off.online and isinstance(on, Cell)
+    assert is_online(on) and not is_online(off) and isinstance(on, CellKey)
+
+
+def test_a_gpu_engine_holds_its_own_resources():
+    cfg = parse_config({"grid": {"losses": ["online_grpo"]}, "analysis": {"reference_loss": "online_grpo"},
+                        "train": {"cpus_per_worker": 2, "gpus_per_worker": 1},
+                        "online": {"engine_cpus": 3, "engine_gpus": 1}})
+    (on,) = plan_cells(cfg)
+    assert cell_resources(cfg, on) == {"CPU": 5, "GPU": 2}
+
+
+def test_controls_differ_from_their_grid_cell_in_one_factor():
+    cfg = parse_config({"grid": {"losses": ["sft", "dpo"], "seeds": [42], "lrs": [1e-4],
+                                 "controls": {"init_seeds": [43], "data_seeds": [7], "lr_factors": [10]}},
+                        "losses": {"dpo": {"lr_scale": 0.1}}})
+    cells = plan_cells(cfg)
+    assert [c.id for c in cells] == ["sft-s42-lr1e-04", "dpo-s42-lr1e-05", "sft-i43-d42-lr1e-04",
+                                     "sft-i42-d7-lr1e-04", "sft-s42-lr1e-03"]
+    ref = cells[0]
+    for c in cells[2:]:
+        diff = [f for f in ("loss", "init_seed", "data_seed", "lr") if getattr(c, f) != getattr(ref, f)]
+        assert len(diff) == 1
+        assert CellKey.parse(c.id) == c
+    two = parse_config({"grid": {"losses": ["sft", "dpo"], "controls": {"losses": ["sft", "dpo"],
+                                                                         "init_seeds": [1]}}})
+    assert {c.id for c in plan_cells(two)} >= {"sft-i1-d42-lr5e-06", "dpo-i1-d42-lr5e-06"}

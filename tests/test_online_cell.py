@@ -1,5 +1,5 @@
-"""Online cells end to end (train/online.py): real Ray (a placement group
-holding the trainer actor and the vLLM engine actor), real vLLM, real
+"""Online cells end to end (train/cell.py + train/online.py): real Ray Train
+(one worker whose bundle holds the vLLM engine actor too), real vLLM, real
 math-verify rewards, on the tiny random Qwen3 (configs/tiny.yaml sizes).
 The model is random, so the numbers mean nothing; what is checked is the
 cell's contract: PEFT adapters at the checkpoint steps, metrics, the
@@ -17,10 +17,12 @@ import pytest
 from sweep import rundir
 from sweep.config import parse_config
 from sweep.errors import WsgError
-from train.online import run_online_cell, validate_online
+from sweep.layout import RunLayout
+from train.cell import run_cell
+from train.online import PromptSet, validate_online
 
 STEP_METRICS = ("step", "loss", "grad_norm", "lr", "reward_mean", "task_reward_mean", "filtered_group_frac",
-                "response_len_mean", "clip_frac", "entropy", "gen_s", "reward_s", "train_s", "sync_s",
+                "response_len_mean", "loss_clip_frac", "entropy", "gen_s", "reward_s", "train_s", "sync_s",
                 "gen_tok_per_s", "behaviour_gap_max")
 
 
@@ -40,7 +42,7 @@ def tiny(losses=None, **online):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -53,17 +55,17 @@ def _adapter_ok(path: str) -> bool:
 def test_grpo_cell_stops_resumes_and_completes(ray_local, tmp_path):
     # with a KL term to the base model, so the reference forward runs too
     cfg, run = tiny(losses={"online_grpo": {"hyper": {"kl_coef": 0.01}}}), str(tmp_path / "run")
-    first = run_online_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3, stop_after=1)
-    cdir = rundir.cell_dir(run, first["cell_id"])
+    first = run_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3, stop_after=1)
+    cdir = RunLayout.of(run).cell(first["cell_id"]).root
     assert first["state"] == "stopped" and first["step"] == 1 and not rundir.is_complete(cdir)
     assert first["sync"] == "merged"  # "auto" on a CPU engine
     assert pq.read_table(os.path.join(cdir, "metrics.parquet")).column("step").to_pylist() == [1]
 
-    done = run_online_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3)
+    done = run_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3)
     assert done["state"] == "complete" and done["step"] == 3 and rundir.is_complete(cdir)
     for s in (2, 3):
-        assert _adapter_ok(rundir.step_dir(run, done["cell_id"], s))
-    cfg_json = json.load(open(os.path.join(rundir.step_dir(run, done["cell_id"], 3), "adapter_config.json")))
+        assert _adapter_ok(RunLayout.of(run).cell(done["cell_id"]).step(s))
+    cfg_json = json.load(open(os.path.join(RunLayout.of(run).cell(done["cell_id"]).step(3), "adapter_config.json")))
     assert cfg_json["r"] == 4 and sorted(cfg_json["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     m = pq.read_table(os.path.join(cdir, "metrics.parquet")).to_pylist()
     assert [r["step"] for r in m] == [1, 2, 3]  # step 1 from the stopped run, 2-3 after the resume
@@ -76,7 +78,7 @@ def test_grpo_cell_stops_resumes_and_completes(ray_local, tmp_path):
     assert [r["prompt_cursor"] for r in m] == [2, 4, 6]
     assert not rundir.exists(rundir.join(run, "train_state", done["cell_id"]))
 
-    again = run_online_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3)
+    again = run_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3)
     assert again["skipped"] is True and again["cell_id"] == done["cell_id"]
 
 
@@ -104,12 +106,12 @@ def test_dapo_cell_with_lora_sync_survives_an_engine_kill(ray_local, tmp_path):
     cfg, run = tiny(sync="lora"), str(tmp_path / "run")
     cfg = parse_config({**cfg.model_dump(mode="json"), "train": {**cfg.train.model_dump(mode="json"),
                                                                  "resume_every": 1}})
-    cdir = rundir.cell_dir(run, "online_dapo-s7-lr1e-03")
+    cdir = RunLayout.of(run).cell("online_dapo-s7-lr1e-03").root
     done, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_our_engine_after_step, args=(cdir, 1, done, killed), daemon=True)
     killer.start()
     try:
-        out = run_online_cell(cfg, run, loss="online_dapo", seed=7, lr=1e-3)
+        out = run_cell(cfg, run, loss="online_dapo", seed=7, lr=1e-3)
     finally:
         done.set()
         killer.join()
@@ -123,26 +125,24 @@ def test_dapo_cell_with_lora_sync_survives_an_engine_kill(ray_local, tmp_path):
         assert 1 <= r["sample_rounds"] <= 2 and r["sampled_groups"] == 2 * r["sample_rounds"]
         assert r["trained_groups"] == min(2, r["sampled_groups"] - r["dropped_groups"])
     for s in (2, 3):
-        assert _adapter_ok(rundir.step_dir(run, out["cell_id"], s))
+        assert _adapter_ok(RunLayout.of(run).cell(out["cell_id"]).step(s))
 
 
 def test_refuses_what_cannot_run(tmp_path):
     cfg = tiny()
-    with pytest.raises(WsgError, match="not an online loss"):
-        validate_online(cfg, loss="dpo", seed=1, lr=1e-3)
     with pytest.raises(WsgError, match="train.max_seq_len"):
-        validate_online(cfg, loss="online_grpo", seed=1, lr=1e-3, prompt_ids=[[1] * 120])
+        validate_online(cfg, PromptSet(prompt_ids=[[1] * 120], golds=["1"]))
     wide = parse_config({**cfg.model_dump(mode="json"), "train": {
         **cfg.train.model_dump(mode="json"), "num_workers": 2, "grad_accum": 1, "per_device_batch": 2}})
     with pytest.raises(WsgError, match="num_workers"):
-        validate_online(wide, loss="online_grpo", seed=1, lr=1e-3)
+        validate_online(wide)
 
 
 def test_entropy_probe_matches_the_full_model_distribution():
     import torch
 
     from train.data import collate_sequences
-    from train.online import _EntropyProbe
+    from train.online import OnlineObserver
     from train.steps import CompletionLogprobs, build_policy, sequence_logprobs
 
     cfg = tiny()
@@ -155,8 +155,8 @@ def test_entropy_probe_matches_the_full_model_distribution():
     seqs = [torch.randint(10, 400, (n,), generator=g).tolist() for n in (9, 14, 6)]
     n_prompt = [4, 6, 2]
     mb = collate_sequences(seqs, n_prompt, pad_id=0)
-    probe = _EntropyProbe(policy)
-    with torch.no_grad(), probe:
+    probe = OnlineObserver(policy)
+    with torch.no_grad(), probe.forward():
         sequence_logprobs(CompletionLogprobs(policy), mb)
     # reference: the whole model's logits at every position that predicts a completion token
     ents = []
@@ -166,4 +166,4 @@ def test_entropy_probe_matches_the_full_model_distribution():
             ents.append(torch.distributions.Categorical(logits=logits.float()).entropy())
     want = torch.cat(ents)
     assert probe.count == want.numel()
-    assert probe.mean == pytest.approx(float(want.mean()), rel=1e-5)
+    assert probe.metrics()["entropy"] == pytest.approx(float(want.mean()), rel=1e-5)

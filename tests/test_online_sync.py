@@ -18,7 +18,8 @@ import torch
 
 from sweep.config import parse_config
 from sweep.errors import WsgError
-from train.online_sync import WeightSync, merged_weights, resolve_sync, vllm_lora_rank, write_merged
+from rollouts.engine_rules import adapter_mode, vllm_lora_rank
+from train.online_sync import WeightSync, merged_weights, write_merged
 from train.steps import CompletionLogprobs, build_policy
 
 # fp32 vLLM vs fp32 transformers agree within 5e-5 (FACTS.md "vLLM"); the bound
@@ -45,11 +46,12 @@ def randomized_policy(cfg, seed=1):
 
 
 def test_auto_is_merged_on_cpu_and_lora_on_gpu():
-    assert resolve_sync("auto", on_gpu=False) == "merged"
-    assert resolve_sync("auto", on_gpu=True) == "lora"
-    assert resolve_sync("lora", on_gpu=False) == "lora"
+    assert adapter_mode("auto", gpus=0, field="online.sync") == "merged"
+    assert adapter_mode("auto", gpus=1, field="online.sync") == "lora"
+    assert adapter_mode("auto", gpus=0.5, field="analysis.eval_mode") == "lora"  # one rule for every engine
+    assert adapter_mode("lora", gpus=0, field="online.sync") == "lora"
     with pytest.raises(WsgError, match="online.sync"):
-        resolve_sync("both", on_gpu=False)
+        adapter_mode("both", gpus=0, field="online.sync")
 
 
 def test_vllm_lora_rank_rounds_up_to_an_accepted_rank():
@@ -147,17 +149,27 @@ def trainer_logprobs(policy, prompt, comp, *, adapter: bool) -> list[float]:
 @pytest.mark.parametrize("strategy", ["merged", "lora"])
 def test_engine_samples_from_the_current_adapter(tmp_path, strategy):
     from rollouts.engine import EngineActor
-    from train.online import OnlineWorker, engine_options, prepare_prompts, worker_config
+    from sweep.cells import CellKey
+    from rollouts.engine_rules import online_engine_options
+    from train.online import OnPolicySource, prepare_prompts
+    from train.task import CellTask, placement
+    from train.worker import fit
 
     cfg = smollm2_cfg()
-    prompt_ids, golds = prepare_prompts(cfg)
-    conf = worker_config(cfg, str(tmp_path / "run"), loss="online_grpo", seed=42, lr=5e-3, sync=strategy)
-    engine = EngineActor(engine_options(cfg, strategy), work_dir=str(tmp_path / "vllm"))
-    worker = OnlineWorker(conf)
+    prompts = prepare_prompts(cfg)
+    prompt_ids = prompts.prompt_ids
+    # The cell's own loop, in this process, around a plain in-process engine.
+    task = CellTask(cfg=cfg, run=str(tmp_path / "run"), key=CellKey.of("online_grpo", 42, 5e-3), fingerprint={},
+                    data=prompts, online=True, placement=placement(cfg, online=True), sync=strategy, stop_after=2)
+    engine = EngineActor(online_engine_options(cfg, strategy), work_dir=str(tmp_path / "vllm"))
+    source = OnPolicySource(task, prompts, device="cpu", engine=engine)
     try:
-        worker.setup(engine, {"prompt_ids": prompt_ids, "golds": golds})
         assert engine.info()["dtype"] == "float32"
-        rows = [worker.step(s) for s in (1, 2)]
+        out = fit(task, source, rank=0, world=1, device="cpu", report=lambda row, ckpt: None, resume_dir=None)
+        rows = out["history"]
+        assert [r["step"] for r in rows] == [1, 2] and out["status"]["state"] == "stopped"
+        source.sync.push(out["policy"])  # a stopped cell does not sync its last step: push it here
+        policy = out["policy"]
         assert sum(r["trained_groups"] * (r["filtered_group_frac"] < 1) for r in rows) > 0, \
             "no step had a group with both outcomes: nothing was learned, the guard cannot discriminate"
         # while sampling, the engine used the weights the trainer then scored with
@@ -167,9 +179,9 @@ def test_engine_samples_from_the_current_adapter(tmp_path, strategy):
         comp = tok.encode("The sum is 7, so the answer is \\boxed{7}.", add_special_tokens=False)
         comp.append(tok.eos_token_id)
         prompt = prompt_ids[0]
-        got = np.array(engine.score_logprobs(prompt, comp, lora=worker.sync.lora))
-        current = np.array(trainer_logprobs(worker.policy, prompt, comp, adapter=True))
-        base = np.array(trainer_logprobs(worker.policy, prompt, comp, adapter=False))
+        got = np.array(engine.score_logprobs(prompt, comp, lora=source.sync.lora))
+        current = np.array(trainer_logprobs(policy, prompt, comp, adapter=True))
+        base = np.array(trainer_logprobs(policy, prompt, comp, adapter=False))
         print(f"{strategy}: |engine - trainer| max {np.abs(got - current).max():.2e}, |base - trainer| max "
               f"{np.abs(base - current).max():.3f}, behaviour gap max {max(r['behaviour_gap_max'] for r in rows):.2e}")
         assert np.abs(got - current).max() < MATCH_TOL
@@ -182,7 +194,7 @@ def test_engine_samples_from_the_current_adapter(tmp_path, strategy):
             plain = np.array(engine.score_logprobs(prompt, comp))
             assert np.abs(plain - base).max() < MATCH_TOL
     finally:
-        worker.close()
+        source.close()
         engine.shutdown()
 
 

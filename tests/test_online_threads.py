@@ -1,30 +1,30 @@
-"""An online cell's trainer borrows its idle CPU engine's cores only when the
-engine shares its node and has no GPU (train/online.py `_idle_engine_cpus`)."""
-from types import SimpleNamespace
-
-import pytest
-
-
-@pytest.fixture(scope="module")
-def pg():
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    group = placement_group([{"CPU": 1}, {"CPU": 2}], strategy="PACK")
-    ray.get(group.ready())
-    yield group
-    remove_placement_group(group)
-    ray.shutdown()
+"""Where an online cell's processes run and how many threads each uses
+(train/task.py `placement`): a CPU engine sits inside its trainer's bundle
+and both use the whole bundle's cores; a GPU engine holds its own."""
+from sweep.config import parse_config
+from train.task import placement
 
 
-def test_trainer_borrows_the_colocated_cpu_engine(pg):
-    from train.online import _idle_engine_cpus
+def _cfg(**online):
+    return parse_config({"grid": {"losses": ["online_grpo"]}, "analysis": {"reference_loss": "online_grpo"},
+                         "train": {"cpus_per_worker": 1}, "online": {"engine_cpus": 2, **online}})
 
-    assert _idle_engine_cpus(pg, SimpleNamespace(engine_gpus=0, engine_cpus=2.0)) == 2.0
+
+def test_a_colocated_cpu_engine_shares_its_trainers_bundle_and_cores():
+    p = placement(_cfg(), online=True)
+    assert p.worker == {"CPU": 3.0} and p.engine is None
+    assert p.trainer_threads == 3 and p.engine_threads == 3
+    assert p.total == {"CPU": 3.0}
 
 
-def test_trainer_never_borrows_a_gpu_engine(pg):
-    from train.online import _idle_engine_cpus
+def test_a_gpu_or_remote_engine_holds_its_own_resources_and_lends_nothing():
+    p = placement(_cfg(engine_gpus=1), online=True)
+    assert p.worker == {"CPU": 1.0} and p.engine == {"CPU": 2.0, "GPU": 1.0}
+    assert p.trainer_threads == 1 and p.engine_threads is None
+    spread = placement(_cfg(colocate=False), online=True)
+    assert spread.engine == {"CPU": 2.0} and spread.trainer_threads == 1
 
-    assert _idle_engine_cpus(pg, SimpleNamespace(engine_gpus=1, engine_cpus=2.0)) == 0.0
+
+def test_an_offline_cell_holds_its_worker_only():
+    p = placement(_cfg(), online=False)
+    assert p.worker == {"CPU": 1.0} and p.engine is None and p.trainer_threads == 1

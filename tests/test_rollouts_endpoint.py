@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 
 from sweep import rundir
+from sweep.layout import RunLayout
 from sweep.config import parse_config
 from sweep.errors import WsgError
 
@@ -85,8 +86,7 @@ def test_stage_with_a_vllm_serve_teacher(server, tmp_path, api):
     s = run_rollouts(_cfg(server, api), str(tmp_path / "run"), progress=False)
     assert not ray.is_initialized()  # the stage shut down the Ray it started
     assert s["n_samples"] == 10 and s["n_prompts"] == 5 and s["n_shards"] == 2
-    out = rundir.rollouts_dir(str(tmp_path / "run"))
-    t = rundir.read_table(rundir.join(out, "rollouts.parquet"))
+    t = rundir.read_table(RunLayout.of(str(tmp_path / "run")).rollouts)
     schema.check_table(t, schema.ROLLOUTS_SCHEMA, "rollouts")
     tok = load_tokenizer("tiny-qwen3")
     for r in t.to_pylist():

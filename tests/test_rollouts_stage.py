@@ -8,6 +8,7 @@ import pytest
 from sweep import rundir
 from sweep.config import parse_config
 from sweep.errors import WsgError
+from sweep.layout import RunLayout
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def _cfg(**rollouts):
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -50,7 +51,7 @@ def test_stage_writes_both_tables(first_run):
 
     assert ray.is_initialized()  # the caller's Ray is left running
     run, s = first_run
-    out = rundir.rollouts_dir(run)
+    out = RunLayout.of(run).rollouts_dir
     assert rundir.is_complete(out)
     shards = sorted(rundir.listdir(rundir.join(out, "shards")))
     assert shards == ["shard_00000.parquet", "shard_00001.parquet"]
@@ -84,7 +85,7 @@ def test_rerun_skips_a_finished_stage(first_run):
     from rollouts.stage import run_rollouts
 
     run, s = first_run
-    path = rundir.join(rundir.rollouts_dir(run), "rollouts.parquet")
+    path = RunLayout.of(run).rollouts
     before = os.stat(path).st_mtime_ns
     again = run_rollouts(_cfg(), run, progress=False)
     assert again["skipped"] is True and again["n_samples"] == s["n_samples"]
@@ -107,7 +108,7 @@ def test_resume_samples_only_the_missing_shard_identically(first_run, tmp_path):
     run, _ = first_run
     copy = str(tmp_path / "copy")
     shutil.copytree(run, copy)
-    out = rundir.rollouts_dir(copy)
+    out = RunLayout.of(copy).rollouts_dir
     old = rundir.read_table(rundir.join(out, "shards", "shard_00001.parquet")).to_pylist()
     keep = os.stat(rundir.join(out, "shards", "shard_00000.parquet")).st_mtime_ns
     # A crash after shard 0: shard 1, the final tables and the marker are gone.

@@ -10,7 +10,7 @@ import pytest
 def ray_local():
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
 

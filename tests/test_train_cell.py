@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from sweep import rundir
-from sweep.config import OFFLINE_LOSSES
 from sweep.errors import WsgError
 from test_train_fixtures import ray_local, tiny_cfg, tokenizer, write_run  # noqa: F401 (fixtures)
 from train.cell import run_cell
-from train.cell_id import cell_id
+from train.losses import loss_names
+from sweep.cells import cell_id
+from sweep.layout import RunLayout
 
 LR, SEED = 1e-3, 42
 TWO = dict(num_workers=2, per_device_batch=2, grad_accum=1, effective_batch=4, max_steps=4, checkpoint_steps=[2, 4],
@@ -33,7 +34,7 @@ def _cfg(**kw):
 
 
 def _adapter(run, loss, step, lr=LR):
-    folder = rundir.step_dir(run, cell_id(loss, SEED, lr), step)
+    folder = RunLayout.of(run).cell(cell_id(loss, SEED, lr)).step(step)
     return load_file(os.path.join(folder, "adapter_model.safetensors"))
 
 
@@ -47,10 +48,10 @@ def _close(a: dict, b: dict, atol: float) -> None:
 def trained(tmp_path_factory, tokenizer, ray_local):
     """Every offline loss, 2 workers, 4 steps: {loss: summary}."""
     run = write_run(str(tmp_path_factory.mktemp("all_losses")), tokenizer)
-    return run, {loss: run_cell(_cfg(), run, loss=loss, seed=SEED, lr=LR) for loss in OFFLINE_LOSSES}
+    return run, {loss: run_cell(_cfg(), run, loss=loss, seed=SEED, lr=LR) for loss in loss_names(online=False)}
 
 
-@pytest.mark.parametrize("loss", OFFLINE_LOSSES)
+@pytest.mark.parametrize("loss", loss_names(online=False))
 def test_every_offline_loss_trains_and_writes_reloadable_adapters(trained, loss):
     from peft import PeftModel
 
@@ -59,8 +60,8 @@ def test_every_offline_loss_trains_and_writes_reloadable_adapters(trained, loss)
     run, summaries = trained
     s = summaries[loss]
     cid = cell_id(loss, SEED, LR)
-    assert s["state"] == "complete" and s["step"] == 4 and rundir.is_complete(rundir.cell_dir(run, cid))
-    metrics = rundir.read_table(rundir.join(rundir.cell_dir(run, cid), "metrics.parquet")).to_pandas()
+    assert s["state"] == "complete" and s["step"] == 4 and rundir.is_complete(RunLayout.of(run).cell(cid).root)
+    metrics = rundir.read_table(RunLayout.of(run).cell(cid).metrics).to_pandas()
     assert metrics.step.tolist() == [1, 2, 3, 4]
     assert np.isfinite(metrics[["loss", "grad_norm", "lr", "tokens_per_s"]].to_numpy()).all()
     # Cosine schedule, no warmup (transformers' formula written out).
@@ -71,7 +72,7 @@ def test_every_offline_loss_trains_and_writes_reloadable_adapters(trained, loss)
     with torch.no_grad():
         base_logits = base(input_ids=base_ids).logits
     for step in (2, 4):
-        folder = rundir.step_dir(run, cid, step)
+        folder = RunLayout.of(run).cell(cid).step(step)
         assert sorted(os.listdir(folder)) == ["_COMPLETE", "adapter_config.json", "adapter_model.safetensors"]
         saved = load_file(os.path.join(folder, "adapter_model.safetensors"))
         assert len(saved) == 2 * 4 * 2  # (A, B) x q,k,v,o x 2 layers
@@ -103,7 +104,7 @@ def test_stop_and_resume_on_one_worker_equals_straight_run_on_two(trained, tmp_p
     run_c = write_run(str(tmp_path), tokenizer)
     one = dict(num_workers=1, per_device_batch=2, grad_accum=2)
     first = run_cell(_cfg(**one), run_c, loss="dpo", seed=SEED, lr=LR, stop_after=2)
-    cdir = rundir.cell_dir(run_c, cell_id("dpo", SEED, LR))
+    cdir = RunLayout.of(run_c).cell(cell_id("dpo", SEED, LR)).root
     assert first["state"] == "stopped" and first["step"] == 2 and not rundir.is_complete(cdir)
     with pytest.raises(WsgError, match="different training config"):
         run_cell(_cfg(**one, weight_decay=0.5), run_c, loss="dpo", seed=SEED, lr=LR)
@@ -111,7 +112,7 @@ def test_stop_and_resume_on_one_worker_equals_straight_run_on_two(trained, tmp_p
     assert second["state"] == "complete" and rundir.is_complete(cdir)
     for step in (2, 4):
         _close(_adapter(run_c, "dpo", step), _adapter(run_a, "dpo", step), atol=1e-6)
-    ma = rundir.read_table(rundir.join(rundir.cell_dir(run_a, cell_id("dpo", SEED, LR)), "metrics.parquet"))
+    ma = rundir.read_table(RunLayout.of(run_a).cell(cell_id("dpo", SEED, LR)).metrics)
     mc = rundir.read_table(rundir.join(cdir, "metrics.parquet"))
     assert mc.column("step").to_pylist() == [1, 2, 3, 4]
     np.testing.assert_allclose(mc.column("loss").to_numpy(), ma.column("loss").to_numpy(), rtol=1e-5)
@@ -132,7 +133,7 @@ def test_diverging_loss_stops_the_cell_naming_the_step(tmp_path, tokenizer, ray_
                    checkpoint_steps=[2, 4], warmup_frac=0.0)
     with pytest.raises(WsgError, match="loss is NaN at step 2"):
         run_cell(cfg, run, loss="sft", seed=SEED, lr=1e30)  # step 1 blows the weights up
-    cdir = rundir.cell_dir(run, cell_id("sft", SEED, 1e30))
-    assert not rundir.is_complete(cdir) and not rundir.exists(rundir.step_dir(run, cell_id("sft", SEED, 1e30), 2))
+    cdir = RunLayout.of(run).cell(cell_id("sft", SEED, 1e30)).root
+    assert not rundir.is_complete(cdir) and not rundir.exists(RunLayout.of(run).cell(cell_id("sft", SEED, 1e30)).step(2))
     steps = rundir.read_table(rundir.join(cdir, "metrics.parquet")).column("step").to_pylist()
     assert steps == [1, 2]

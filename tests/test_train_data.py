@@ -10,7 +10,8 @@ from rollouts.schema import rollouts_table
 from sweep import rundir
 from sweep.errors import WsgError
 from test_train_fixtures import make_rollouts, tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
-from train.cell_id import cell_id, parse_cell_id
+from sweep.cells import cell_id, parse_cell_id
+from sweep.layout import RunLayout
 from train.data import build_train_set, collate, micro_batches_per_rank, plan_step, split_by_length, step_items
 
 
@@ -26,7 +27,7 @@ def test_cell_id_format_and_round_trip():
 
 
 def _table(run):
-    return rundir.read_table(rundir.join(rundir.rollouts_dir(run), "rollouts.parquet")).to_pandas()
+    return rundir.read_table(RunLayout.of(run).rollouts).to_pandas()
 
 
 def test_stored_ids_and_retokenized_text_agree(tmp_path, tokenizer):
@@ -70,7 +71,7 @@ def test_items_per_loss_and_group_advantages(tmp_path, tokenizer):
     want = df.reward - df.groupby("prompt_id").reward.transform("mean") + 0.1
     np.testing.assert_allclose(grpo.advantages, want.to_numpy(), rtol=0, atol=1e-6)
     dpo = build_train_set(cfg, run, loss="dpo", tokenizer=tokenizer)
-    pairs = rundir.read_table(rundir.join(rundir.rollouts_dir(run), "pairs.parquet")).to_pandas()
+    pairs = rundir.read_table(RunLayout.of(run).pairs).to_pandas()
     assert dpo.paired and len(dpo.items) == len(pairs)
     for (c, r), (_, p) in zip(dpo.items, pairs.iterrows()):
         assert df.prompt_id[c] == df.prompt_id[r] == p.prompt_id
@@ -90,7 +91,7 @@ def test_bad_data_is_refused_with_a_message(tmp_path, tokenizer):
     rows = make_rollouts(tokenizer)[0].to_pylist()
     rows[3]["reward"] = float("nan")
     nan_run = str(tmp_path / "nan")
-    rundir.write_table(rundir.join(rundir.rollouts_dir(nan_run), "rollouts.parquet"), rollouts_table(rows))
+    rundir.write_table(RunLayout.of(nan_run).rollouts, rollouts_table(rows))
     with pytest.raises(WsgError, match="NaN"):
         build_train_set(cfg, nan_run, loss="sft", tokenizer=tokenizer)
 

@@ -9,6 +9,7 @@ import pytest
 from sweep import rundir
 from rollouts.schema import pairs_table, rollouts_table
 from sweep.config import parse_config
+from sweep.layout import RunLayout
 
 def tiny_cfg(**train):
     """tiny-qwen3, LoRA r=4, few steps, seq ≤ 64."""
@@ -54,8 +55,8 @@ def make_rollouts(tokenizer, *, n_prompts=6, k=4, seed=0, all_wrong=False, all_r
 
 def write_run(run: str, tokenizer, **kw) -> str:
     r, p = make_rollouts(tokenizer, **kw)
-    rundir.write_table(rundir.join(rundir.rollouts_dir(run), "rollouts.parquet"), r)
-    rundir.write_table(rundir.join(rundir.rollouts_dir(run), "pairs.parquet"), p)
+    rundir.write_table(RunLayout.of(run).rollouts, r)
+    rundir.write_table(RunLayout.of(run).pairs, p)
     return run
 
 
@@ -75,5 +76,5 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray

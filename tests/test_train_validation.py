@@ -6,6 +6,7 @@ import pytest
 from rollouts.schema import pairs_table
 from sweep import rundir
 from sweep.errors import WsgError
+from sweep.layout import RunLayout
 from test_train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
 from train.cell import run_cell
 from train.steps import build_policy
@@ -29,7 +30,7 @@ def test_rft_without_positive_rollouts(tmp_path, tokenizer):
 
 def test_dpo_without_pairs(tmp_path, tokenizer):
     run = write_run(str(tmp_path), tokenizer)
-    rundir.write_table(rundir.join(rundir.rollouts_dir(run), "pairs.parquet"), pairs_table([]))
+    rundir.write_table(RunLayout.of(run).pairs, pairs_table([]))
     for loss in ("dpo", "ipo", "simpo"):
         with pytest.raises(WsgError, match="pairs.parquet has no \\(chosen, rejected\\) pairs"):
             run_cell(tiny_cfg(), run, loss=loss, seed=1, lr=1e-4)
@@ -51,11 +52,12 @@ def test_non_positive_learning_rate(tmp_path, tokenizer, lr):
         run_cell(tiny_cfg(), run, loss="sft", seed=1, lr=lr)
 
 
-def test_unknown_or_online_loss(tmp_path, tokenizer):
+def test_unknown_loss_or_an_online_cell_that_cannot_run(tmp_path, tokenizer):
     run = write_run(str(tmp_path), tokenizer)
-    with pytest.raises(WsgError, match="online loss"):
-        run_cell(tiny_cfg(), run, loss="online_grpo", seed=1, lr=1e-4)
-    with pytest.raises(WsgError, match="valid: sft, rft"):
+    with pytest.raises(WsgError, match="num_workers=2: an online cell trains on one worker"):
+        run_cell(tiny_cfg(num_workers=2, per_device_batch=1, grad_accum=2), run, loss="online_grpo", seed=1,
+                 lr=1e-4)
+    with pytest.raises(WsgError, match="valid losses: sft, rft"):
         run_cell(tiny_cfg(), run, loss="ppo", seed=1, lr=1e-4)
 
 

@@ -1,67 +1,74 @@
-"""One offline training cell = one (loss, seed, lr) Ray Train run.
+"""One training cell = one (loss, init seed, data seed, lr) Ray Train run,
+offline or online alike (docs/training.md, "The cell").
 
-`run_cell` is the single code path of both `wsg train` (one cell) and the
-grid (each Tune trial calls it): validate everything on the driver, build
-the tokenized TrainSet once and hand it to the workers through the object
-store, fit a `TorchTrainer` (Train V2) whose run state lives in
-`<run>/train_state/<cell_id>`, then mark `<run>/cells/<cell_id>/` complete.
-A second call resumes from the latest Ray Train checkpoint of that cell;
-a complete cell is skipped.
+`run_cell` is the single code path of `wsg train` and of every grid trial:
+
+    validate → fingerprint → resume or start → fit → summarise → mark complete
+
+Validation asks the loss registry what the loss trains on and builds that
+data once on the driver: the tokenized rollouts (offline losses) or the
+prompt set (online losses). The fit is a `TorchTrainer` (Train V2) whose
+workers run train/worker.py; its run state (the one checkpoint/resume
+format) lives in `<run>/train_state/<cell_id>`, and its FailureConfig is the
+one retry policy: a worker or engine process that dies restarts the worker
+group from the last registered checkpoint. A complete cell is skipped.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
 
 from sweep import rundir
-from sweep.config import OFFLINE_LOSSES, ONLINE_LOSSES, ExperimentConfig, config_hash
+from sweep.cells import CellKey
+from sweep.config import ExperimentConfig, config_hash
 from sweep.errors import WsgError
-from train.cell_id import cell_id as make_cell_id
-from train.worker import STATUS_FILE
+from sweep.layout import RunLayout
+from train.losses import get_loss, validate_hyper
+from train.task import CellTask, PromptSet, placement
 
-FINGERPRINT_FILE = "fingerprint.json"
+# Keys of train: that do not change a cell's trajectory (resume may change them).
+_RUNTIME_TRAIN_KEYS = ("max_failures", "cpus_per_worker", "gpus_per_worker", "resume_every")
 
 
-def validate_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float, tokenizer=None):
-    """Refuse bad input before any worker starts; return the cell's TrainSet."""
+def validate_cell(cfg: ExperimentConfig, run: str, key: CellKey, *, tokenizer=None):
+    """Refuse bad input before any worker starts; return the cell's data
+    (a TrainSet or a PromptSet)."""
     from sweep.models import load_tokenizer
-    from train.data import build_train_set
-    from train.losses import get_loss, validate_hyper
 
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise WsgError(f"learning rate must be a finite number > 0, got lr={lr!r}")
-    if loss in ONLINE_LOSSES:
-        raise WsgError(f"{loss} is an online loss: its cells run with train.online, not train.cell")
-    if loss not in OFFLINE_LOSSES:
-        raise WsgError(f"unknown offline loss {loss!r}; valid: {', '.join(OFFLINE_LOSSES)}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise WsgError(f"seed must be an integer, got {seed!r}")
+    spec = get_loss(key.loss, cfg.loss_cfg(key.loss).variant)
+    validate_hyper(key.loss, spec.variant, cfg.loss_cfg(key.loss).hyper)
     t = cfg.train
     bad = [s for s in t.checkpoint_steps if not 1 <= s <= t.max_steps]
     if bad:
         raise WsgError(f"train.checkpoint_steps {bad} lie beyond the last step (train.max_steps={t.max_steps}); "
                        "lower them or raise train.max_steps")
-    got = t.per_device_batch * t.grad_accum * t.num_workers
-    if got != t.effective_batch:
-        raise WsgError(f"train.effective_batch={t.effective_batch} but per_device_batch x grad_accum x num_workers "
-                       f"= {t.per_device_batch} x {t.grad_accum} x {t.num_workers} = {got}; make them agree")
-    lcfg = cfg.loss_cfg(loss)
-    get_loss(loss, lcfg.variant)
-    validate_hyper(loss, lcfg.variant, lcfg.hyper)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    return build_train_set(cfg, run, loss=loss, tokenizer=tokenizer)
+    if not spec.online:
+        from train.data import build_train_set
+
+        return build_train_set(cfg, run, loss=key.loss, tokenizer=tokenizer)
+    from train.online import prepare_prompts, validate_online
+
+    prompts = prepare_prompts(cfg, tokenizer)
+    validate_online(cfg, prompts)
+    return prompts
 
 
-def _fingerprint(cfg: ExperimentConfig, *, loss: str, seed: int, lr: float, ts) -> dict:
+def _fingerprint(cfg: ExperimentConfig, key: CellKey, data) -> dict:
     """What fixes a cell's trajectory: resuming under a different one is refused."""
     train = cfg.train.model_dump(mode="json")
-    for k in ("max_failures", "cpus_per_worker", "gpus_per_worker", "resume_every"):
+    for k in _RUNTIME_TRAIN_KEYS:
         train.pop(k)
-    return {"loss": loss, "seed": seed, "lr": lr, "model": cfg.model.model_dump(mode="json"), "train": train,
-            "loss_cfg": cfg.loss_cfg(loss).model_dump(mode="json", exclude={"lrs", "lr_scale"}),
-            "data": {"items": int(len(ts.items)), "tokens": int(len(ts.tokens)), **ts.stats}}
+    fp = {"cell": key.as_dict(), "model": cfg.model.model_dump(mode="json"), "train": train,
+          "loss_cfg": cfg.loss_cfg(key.loss).model_dump(mode="json", exclude={"lrs", "lr_scale"})}
+    if isinstance(data, PromptSet):
+        fp["data"] = cfg.data.model_dump(mode="json")
+        fp["online"] = cfg.online.model_dump(mode="json", exclude={"sync", "colocate", "engine_cpus", "engine_gpus"})
+        fp["engine"] = {"dtype": cfg.rollouts.dtype, "seed": cfg.rollouts.seed}
+    else:
+        fp["data"] = {"items": int(len(data.items)), "tokens": int(len(data.tokens)), **data.stats}
+    return fp
 
 
 def _delete(uri: str) -> None:
@@ -69,22 +76,6 @@ def _delete(uri: str) -> None:
         fs, path = rundir.resolve(uri)
         info = fs.get_file_info(path)
         fs.delete_dir(path) if info.type.name == "Directory" else fs.delete_file(path)
-
-
-def _storage(run: str) -> str:
-    uri = rundir.join(run, "train_state")
-    return rundir.resolve(uri)[1] if rundir.is_local(uri) else uri
-
-
-def _ensure_ray(cfg: ExperimentConfig) -> bool:
-    """Start a local Ray (or join cfg.resources.ray_address) unless the caller
-    already has one; True when this call started it (and must stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=cfg.resources.ray_address, include_dashboard=False, log_to_driver=True)
-    return True
 
 
 def _failure_message(cid: str, err: Exception) -> str:
@@ -96,81 +87,90 @@ def _failure_message(cid: str, err: Exception) -> str:
             "rerun the same command to resume from its last checkpoint")
 
 
-def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float, resume: bool = True,
-             stop_after: int | None = None) -> dict:
-    """Train one offline cell; returns its summary (also in `_COMPLETE`).
+def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float, init_seed: int | None = None,
+             data_seed: int | None = None, resume: bool = True, stop_after: int | None = None,
+             fault_crash_at: int | None = None) -> dict:
+    """Train one cell; returns its summary (also in `_COMPLETE`), or the
+    stored summary with skipped=True when the cell is already complete.
 
-    resume: continue from the cell's last Ray Train checkpoint (False starts
-    over, deleting that state). stop_after: train up to this step now and
-    stop resumably (the cell is then not complete; call again to finish).
-    Works standalone (starts a local Ray if none is up, and stops only that
-    one) and inside a Ray Tune function trainable."""
+    seed: the grid seed (LoRA init and data order); init_seed / data_seed
+    override one of them (control cells). resume=False starts over,
+    deleting the cell's resume state; stop_after stops resumably after that
+    step (the cell is then not complete; call again to finish). Works
+    standalone (starts a local Ray, and stops only that) and inside a Tune
+    trial."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
+    from sweep.session import session
     from train.worker import train_loop_per_worker
 
-    if rundir.is_local(run):  # Ray Train workers run in another working directory
-        run = rundir.resolve(run)[1]
-    cid = make_cell_id(loss, seed, lr)
-    cdir = rundir.cell_dir(run, cid)
-    if rundir.is_complete(cdir):
-        return {**rundir.read_json(rundir.join(cdir, rundir.COMPLETE_MARKER)), "skipped": True}
-    ts = validate_cell(cfg, run, loss=loss, seed=seed, lr=lr)
-    if stop_after is not None and not 1 <= stop_after <= cfg.train.max_steps:
-        raise WsgError(f"stop_after={stop_after} must lie in 1..train.max_steps={cfg.train.max_steps}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        raise WsgError(f"learning rate must be a finite number > 0, got lr={lr!r}")
+    key = CellKey.of(loss, seed, lr, init_seed=init_seed, data_seed=data_seed)
+    layout = RunLayout.of(run)  # local runs made absolute: workers run in another working directory
+    cl = layout.cell(key.id)
+    if rundir.is_complete(cl.root):
+        return {**rundir.read_json(cl.complete_marker), "skipped": True}
+    data = validate_cell(cfg, layout.root, key)
     t = cfg.train
-    storage = _storage(run)
-    fingerprint = _fingerprint(cfg, loss=loss, seed=seed, lr=lr, ts=ts)
-    fp_uri = rundir.join(cdir, FINGERPRINT_FILE)
+    if stop_after is not None and not 1 <= stop_after <= t.max_steps:
+        raise WsgError(f"stop_after={stop_after} must lie in 1..train.max_steps={t.max_steps}")
+    spec = get_loss(key.loss, cfg.loss_cfg(key.loss).variant)
+    fingerprint = _fingerprint(cfg, key, data)
     if not resume:
-        _delete(rundir.join(run, "train_state", cid))
-    elif rundir.exists(fp_uri) and rundir.read_json(fp_uri) != fingerprint:
-        raise WsgError(f"cell {cid} was started under a different training config or data ({fp_uri}); "
+        _delete(layout.train_state(key.id))
+    elif rundir.exists(cl.fingerprint) and rundir.read_json(cl.fingerprint) != fingerprint:
+        raise WsgError(f"cell {key.id} was started under a different training config or data ({cl.fingerprint}); "
                        "resuming would mix two runs: restore the old config, or start the cell over "
                        "(resume=False / delete its folder)")
-    rundir.write_json(fp_uri, fingerprint)
-    _delete(rundir.join(cdir, STATUS_FILE))
+    rundir.write_json(cl.fingerprint, fingerprint)
+    rundir.write_json(cl.spec, {**key.as_dict(), "id": key.id, "variant": spec.variant, "online": spec.online})
+    _delete(cl.status)
+    place = placement(cfg, online=spec.online)
+    sync = None
+    if spec.online:
+        from rollouts.engine_rules import adapter_mode
 
-    started = _ensure_ray(cfg)
+        sync = adapter_mode(cfg.online.sync, gpus=cfg.online.engine_gpus, field="online.sync")
+
     t0 = time.time()
-    try:
-        use_gpu = t.gpus_per_worker > 0
-        resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if use_gpu else {})}
+    with session(cfg.resources.ray_address):
+        task = CellTask(cfg=cfg, run=layout.root, key=key, fingerprint=fingerprint, data=ray.put(data),
+                        online=spec.online, placement=place, sync=sync, stop_after=stop_after,
+                        fault_crash_at=fault_crash_at)
         trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": run, "cell_id": cid, "loss": loss,
-                               "seed": seed, "lr": float(lr), "data": ray.put(ts), "use_gpu": use_gpu,
-                               "cpus_per_worker": t.cpus_per_worker, "stop_after": stop_after,
-                               "fingerprint": fingerprint,
-                               # fault-tolerance tests only (train/worker.py)
-                               "fault_crash_at_step": os.environ.get("WSG_FAULT_CRASH_AT_STEP")},
-            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(name=cid, storage_path=storage,
+            train_loop_per_worker, train_loop_config={"task": task},
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=place.use_gpu,
+                                         resources_per_worker=place.worker),
+            run_config=RunConfig(name=key.id, storage_path=_storage(layout),
                                  failure_config=FailureConfig(max_failures=t.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
         try:
             trainer.fit()
         except TrainingFailedError as err:  # worker/controller errors after max_failures retries
-            raise WsgError(_failure_message(cid, err)) from err
-    finally:
-        if started:
-            ray.shutdown()
+            raise WsgError(_failure_message(key.id, err)) from err
 
-    status_uri = rundir.join(cdir, STATUS_FILE)
-    if not rundir.exists(status_uri):
-        raise WsgError(f"cell {cid}: training ended without writing {status_uri}; rerun to resume")
-    status = rundir.read_json(status_uri)
+    if not rundir.exists(cl.status):
+        raise WsgError(f"cell {key.id}: training ended without writing {cl.status}; rerun to resume")
+    status = rundir.read_json(cl.status)
     if status["state"] == "failed":
         raise WsgError(status["message"])
     steps = sorted(s for s in set(t.checkpoint_steps) | {t.max_steps} if s <= status["step"])
-    summary = {"cell_id": cid, "loss": loss, "variant": cfg.loss_cfg(loss).variant, "seed": seed, "lr": float(lr),
-               "state": status["state"], "step": status["step"], "max_steps": t.max_steps,
-               "checkpoints": [rundir.step_dir(run, cid, s) for s in steps], "final": status.get("final", {}),
-               "data": fingerprint["data"], "num_workers": t.num_workers,
-               "deepspeed_stage": t.deepspeed.zero_stage if t.deepspeed.enabled else None,
+    summary = {"cell_id": key.id, **key.as_dict(), "seed": key.seed, "variant": spec.variant,
+               "online": spec.online, "state": status["state"], "step": status["step"], "max_steps": t.max_steps,
+               "checkpoints": [cl.step(s) for s in steps], "final": status.get("final", {}),
+               "node_id": status.get("node_id"), "sync": sync, "num_workers": t.num_workers,
+               "deepspeed_stage": t.deepspeed.zero_stage if t.deepspeed.enabled and not spec.online else None,
                "config_hash": config_hash(cfg), "wall_s": round(time.time() - t0, 3), "skipped": False}
     if status["state"] == "complete":
-        rundir.mark_complete(cdir, summary)
+        rundir.mark_complete(cl.root, summary)
+        _delete(layout.train_state(key.id))  # resume state is useless once the cell is whole
     return summary
+
+
+def _storage(layout: RunLayout) -> str:
+    """Ray Train's storage_path: a plain path for local runs, the URI otherwise."""
+    uri = layout.train_state_dir
+    return rundir.resolve(uri)[1] if rundir.is_local(uri) else uri

@@ -37,9 +37,9 @@ def export_adapter(trainer, local_dir: str, *, rank: int) -> None:
             trainer.policy.save_pretrained(local_dir, safe_serialization=True)
 
 
-def publish_adapter(trainer, run: str, cell_id: str, step: int, *, rank: int) -> str:
-    """Export the adapter at `step` and upload it whole to the run dir."""
-    dest = rundir.step_dir(run, cell_id, step)
+def publish_adapter(trainer, dest: str, *, rank: int) -> str:
+    """Export the adapter and upload it whole to `dest` (a step folder of the
+    run, RunLayout.cell(...).step(n))."""
     with tempfile.TemporaryDirectory(prefix="wsg-adapter-") as tmp:
         export_adapter(trainer, tmp, rank=rank)
         if rank == 0:
@@ -113,5 +113,6 @@ def metrics_table(history: list[dict]) -> pa.Table:
     return pa.table({k: pa.array(v, type=pa.int64() if k == "step" else pa.float64()) for k, v in cols.items()})
 
 
-def write_metrics(run: str, cell_id: str, history: list[dict]) -> None:
-    rundir.write_table(rundir.join(rundir.cell_dir(run, cell_id), "metrics.parquet"), metrics_table(history))
+def write_metrics(uri: str, history: list[dict]) -> None:
+    """The cell's metrics.parquet (rewritten whole: readers never see half a table)."""
+    rundir.write_table(uri, metrics_table(history))

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from sweep import rundir
-from sweep.config import OFFLINE_LOSSES, PAIR_LOSSES, ExperimentConfig
+from sweep.config import ExperimentConfig
 from sweep.errors import WsgError
+from sweep.layout import RunLayout
 
 ROLLOUT_COLUMNS = ("prompt_id", "sample_idx", "prompt_text", "completion", "reward", "prompt_token_ids",
                    "completion_token_ids", "finish_reason")
@@ -82,8 +83,7 @@ def _require(table, cols, path):
         raise WsgError(f"{path} lacks column(s) {missing}; regenerate it with `wsg rollouts`")
 
 
-def _read(run: str, name: str, cols):
-    path = rundir.join(rundir.rollouts_dir(run), name)
+def _read(path: str, cols, run: str):
     if not rundir.exists(path):
         raise WsgError(f"{path} does not exist: run `wsg rollouts CONFIG --run {run}` first")
     table = rundir.read_table(path)
@@ -125,12 +125,12 @@ def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) ->
     items `loss` trains on, and refuse unusable input with a WsgError."""
     from train.losses import get_loss, precompute_advantages, validate_hyper
 
-    if loss not in OFFLINE_LOSSES:
-        raise WsgError(f"{loss!r} is not an offline loss; offline cells train {', '.join(OFFLINE_LOSSES)}")
     lcfg = cfg.loss_cfg(loss)
     spec = get_loss(loss, lcfg.variant)
+    if spec.online:
+        raise WsgError(f"{loss!r} is an online loss: it trains on its own samples, not on the rollouts")
     hyper = validate_hyper(loss, lcfg.variant, lcfg.hyper)
-    table, path = _read(run, "rollouts.parquet", ROLLOUT_COLUMNS)
+    table, path = _read(RunLayout.of(run).rollouts, ROLLOUT_COLUMNS, run)
     if table.num_rows == 0:
         raise WsgError(f"{path} has no rows: rerun `wsg rollouts` (did every prompt fail?)")
 
@@ -168,7 +168,7 @@ def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) ->
 
     stats = {"rows": len(prompts), "dropped_too_long_or_empty": int((~keep).sum()),
              "truncated": int(n_trunc), "tokenization": how}
-    if loss in PAIR_LOSSES:
+    if spec.paired:
         items = _pair_items(run, table, keep)
         stats["pairs"] = int(len(items))
     else:
@@ -194,7 +194,7 @@ def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) ->
 
 
 def _pair_items(run: str, rollouts, keep: np.ndarray) -> np.ndarray:
-    pairs, path = _read(run, "pairs.parquet", PAIR_COLUMNS)
+    pairs, path = _read(RunLayout.of(run).pairs, PAIR_COLUMNS, run)
     if pairs.num_rows == 0:
         raise WsgError(f"{path} has no (chosen, rejected) pairs: no prompt had both a correct and a wrong "
                        "sample; pair losses (dpo, ipo, simpo) need them: sample more (rollouts.k) or use "
@@ -259,6 +259,57 @@ def plan_step(ts: TrainSet, *, seed: int, step: int, effective_batch: int, num_w
 def epoch_at(ts: TrainSet, *, step: int, effective_batch: int) -> float:
     """Fractional epoch after `step` optimizer steps."""
     return step * effective_batch / len(ts.items)
+
+
+# --------------------------------------------------------------------------- the offline batch source
+
+@dataclass
+class StepBatch:
+    """What a batch source gives one rank for one optimizer step: its
+    micro-batches, an optional observer of the training forward
+    (train/steps.py train_step) and the source's own metrics for the row."""
+
+    micro_batches: list
+    observer: object = None
+    metrics: dict = field(default_factory=dict)
+
+
+class RolloutSource:
+    """Batches of an offline cell: step s trains on items [s·E, (s+1)·E) of
+    the data seed's stream of permutations of the shared rollouts (or pairs),
+    this rank's share of them. Stateless beyond the step number, so a resume
+    needs nothing else."""
+
+    def __init__(self, task, ts: TrainSet, *, rank: int, world: int):
+        self.ts, self.rank, self.world = ts, rank, world
+        self.t, self.seed = task.cfg.train, task.key.data_seed
+        self.micro_per_step, self.units_per_micro = micro_batches_per_rank(
+            paired=ts.paired, per_device_batch=self.t.per_device_batch, grad_accum=self.t.grad_accum)
+
+    def begin(self) -> None:
+        pass
+
+    def ready(self, policy) -> None:
+        pass
+
+    def batch(self, step: int) -> StepBatch:
+        t = self.t
+        plan = plan_step(self.ts, seed=self.seed, step=step, effective_batch=t.effective_batch,
+                         num_workers=self.world, per_device_batch=t.per_device_batch, grad_accum=t.grad_accum)
+        return StepBatch([collate(self.ts, idx) for idx in plan[self.rank]],
+                         metrics={"epoch": epoch_at(self.ts, step=step + 1, effective_batch=t.effective_batch)})
+
+    def after_step(self, policy, step: int, *, last: bool) -> dict:
+        return {}
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- collation

@@ -54,6 +54,8 @@ __all__ = [
     "check_batch",
     "count_units",
     "get_loss",
+    "is_online",
+    "loss_names",
     "normaliser_for",
     "normaliser_from_count",
     "overlong_penalty",
@@ -88,6 +90,14 @@ class LossSpec:
         group_ids, **its hyper) the loss applies inside a micro-batch; a
         precomputed LossBatch.advantages then replaces rewards+group_ids.
     variants: named alternative forms (each a LossSpec with `variant` set).
+    online: trained on the policy's own samples (train/online.py) instead of
+        the shared rollouts.
+    dynamic_sampling / overlong_shaping: DAPO's (Yu et al. 2025) drop-and-
+        refill of all-0/all-1 groups and its overlong reward shaping and
+        filtering (online.overlong_*), which the on-policy source applies.
+
+    The registry is the single source of what a loss is: config validation,
+    training data, the grid and the cells all ask it (docs/design.md).
     """
 
     name: str
@@ -95,6 +105,8 @@ class LossSpec:
     needs: frozenset[str]
     unit: str
     online: bool = False
+    dynamic_sampling: bool = False
+    overlong_shaping: bool = False
     needs_when: Mapping[str, str] = field(default_factory=dict)
     advantage_fn: Callable[..., torch.Tensor] | None = None
     variants: Mapping[str, "LossSpec"] = field(default_factory=dict)
@@ -107,6 +119,16 @@ class LossSpec:
     @property
     def defaults(self) -> dict[str, Any]:
         return _signature_defaults(self.fn)
+
+    @property
+    def paired(self) -> bool:
+        """Trains on (chosen, rejected) pairs (pairs.parquet)."""
+        return self.unit == "pairs"
+
+    @property
+    def data(self) -> str:
+        """What the cell trains on: "rollouts", "pairs" or "on_policy"."""
+        return "on_policy" if self.online else "pairs" if self.paired else "rollouts"
 
     @property
     def label(self) -> str:
@@ -169,6 +191,8 @@ LOSSES: dict[str, LossSpec] = {
         _GROUP | {"behaviour_logprobs"},
         "tokens",
         online=True,
+        dynamic_sampling=True,
+        overlong_shaping=True,
         needs_when={"kl_coef": "ref_logprobs"},
         advantage_fn=group_advantages,
     ),
@@ -179,7 +203,7 @@ def get_loss(name: str, variant: str | None = None) -> LossSpec:
     """The spec of `name` (or of its `variant`); unknown names fail listing
     the valid ones."""
     if name not in LOSSES:
-        raise WsgError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}")
+        raise WsgError(f"unknown loss {name!r}; valid losses: {', '.join(LOSSES)}")
     spec = LOSSES[name]
     if variant is None:
         return spec
@@ -187,6 +211,16 @@ def get_loss(name: str, variant: str | None = None) -> LossSpec:
         valid = ", ".join(sorted(spec.variants)) or "none (this loss has no variants)"
         raise WsgError(f"loss {name!r} has no variant {variant!r}; valid variants: {valid}")
     return spec.variants[variant]
+
+
+def loss_names(*, online: bool | None = None) -> tuple[str, ...]:
+    """Registered loss names in registry order; only the online (True) or
+    offline (False) ones when asked."""
+    return tuple(n for n, s in LOSSES.items() if online is None or s.online == online)
+
+
+def is_online(name: str) -> bool:
+    return get_loss(name).online
 
 
 def _same_kind(value: Any, default: Any) -> bool:
@@ -217,6 +251,26 @@ def validate_hyper(name: str, variant: str | None = None, hyper: Mapping[str, An
                 f"expected {type(d).__name__} like the default {d!r}"
             )
         out[k] = float(v) if isinstance(d, float) else v
+    return out
+
+
+def hyper_problems(name: str, variant: str | None, hyper: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, problem) for each bad entry of a loss's config, for config
+    validation to name `losses.<name>.<key>` (sweep/config.py): an unknown
+    variant, an unknown hyperparameter, a value of the wrong type."""
+    spec = LOSSES[name]
+    if variant is not None and variant not in spec.variants:
+        valid = ", ".join(sorted(spec.variants)) or "none (this loss has no variants)"
+        return [("variant", f"loss {name!r} has no variant {variant!r}; valid variants: {valid}")]
+    spec = spec if variant is None else spec.variants[variant]
+    defaults, out = spec.defaults, []
+    for k, v in (hyper or {}).items():
+        if k not in defaults:
+            valid = ", ".join(sorted(defaults)) or "none"
+            out.append((f"hyper.{k}", f"unknown hyperparameter of {spec.label!r}; valid: {valid}"))
+        elif not _same_kind(v, defaults[k]):
+            out.append((f"hyper.{k}", f"{v!r} has type {type(v).__name__}; expected {type(defaults[k]).__name__} "
+                                      f"like the default {defaults[k]!r}"))
     return out
 
 

@@ -29,31 +29,10 @@ import torch
 
 from sweep.errors import WsgError
 
-SYNC_MODES = ("auto", "lora", "merged")
-#: vLLM 0.32's accepted `max_lora_rank` values (vllm.config.lora.MaxLoRARanks).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 MERGED_FILE = "model.safetensors"
 # vLLM's in-place reload warns once per untouched layer on every merged sync.
 QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                   "vllm.model_executor.model_loader.reload.inplace")
-
-
-def resolve_sync(mode: str, *, on_gpu: bool) -> str:
-    """"auto" → "lora" on GPU, "merged" on CPU (measured: docs/benchmarks.online.md)."""
-    if mode not in SYNC_MODES:
-        raise WsgError(f"online.sync={mode!r} is not one of {', '.join(SYNC_MODES)}")
-    if mode == "auto":
-        return "lora" if on_gpu else "merged"
-    return mode
-
-
-def vllm_lora_rank(r: int) -> int:
-    """Smallest rank vLLM accepts as max_lora_rank that holds rank r."""
-    for v in VLLM_LORA_RANKS:
-        if v >= r:
-            return v
-    raise WsgError(f"train.lora.r={r} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}; "
-                   "lower it or use online.sync: merged")
 
 
 def _lora_layers(policy) -> dict[str, torch.nn.Module]:

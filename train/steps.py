@@ -1,5 +1,5 @@
-"""The reusable pieces of a LoRA training step (offline cells use them via
-train/worker.py; online cells call the same functions).
+"""The reusable pieces of a LoRA training step, and the one step every cell
+runs (train/worker.py), offline or online.
 
 - `build_policy`: base model + PEFT LoRA on the configured attention
   projections, LoRA init seeded (seed paper §2 Training).
@@ -262,14 +262,19 @@ def loss_batch(mb, logprobs: torch.Tensor, ref: torch.Tensor | None = None):
                      behaviour_logprobs=mb.behaviour_logprobs, pair_index=mb.pair_index, advantages=mb.advantages)
 
 
-def train_step(trainer: PolicyTrainer, spec, hyper: dict, micro_batches: list, *, world: int) -> dict:
+def train_step(trainer: PolicyTrainer, spec, hyper: dict, micro_batches: list, *, world: int,
+               observer=None) -> dict:
     """One optimizer step over this rank's micro-batches (all ranks call it
-    together). Returns the global batch's loss, grad norm, LR, token counts,
-    unit count and the loss's statistics (unit-weighted means, `loss_<name>`).
+    together), for every loss, offline or online. Returns the global batch's
+    loss, grad norm, LR, token counts, unit count and the loss's statistics
+    (means weighted by each micro-batch's units, `loss_<name>`).
 
     The normaliser is the unit count of the whole global batch: summed over
     this rank's micro-batches, then over ranks (train/losses.py). A
-    non-finite loss skips the optimizer step (the caller stops the cell)."""
+    non-finite loss skips the optimizer step (the caller stops the cell).
+    `observer` (the on-policy source's): `.forward()` is a context around
+    the policy forward, `.after(mb, logprobs)` sees each micro-batch's
+    log-probs, `.metrics()` adds to the returned row."""
     from train.losses import count_units, normaliser_from_count, required_fields
 
     needs_ref = "ref_logprobs" in required_fields(spec, hyper)
@@ -281,9 +286,13 @@ def train_step(trainer: PolicyTrainer, spec, hyper: dict, micro_batches: list, *
         mb = mb.to(trainer.device)
         with trainer.accumulate(last=j == len(micro_batches) - 1):
             ref = trainer.ref_logprobs(mb) if needs_ref else None
-            batch = loss_batch(mb, trainer.logprobs(mb), ref)
+            with observer.forward() if observer is not None else contextlib.nullcontext():
+                lp = trainer.logprobs(mb)
+            batch = loss_batch(mb, lp, ref)
             value, stats = spec.fn(batch, normaliser=normaliser, **hyper)
             trainer.backward(value)
+        if observer is not None:
+            observer.after(mb, lp)
         w = count_units(spec, batch, hyper)
         loss_sum, tokens, comp = loss_sum + float(value.detach()), tokens + mb.n_tokens, comp + int(mb.mask.sum())
         keys = sorted(stats)  # the same keys from every micro-batch of every rank
@@ -294,11 +303,15 @@ def train_step(trainer: PolicyTrainer, spec, hyper: dict, micro_batches: list, *
     red = allreduce_sum([loss_sum, tokens, comp] + [vsum.get(k, 0.0) for k in keys] + [wsum.get(k, 0.0) for k in keys],
                         world)
     out = {"loss": red[0]}
+    # No trained row (e.g. every online group filtered) still counts as a step:
+    # the schedule advances and AdamW skips parameters without gradients.
     out.update(trainer.step() if math.isfinite(red[0]) else {"grad_norm": float("nan"), "lr": float("nan")})
     out.update({"tokens": red[1], "completion_tokens": red[2], "units": units})
     n = len(keys)
     for i, k in enumerate(keys):
         out[f"loss_{k}"] = red[3 + i] / red[3 + n + i] if red[3 + n + i] > 0 else float("nan")
+    if observer is not None:
+        out.update(observer.metrics())
     return out
 
 

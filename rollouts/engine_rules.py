@@ -1,0 +1,73 @@
+"""How wsg configures its vLLM engines, in one place: the rollout engines
+(rollouts/stage.py), the evaluation engines (analysis/evaluate.py) and each
+online cell's engine (train/online.py).
+
+- LoRA ranks: vLLM accepts only some `max_lora_rank` values.
+- Adapters on an engine: "auto" serves them as LoRA requests on a GPU and
+  merged into the weights on a CPU, where vLLM's LoRA path is 7-12x slower
+  than the base model (docs/stack.md, "vLLM"); the same rule for weight sync
+  of online cells (online.sync) and for evaluation (analysis.eval_mode).
+- Compilation: short-lived engines stay eager on a CPU.
+"""
+from __future__ import annotations
+
+from rollouts.engine import EngineOptions
+from sweep.errors import WsgError
+
+#: vLLM 0.32's accepted `max_lora_rank` values (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTER_MODES = ("auto", "lora", "merged")
+
+
+def vllm_lora_rank(r: int, *, field: str = "train.lora.r") -> int:
+    """Smallest rank vLLM accepts as max_lora_rank that holds rank r."""
+    for v in VLLM_LORA_RANKS:
+        if v >= r:
+            return v
+    raise WsgError(f"{field}={r} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}; lower it or serve the "
+                   "adapters merged (online.sync / analysis.eval_mode: merged)")
+
+
+def adapter_mode(mode: str, *, gpus: float, field: str) -> str:
+    """How an engine with `gpus` GPUs serves adapters: "auto" → "lora" on a
+    GPU, "merged" on a CPU (docs/benchmarks.online.md measures both)."""
+    if mode not in ADAPTER_MODES:
+        raise WsgError(f"{field}={mode!r} is not one of {', '.join(ADAPTER_MODES)}")
+    if mode == "auto":
+        return "lora" if gpus > 0 else "merged"
+    return mode
+
+
+def eager_unless_gpu(cfg, gpus: float) -> bool:
+    """`enforce_eager` for the engines that live briefly: evaluation and online
+    cells. On CPU they stay eager: compiling gains 10-15% sampling speed but
+    costs 22-84 s per start, and a compiled graph is keyed by the weights
+    folder, so every merged model of an evaluation would compile anew
+    (docs/rollouts.md, "Compiled engines"). With GPUs the config decides."""
+    return cfg.rollouts.enforce_eager or gpus == 0
+
+
+def rollout_engine_options(cfg, model_path: str, **overrides) -> EngineOptions:
+    """The rollout (and evaluation) engines' options from the config."""
+    ro = cfg.rollouts
+    kw = dict(model=model_path, dtype=ro.dtype, seed=ro.seed, max_model_len=cfg.model.max_model_len,
+              enforce_eager=ro.enforce_eager, trust_remote_code=cfg.model.trust_remote_code,
+              tensor_parallel_size=max(1, int(ro.gpus_per_engine)))
+    if 0 < ro.gpus_per_engine < 1:
+        # Engines sharing a GPU must each stay within their share of its memory.
+        kw["gpu_memory_utilization"] = round(0.85 * ro.gpus_per_engine, 3)
+    kw.update(overrides)
+    return EngineOptions(**kw)
+
+
+def online_engine_options(cfg, strategy: str, *, threads: int | None = None) -> EngineOptions:
+    """An online cell's engine: the policy's base model, LoRA enabled only for LoRA sync."""
+    from sweep.models import resolve_model
+
+    return EngineOptions(
+        model=resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
+        dtype=cfg.rollouts.dtype, seed=cfg.rollouts.seed, max_model_len=cfg.model.max_model_len,
+        enforce_eager=eager_unless_gpu(cfg, cfg.online.engine_gpus),
+        enable_lora=strategy == "lora",
+        max_lora_rank=vllm_lora_rank(cfg.train.lora.r) if strategy == "lora" else 16,
+        trust_remote_code=cfg.model.trust_remote_code, cpu_threads=threads)
