@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import pyarrow as pa
 
 from analysis.findings import (F64, I64, STR, Ident, PairIndex, identify, layer_sq_norms, matching_controls, ratio_ci,
-                               relevant_controls, row_ident, rows_of, same_lr)
+                               relevant_controls, row_ident, rows_of)
 from sweep.cells import CellKey
 
 RULE = ("not_measured if a needed cell/table is absent; fails if the CI lies on the other side of the test; "
