@@ -38,7 +38,7 @@ from analysis.adapters import BASE, Adapter, list_adapters
 from analysis.lora_io import content_hash
 from analysis.stats import PREDICTIONS_SCHEMA, accuracy_table, mcnemar_table
 from rollouts.engine import EngineActor, EngineOptions, shutdown_engines, wait_ready
-from sweep import rundir
+from sweep import console, rundir
 from sweep.errors import WsgError
 from sweep.layout import RunLayout
 
@@ -221,8 +221,8 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
     tables = {n: t for n, _ in models if (t := _cached(run, n, fps[n])) is not None}
     todo = [(n, a) for n, a in models if n not in tables]
     if progress:
-        print(f"wsg: [eval] {len(models)} models ({len(tables)} cached), {len(cfg.analysis.eval_sets)} eval set(s)",
-              flush=True)
+        console.say(f"  [eval] {len(models)} models ({len(tables)} cached), {len(cfg.analysis.eval_sets)} "
+                    "eval set(s)")
     mode, n_engines = None, 0
     if todo:
         from sweep.session import connect
@@ -265,12 +265,12 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
                     rundir.write_table(model_cache_path(run, name), table)  # a kill keeps finished models
                     with lock:
                         tables[name] = table
-                    if progress:
-                        acc = sum(table.column("correct").to_pylist()) / max(1, table.num_rows)
-                        print(f"wsg: [eval] {len(tables) - (len(models) - len(todo))}/{len(todo)} {name}: "
-                              f"pass@1 {acc:.3f} ({time.time() - t0:.1f}s, {mode})", flush=True)
+                    acc = sum(table.column("correct").to_pylist()) / max(1, table.num_rows)
+                    print(f"wsg: [eval] {name}: pass@1 {acc:.3f} ({time.time() - t0:.1f}s, {mode})", flush=True)
+                    bar.advance(1, note=f"{name}: pass@1 {acc:.3f}")
 
-            with ThreadPoolExecutor(len(engines)) as pool:
+            with console.progress(len(todo) if progress else 0, "eval models") as bar, \
+                    ThreadPoolExecutor(len(engines)) as pool:
                 for f in [pool.submit(serve, e) for e in engines]:
                     f.result()  # re-raises the first failure
         finally:

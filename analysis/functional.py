@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from analysis.adapters import BASE, Adapter, list_adapters, reference_pairs
 from analysis.lora_io import content_hash
-from sweep import rundir
+from sweep import console, rundir
 from sweep.errors import WsgError
 
 LMC_SCHEMA = pa.schema([("adapter_a", pa.string()), ("adapter_b", pa.string()), ("alpha", pa.float64()),
@@ -289,13 +289,11 @@ def _run_tasks(cfg, run: str, todo: list[dict], items: dict, progress: bool) -> 
         refs.append(task.remote({"model": cfg.model.name, "dtype": cfg.model.dtype,
                                  "trust_remote_code": cfg.model.trust_remote_code, "run": run,
                                  "items": items, "units": shard, "in_ray": True}))
-    pending, n = list(refs), 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        done = ray.get(ready[0])
-        n += len(done)
-        if progress:
-            print(f"wsg: [functional] {n}/{len(todo)} units done", flush=True)
+    pending = list(refs)
+    with console.progress(len(todo) if progress else 0, "functional units") as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            bar.advance(len(ray.get(ready[0])))
 
 
 def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True) -> dict:
@@ -314,7 +312,7 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
     units = _units(cfg, adapters, items)
     todo = [u for u in units if not _part_valid(run, u)]
     if progress:
-        print(f"wsg: [functional] {len(units)} units, {len(units) - len(todo)} cached", flush=True)
+        console.say(f"  [functional] {len(units)} units, {len(units) - len(todo)} cached")
     if todo and not use_ray:
         functional_worker({"model": cfg.model.name, "dtype": cfg.model.dtype, "run": run, "items": items,
                            "trust_remote_code": cfg.model.trust_remote_code, "units": todo})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -91,7 +90,9 @@ def pool_size(num_engines, *, cpus_per_engine: float, gpus_per_engine: float,
 
 def _log(progress: bool, msg: str) -> None:
     if progress:
-        print(f"[rollouts] {msg}", file=sys.stderr, flush=True)
+        from sweep.console import say
+
+        say(f"  [rollouts] {msg}")
 
 
 def _shard_path(run: str, i: int) -> str:

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from sweep.console import say
 from sweep.errors import WsgError
 
 EXIT_USER_ERROR = 2
@@ -31,6 +32,9 @@ def _add_ray_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join ('auto' or host:port; default: $RAY_ADDRESS, "
                         "else start a local Ray instance)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="show Ray's, vLLM's and transformers' own output here too "
+                        "(default: only in <run>/logs/wsg.log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,20 +128,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     run = args.run
     address = args.address or os.environ.get("RAY_ADDRESS") or cfg.resources.ray_address
     if args.cmd == "run":
-        return pipeline.run_all(cfg, run, address=address)
+        return pipeline.run_all(cfg, run, address=address, verbose=args.verbose)
     if args.cmd == "train":
         pipeline.check_cell_args(args.loss, args.lr)  # before any Ray start-up
     run = pipeline.prepare_run(cfg, run)
-    pipeline.ensure_ray(address)
-    if args.cmd == "rollouts":
-        print(pipeline.run_rollouts(cfg, run))
-    elif args.cmd == "train":
-        print(pipeline.stage_train_one(cfg, run, loss=args.loss, seed=args.seed, lr=args.lr,
-                                       init_seed=args.init_seed, data_seed=args.data_seed))
-    elif args.cmd == "eval":
-        print(pipeline.run_eval(cfg, run))
-    elif args.cmd == "functional":
-        print(pipeline.run_functional(cfg, run))
+    with pipeline.open_console(run, verbose=args.verbose):
+        pipeline.ensure_ray(address)
+        if args.cmd == "rollouts":
+            out = pipeline.run_rollouts(cfg, run)
+        elif args.cmd == "train":
+            out = pipeline.stage_train_one(cfg, run, loss=args.loss, seed=args.seed, lr=args.lr,
+                                           init_seed=args.init_seed, data_seed=args.data_seed)
+        elif args.cmd == "eval":
+            out = pipeline.run_eval(cfg, run)
+        else:
+            out = pipeline.run_functional(cfg, run)
+        say(f"wsg: [{args.cmd}] {pipeline._brief(args.cmd, out)}")
+        print(out, flush=True)  # the whole summary, into the log
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import traceback
 
-from sweep import rundir, telemetry
+from sweep import console, rundir, telemetry
 from sweep.cells import CellKey
 from sweep.config import ExperimentConfig
 from sweep.errors import WsgError
@@ -133,9 +133,8 @@ def trial_driver_resources() -> dict[str, float]:
 
     if ray.cluster_resources().get(TRIAL_SLOT, 0) >= 1:
         return {"CPU": 0, TRIAL_SLOT: 1}
-    print(f"wsg: warning: the Ray cluster declares no {TRIAL_SLOT!r} resource; trial drivers hold "
-          "0.01 CPU each (declare it, e.g. `ray start --resources='{\"wsg_trial_slot\": 1000}'`)",
-          flush=True)
+    console.say(f"wsg: warning: the Ray cluster declares no {TRIAL_SLOT!r} resource; trial drivers hold "
+          "0.01 CPU each (declare it, e.g. `ray start --resources='{\"wsg_trial_slot\": 1000}'`)")
     return {"CPU": 0.01}
 
 
@@ -151,7 +150,7 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     layout = RunLayout.of(run)
     cells = plan_cells(cfg)
     todo = [c for c in cells if not rundir.is_complete(layout.cell(c.id).root)]
-    print(f"wsg: grid of {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run", flush=True)
+    console.say(f"wsg: grid of {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run")
     if not todo:
         return {"cells": len(cells), "trained": 0, "failed": 0}
     for c in todo:  # refuse bad input before any worker starts
@@ -169,7 +168,8 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     storage, name = _tune_storage(run), "grid"
     exp = os.path.join(storage, name) if rundir.is_local(run) else rundir.join(storage, name)
     run_config = tune.RunConfig(name=name, storage_path=storage,
-                                failure_config=tune.FailureConfig(max_failures=1), verbose=1)
+                                failure_config=tune.FailureConfig(max_failures=1),
+                                verbose=1 if console.verbose() else 0)
     if tune.Tuner.can_restore(exp):
         tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=True)
@@ -180,7 +180,8 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
                                         trial_name_creator=lambda t: _trial_name(t),
                                         trial_dirname_creator=lambda t: _trial_name(t)),
             run_config=run_config)
-    results = tuner.fit()
+    with console.GridWatch(layout, [c.id for c in todo]):
+        results = tuner.fit()
     failed = [c.id for c in cells if not rundir.is_complete(layout.cell(c.id).root)]
     n_err = sum(1 for r in results if r.error is not None)
     if failed:

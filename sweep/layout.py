@@ -57,6 +57,11 @@ class CellLayout:
         return rundir.join(self.root, "FAILED")
 
     @property
+    def progress(self) -> str:
+        """progress.json: the running cell's last step (the console polls it)."""
+        return rundir.join(self.root, "progress.json")
+
+    @property
     def metrics(self) -> str:
         return rundir.join(self.root, "metrics.parquet")
 

@@ -18,10 +18,11 @@ from rollouts.stage import run_rollouts
 from sweep import rundir
 from sweep.cells import CellKey
 from sweep.config import ExperimentConfig, config_hash, dump_config, load_config, parse_config
+from sweep.console import RunConsole, say
 from sweep.errors import WsgError
 from sweep.grid import run_grid, run_one_cell
 from sweep.layout import STAGES, RunLayout
-from sweep.session import connect
+from sweep.session import connect, dashboard_url
 from train.losses import loss_names
 
 
@@ -127,32 +128,67 @@ def load_config_or_run(path: str | None, run: str) -> ExperimentConfig:
 
 
 # --- the whole pipeline --------------------------------------------------------
-def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = None) -> int:
+def open_console(run: str, *, verbose: bool = False) -> RunConsole:
+    """Third-party output to `<run>/logs/wsg.log` (uploaded there at the end
+    for an object-store run) unless `verbose`."""
+    layout = RunLayout.of(run)
+    if rundir.is_local(run):
+        return RunConsole(rundir.resolve(layout.logs)[1], verbose=verbose)
+    return RunConsole(None, verbose=verbose, upload_to=layout.logs)
+
+
+def _brief(name: str, s: dict) -> str:
+    """A stage summary in a few words (the whole one is in the log and in
+    `<run>/stages/<stage>/_COMPLETE`)."""
+    if not isinstance(s, dict):
+        return str(s)
+    if name == "rollouts":
+        return (f"{s.get('n_samples')} samples of {s.get('n_prompts')} prompts, reward mean "
+                f"{s.get('reward_mean', float('nan')):.3f}, {s.get('n_pairs')} pairs")
+    if name == "grid":
+        return f"{s.get('cells')} cells, {s.get('trained')} trained now"
+    if name == "eval":
+        return f"{s.get('models', '?')} models evaluated ({s.get('computed', '?')} now)"
+    if name == "functional":
+        return f"{s.get('units')} units ({s.get('computed')} now): LMC, CKA, logit lens"
+    if name == "geometry":
+        return f"{s.get('adapters')} adapters; tables {', '.join(f'{k} {v}' for k, v in s.get('tables', {}).items())}"
+    return ", ".join(f"{k}={v}" for k, v in list(s.items())[:6])
+
+
+def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = None, verbose: bool = False) -> int:
     run = prepare_run(cfg, run)
-    print(f"wsg: run directory {run} (config hash {config_hash(cfg)})", flush=True)
-    ensure_ray(address)
-    t0 = time.time()
     layout = RunLayout(run)
-    steps = [
-        ("rollouts", lambda: run_rollouts(cfg, run)),
-        ("grid", lambda: run_grid(cfg, run)),
-        ("eval", lambda: run_eval(cfg, run)),
-        ("functional", lambda: run_functional(cfg, run)),
-        ("geometry", lambda: stage_geometry(cfg, run)),
-    ]
-    for name, fn in steps:
-        marker = layout.stage_marker_dir(name)
-        if rundir.is_complete(marker) and name != "grid":
-            print(f"wsg: [{name}] complete, skipped", flush=True)
-            continue
-        t = time.time()
-        print(f"wsg: [{name}] starting", flush=True)
-        summary = fn()
-        rundir.mark_complete(marker, {"summary": summary, "seconds": round(time.time() - t, 1)})
-        print(f"wsg: [{name}] done in {time.time() - t:.0f}s: {summary}", flush=True)
-    path = build_report(run)
-    print(f"wsg: finished in {time.time() - t0:.0f}s", flush=True)
-    print(f"wsg: report: {path}", flush=True)
+    with open_console(run, verbose=verbose) as con:
+        say(f"wsg: run directory {run} (config hash {config_hash(cfg)})")
+        if con.log_path:
+            say(f"wsg: third-party output (Ray, vLLM, transformers) goes to {layout.logs}/wsg.log; "
+                "--verbose shows it here")
+        ensure_ray(address)
+        if (url := dashboard_url()):
+            say(f"wsg: Ray dashboard at http://{url}")
+        t0 = time.time()
+        steps = [
+            ("rollouts", lambda: run_rollouts(cfg, run)),
+            ("grid", lambda: run_grid(cfg, run)),
+            ("eval", lambda: run_eval(cfg, run)),
+            ("functional", lambda: run_functional(cfg, run)),
+            ("geometry", lambda: stage_geometry(cfg, run)),
+        ]
+        for name, fn in steps:
+            marker = layout.stage_marker_dir(name)
+            if rundir.is_complete(marker) and name != "grid":
+                say(f"wsg: [{name}] complete, skipped")
+                continue
+            t = time.time()
+            say(f"wsg: [{name}] starting")
+            summary = fn()
+            rundir.mark_complete(marker, {"summary": summary, "seconds": round(time.time() - t, 1)})
+            print(f"wsg: [{name}] summary: {summary}", flush=True)  # whole, into the log
+            say(f"wsg: [{name}] done in {time.time() - t:.0f}s: {_brief(name, summary)}")
+        path = build_report(run)
+        say(f"wsg: finished in {time.time() - t0:.0f}s")
+        say(f"wsg: report: {path}")
     return 0
 
 

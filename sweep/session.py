@@ -38,6 +38,16 @@ def connect(address: str | None = None, *, dashboard: bool = False, log_to_drive
     return True
 
 
+def dashboard_url() -> str | None:
+    """host:port of the Ray dashboard of this process's session, if any."""
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        return get_dashboard_url() or None
+    except Exception:  # noqa: BLE001 - only shown to the user
+        return None
+
+
 @contextlib.contextmanager
 def session(address: str | None = None, *, log_to_driver: bool = True) -> Iterator[bool]:
     """`connect` for the length of a block; shuts down only what it started."""

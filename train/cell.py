@@ -108,6 +108,7 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
 
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise WsgError(f"learning rate must be a finite number > 0, got lr={lr!r}")
+    t0 = time.time()
     key = CellKey.of(loss, seed, lr, init_seed=init_seed, data_seed=data_seed)
     layout = RunLayout.of(run)  # local runs made absolute: workers run in another working directory
     cl = layout.cell(key.id)
@@ -135,7 +136,7 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
 
         sync = adapter_mode(cfg.online.sync, gpus=cfg.online.engine_gpus, field="online.sync")
 
-    t0 = time.time()
+    t_fit = time.time()
     with session(cfg.resources.ray_address):
         task = CellTask(cfg=cfg, run=layout.root, key=key, fingerprint=fingerprint, data=ray.put(data),
                         online=spec.online, placement=place, sync=sync, stop_after=stop_after,
@@ -151,6 +152,7 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
             trainer.fit()
         except TrainingFailedError as err:  # worker/controller errors after max_failures retries
             raise WsgError(_failure_message(key.id, err)) from err
+    t_done = time.time()
 
     if not rundir.exists(cl.status):
         raise WsgError(f"cell {key.id}: training ended without writing {cl.status}; rerun to resume")
@@ -163,7 +165,8 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
                "checkpoints": [cl.step(s) for s in steps], "final": status.get("final", {}),
                "node_id": status.get("node_id"), "sync": sync, "num_workers": t.num_workers,
                "deepspeed_stage": t.deepspeed.zero_stage if t.deepspeed.enabled and not spec.online else None,
-               "config_hash": config_hash(cfg), "wall_s": round(time.time() - t0, 3), "skipped": False}
+               "config_hash": config_hash(cfg), "wall_s": round(time.time() - t0, 3), "skipped": False,
+               "timeline": {"started": t0, "fit_started": t_fit, "fit_done": t_done, **status.get("timeline", {})}}
     if status["state"] == "complete":
         rundir.mark_complete(cl.root, summary)
         _delete(layout.train_state(key.id))  # resume state is useless once the cell is whole

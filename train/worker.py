@@ -97,6 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
     from train.steps import configure_threads
 
     task: CellTask = config["task"]
+    entered = time.time()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _setup_env(task.placement.use_gpu)
@@ -113,14 +114,20 @@ def train_loop_per_worker(config: dict) -> None:
     source = make_source(task, rank=rank, world=world, device=device)
     try:
         with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(None) as resume_dir:
-            fit(task, source, rank=rank, world=world, device=device, report=report, resume_dir=resume_dir)
+            fit(task, source, rank=rank, world=world, device=device, report=report, resume_dir=resume_dir,
+                entered=entered)
     finally:
         source.close()
 
 
-def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume_dir: str | None) -> dict:
+def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume_dir: str | None,
+        entered: float | None = None) -> dict:
     """The loop itself, with Ray's report/checkpoint passed in. Returns the
-    policy and the metrics history (for in-process use: tests, benches)."""
+    policy and the metrics history (for in-process use: tests, benches).
+
+    status.json's `timeline` (wall-clock seconds since the epoch, and
+    durations) says where the cell's time went besides its steps
+    (bench/cell_overhead.py): loop entry, setup done, the steps, checkpoints."""
     import ray
 
     from train.losses import get_loss, validate_hyper
@@ -131,6 +138,7 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
     lcfg = cfg.loss_cfg(key.loss)
     spec = get_loss(key.loss, lcfg.variant)
     hyper = validate_hyper(key.loss, lcfg.variant, lcfg.hyper)
+    clock = {"worker_entered": entered or time.time(), "steps_s": 0.0, "checkpoint_s": 0.0}
     source.begin()  # an engine starts loading while the trainer builds
     policy = build_policy(cfg, seed=key.init_seed, device=device)
     torch.manual_seed(key.data_seed * 1009 + rank)  # dropout stream: per rank, from the data seed only
@@ -149,6 +157,7 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
     publish = set(t.checkpoint_steps) | {t.max_steps}
     status = {"state": "complete", "step": t.max_steps}
     source.ready(policy)
+    clock["setup_done"] = time.time()
 
     for step in range(start, t.max_steps):
         s = step + 1
@@ -166,6 +175,7 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
         bad = _non_finite(out)
         after = source.after_step(policy, s, last=s == t.max_steps or stopping or bad is not None)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        clock["steps_s"] += dt
         # CPU seconds too: on a shared box wall time measures the neighbours.
         row = {"step": s, **out, **batch.metrics, **after, "train_s": t2 - t1, "tokens_per_s": out["tokens"] / dt,
                "step_time_s": dt, "step_cpu_s": cpu, **_peak_memory(device)}
@@ -173,12 +183,15 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
         if rank == 0:
             telemetry.train_step(key.loss, s, float(out["loss"]), row["tokens_per_s"])
             ck.write_metrics(cl.metrics, history)
+            rundir.write_json(cl.progress, {"step": s, "max_steps": t.max_steps, "loss": float(out["loss"]),
+                                            "tokens_per_s": row["tokens_per_s"], "time": time.time()})
         if bad:
             status = {"state": "failed", "step": s, "reason": "nan",
                       "message": f"cell {key.id}: the {bad} at step {s} (loss={out['loss']}, grad_norm="
                                  f"{out['grad_norm']}); lower the learning rate ({key.lr:g}) or check the rollouts"}
             report(row, None)
             break
+        t3 = time.perf_counter()
         if s in publish:
             ck.publish_adapter(trainer, cl.step(s), rank=rank)
         if s in publish or stopping or (t.resume_every and s % t.resume_every == 0):
@@ -188,11 +201,13 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
                 report(row, tmp)
         else:
             report(row, None)
+        clock["checkpoint_s"] += time.perf_counter() - t3
         if stopping:
             status = {"state": "stopped", "step": s}
             break
     if rank == 0:
         status["final"] = history[-1] if history else {}
         status["node_id"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        status["timeline"] = {**clock, "loop_done": time.time()}
         rundir.write_json(cl.status, status)
     return {"policy": policy, "history": history, "status": status}
