@@ -1,16 +1,17 @@
 """The eval stage: greedy pass@1 of the base model and of every adapter
-(seed paper §3.1, Fig. 3; DESIGN.md "Functional analyses and evaluation").
+(seed paper §3.1, Fig. 3; docs/design.md "Functional analyses and evaluation").
 
 One vLLM engine (a Ray actor) serves every model in turn, on the prompts the
 rollout stage would build for the same problems (rollouts.prompts). Adapters
 are served one of two ways (`analysis.eval_mode`):
 
 - "lora": a vLLM LoRA request per adapter (the GPU path);
-- "merged": the adapter merged into the base weights with peft
-  `merge_and_unload`, saved in the base's safetensors format and hot-reloaded
-  into the engine (`EngineActor.load_merged_weights`, ~0.5 s, exact). On CPU
-  vLLM's LoRA path is 7-12x slower than the base model (FACTS.md "vLLM"), so
-  "auto" picks this one there and "lora" where the cluster has GPUs.
+- "merged": W0 + ΔW of the modules the adapter touches (rollouts/merge.py,
+  the merger online cells sync with), hot-reloaded into the engine in place
+  (`EngineActor.load_merged_weights`, exact). On CPU vLLM's LoRA path is
+  7-12x slower than the base model (docs/stack.md "vLLM"), so "auto" picks
+  this one there and "lora" where the cluster has GPUs
+  (rollouts/engine_rules.py).
 
 Completions are scored by the strict numeric reward (rollouts.reward: the final
 answer must be a number). Per-model predictions are cached in
@@ -67,38 +68,29 @@ class EvalEngine(EngineActor):
     def __init__(self, opts: EngineOptions):
         super().__init__(opts)
         self._hf = None  # the base as a transformers model, for merging
-        self._orig = None
+        self._touched: set[str] = set()  # tensors an earlier merge replaced in the engine
 
     def _merge(self, adapter_dir: str, out_dir: str) -> None:
+        """The one merger (rollouts/merge.py): W0 + ΔW of the modules the
+        adapter touches, in float32 (vLLM casts on reload, as for the base),
+        plus the base tensors of modules an earlier adapter touched and this
+        one does not."""
         import torch
         from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
 
+        from rollouts.merge import merged_weights, write_tensors
         from sweep.models import load_causal_lm
 
         if self._hf is None:
-            # Merge in float32 (the converted checkpoints' dtype); vLLM casts
-            # to its own dtype on reload, as it does for the base.
             self._hf = load_causal_lm(self.opts.model, dtype=torch.float32,
                                       trust_remote_code=self.opts.trust_remote_code)
-            self._orig = {}
         wrapped = PeftModel.from_pretrained(self._hf, adapter_dir, is_trainable=False)
-        # Keep a pristine copy of every weight a LoRA layer sits on (restoring
-        # it beats unmerging, which leaves rounding residue in the base).
+        merged = merged_weights(wrapped)
         state = self._hf.state_dict()
-        prefix = "base_model.model."
-        for name, module in wrapped.named_modules():
-            if isinstance(module, LoraLayer):
-                key = name.removeprefix(prefix) + ".weight"
-                if key not in self._orig:
-                    self._orig[key] = state[key.replace(".weight", ".base_layer.weight")].detach().clone()
-        merged = wrapped.merge_and_unload()
-        merged.save_pretrained(out_dir)
-        with torch.no_grad():
-            state = merged.state_dict()
-            for k, v in self._orig.items():
-                state[k].copy_(v)
-        self._hf = merged
+        restore = {k: state[k].detach().contiguous() for k in self._touched - set(merged)}
+        write_tensors(out_dir, {**restore, **merged})
+        self._touched |= set(merged)
+        self._hf = wrapped.unload()  # the base again: nothing was merged into it
 
     def serve(self, adapter: dict | None, mode: str) -> tuple | None:
         """Make the engine serve `adapter` ({name, uri, lora_id}) or the base;

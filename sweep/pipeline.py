@@ -148,7 +148,7 @@ def _brief(name: str, s: dict) -> str:
     if name == "grid":
         return f"{s.get('cells')} cells, {s.get('trained')} trained now"
     if name == "eval":
-        return f"{s.get('models', '?')} models evaluated ({s.get('computed', '?')} now)"
+        return f"{s.get('models')} models, {s.get('evaluated')} evaluated now ({s.get('mode')} adapters)"
     if name == "functional":
         return f"{s.get('units')} units ({s.get('computed')} now): LMC, CKA, logit lens"
     if name == "geometry":

@@ -19,7 +19,8 @@ import torch
 from sweep.config import parse_config
 from sweep.errors import WsgError
 from rollouts.engine_rules import adapter_mode, vllm_lora_rank
-from train.online_sync import WeightSync, merged_weights, write_merged
+from rollouts.merge import merged_weights, write_merged
+from train.online_sync import WeightSync
 from train.steps import CompletionLogprobs, build_policy
 
 # fp32 vLLM vs fp32 transformers agree within 5e-5 (FACTS.md "vLLM"); the bound
