@@ -13,9 +13,8 @@ cannot hold on a single box is rewritten:
 - no Docker image: the node runs the CPU stack of `scripts/setup.sh` from an
   existing virtual environment (--venv) instead of requirements/gpu.txt;
 - ports: several Ray nodes (and other Ray instances) share one host, so the
-  fixed ports of cluster.yaml are replaced by the given ones, the object
-  manager port is left to Ray (a free one per node), and every node binds
-  --head-ip;
+  fixed ports of cluster.yaml are replaced by the given ones and the object
+  manager port is left to Ray (a free one per node);
 - the head's resources of cluster.yaml (`CPU: 0`, `wsg_trial_slot`) become
   `ray start` options: a local cluster has no node types and takes each
   node's resources from its own `ray start`;
@@ -127,7 +126,7 @@ def local_cluster(base: dict, opts: LocalOptions, base_dir: Path = ROOT) -> dict
         f"echo 'export PATH={checkout}/.venv/bin:$PATH  # wsg-local-path' >> ~/.bashrc",
     ]
 
-    common = {"--node-ip-address": opts.head_ip, "--object-manager-port": None}
+    common = {"--object-manager-port": None}
     head_opts = {
         **common, "--port": opts.gcs_port, "--dashboard-port": opts.dashboard_port,
         "--metrics-export-port": opts.metrics_port, "--ray-client-server-port": opts.client_port,

@@ -249,6 +249,8 @@ class Dashboard:
                 body, status = r.read().decode(), r.status
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError) as err:  # not listening (yet, or any more)
+            return 0, str(err)
         try:
             return status, json.loads(body)
         except ValueError:

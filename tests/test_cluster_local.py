@@ -47,7 +47,7 @@ def test_local_file_validates_with_ray_and_keeps_cluster_yaml_commands():
     replaced = {"--port", "--metrics-export-port", "--object-manager-port"}
     assert [w for w in base_head if w.split("=")[0] not in replaced] == head[:len(base_head) - len(replaced)]
     assert {"--port=41000", "--metrics-export-port=41002", "--dashboard-port=41001", "--ray-client-server-port=41003",
-            "--dashboard-agent-listen-port=41004", "--node-ip-address=127.0.0.1", "--temp-dir=/t/head",
+            "--dashboard-agent-listen-port=41004", "--temp-dir=/t/head",
             "--num-cpus=0", '--resources={"wsg_trial_slot":1000}'} <= set(head)
     assert not any(w.startswith("--object-manager-port") for w in head)
     assert BASE["available_node_types"]["head"]["resources"] == {"CPU": 0, "wsg_trial_slot": 1000}

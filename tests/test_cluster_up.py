@@ -39,12 +39,12 @@ from _cluster import (CHROMIUM, ROOT, VENV_BIN, Chromium, Dashboard, S3Server, S
                       raylet_of, tail)
 
 _missing = missing_tools()
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600),  # the module's cluster starts in the first test's setup
               pytest.mark.skipif(bool(_missing), reason=f"needs {', '.join(_missing)} (scripts/setup.sh --test as root)")]
 
 CONFIG = "configs/tiny.yaml"
 WORKER_CPUS = 2          # an online cell holds a trainer and an engine CPU (sweep/grid.py cell_resources)
-JOB_TIMEOUT = 1500       # seconds; the tiny run takes minutes on a 2-core box
+JOB_TIMEOUT = 2400       # seconds; the tiny run takes ~5 min on an idle 2-core box, 25 on a crowded one
 
 
 def run_cli(argv: list[str], env: dict, log: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -95,19 +95,32 @@ class Cluster:
         return [n for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
 
-def _start_worker(c: Cluster, name: str, commands: list[str]) -> None:
+def _start_worker(c: Cluster, name: str, commands: list[str], attempts: int = 3) -> None:
     """cluster.yaml's worker start commands, as the autoscaler runs them over
-    SSH (login shell, ~/.bashrc, RAY_HEAD_IP), in a PID namespace of the node's own."""
-    port = free_port()
-    node_opts = {"--temp-dir": str(c.root / name), "--num-cpus": WORKER_CPUS,
-                 "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": port}
-    cmds = [cluster_local.set_ray_start_options(x, node_opts) if "ray start" in x else x for x in commands]
-    script = ("source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore; "
-              + " && ".join(f"({x})" for x in cmds) + " || exit 1; exec sleep infinity")
-    env = {**c.node_env, "WSG_CACHE": str(c.root / f"cache-{name}"), "RAY_HEAD_IP": "127.0.0.1",
-           "PATH": os.environ["PATH"]}
-    c.workers[name] = in_pid_namespace(["bash", "-c", script], env, c.root / f"{name}.log")
-    c.worker_metrics[name] = port
+    SSH (login shell, ~/.bashrc, RAY_HEAD_IP), in a PID namespace of the
+    node's own; returns once the node is alive in the cluster. `ray start`
+    gives a raylet 30 s to register, which a loaded 2-core box can miss: a
+    failed start is ended and tried again."""
+    log = c.root / f"{name}.log"
+    for attempt in range(attempts):
+        port = free_port()
+        node_opts = {"--temp-dir": str(c.root / name), "--num-cpus": WORKER_CPUS,
+                     "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": port}
+        cmds = [cluster_local.set_ray_start_options(x, node_opts) if "ray start" in x else x for x in commands]
+        script = ("source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore; "
+                  + " && ".join(f"({x})" for x in cmds) + " || exit 1; exec sleep infinity")
+        env = {**c.node_env, "WSG_CACHE": str(c.root / f"cache-{name}"), "RAY_HEAD_IP": "127.0.0.1",
+               "PATH": os.environ["PATH"]}
+        proc = in_pid_namespace(["bash", "-c", script], env, log)
+        c.workers[name], c.worker_metrics[name] = proc, port
+        deadline = time.time() + 180
+        while proc.poll() is None and time.time() < deadline:
+            mine = raylet_of(proc)
+            if mine and any(n["node_id"] == mine[1] for n in c.alive_nodes()):
+                return
+            time.sleep(2)
+        end(proc)
+    raise AssertionError(f"{name} did not join the cluster in {attempts} attempts:\n{tail(log)}")
 
 
 @pytest.fixture(scope="module")
@@ -143,17 +156,15 @@ def cluster(tmp_path_factory):
                  "--metrics-port", str(ports["metrics"]), "--client-port", str(ports["client"]),
                  "--agent-port", str(ports["agent"])], laptop_env, c.log)
         t = time.time()
-        c.ray("up", "-y", str(cfile), timeout=900)
+        if c.ray("up", "-y", str(cfile), timeout=900, check=False).returncode != 0:
+            # A loaded box can miss `ray start`'s 30 s raylet registration; `ray up` again
+            # restarts Ray on the head (commands.log keeps the first attempt).
+            c.ray("up", "-y", str(cfile), timeout=900)
         c.seconds["ray up"] = time.time() - t
         c.dashboard.token = (node / ".ray" / "auth_token").read_text().strip()
-        for name in ("worker1", "worker2"):
+        for name in ("worker1", "worker2"):  # one after the other: each start is CPU-heavy
             _start_worker(c, name, yaml.safe_load(cfile.read_text())["worker_start_ray_commands"])
-        deadline = time.time() + 240
-        while len(c.alive_nodes()) < 3 or len(c.worker_node_ids()) < 2:
-            for name, p in c.workers.items():
-                assert p.poll() is None, f"{name} failed to start:\n{tail(root / f'{name}.log')}"
-            assert time.time() < deadline, f"3 nodes not alive in 240 s: {c.alive_nodes()}"
-            time.sleep(2)
+        assert len(c.alive_nodes()) == 3, c.alive_nodes()
         c.head_node_id = next(n["node_id"] for n in c.alive_nodes() if n["is_head_node"])
         c.seconds["cluster ready"] = time.time() - t
         yield c
@@ -199,10 +210,15 @@ def job_run(cluster, tmp_path_factory) -> JobRun:
     t = time.time()
     c.ray("job", "submit", "--address", c.dashboard.url, "--no-wait", "--submission-id", sid,
           "--working-dir", ".", "--", *entry.split())
-    head_metrics, worker_metrics, jobs = set(), set(), []
+    head_metrics, worker_metrics, jobs, errors = set(), set(), [], []
+    info = {"status": "UNKNOWN"}
     while True:
-        status, info = c.dashboard.get(f"/api/jobs/{sid}")
-        assert status == 200, f"job API: {status} {info}"
+        status, got = c.dashboard.get(f"/api/jobs/{sid}")
+        if status == 200:
+            info = got
+        else:  # a busy dashboard may time out once; a persistent error shows below
+            errors.append((status, str(got)[:300]))
+            assert len(errors) < 20, f"job API: {errors[-3:]}"
         if not jobs:
             jobs = c.dashboard.get("/api/jobs/")[1]
         head_metrics |= metric_names(c.head_metrics_port)
