@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from analysis.lora_io import content_hash  # noqa: F401  (evaluate/functional import it from here)
 from sweep import rundir
 from sweep.errors import WsgError
 
@@ -134,16 +135,6 @@ def list_adapters(cfg, run: str) -> list[Adapter]:
 def discover_adapters(cfg, run: str) -> dict[str, str]:
     """name -> local folder of every analysed adapter (the pipeline's geometry input)."""
     return {a.name: a.path for a in list_adapters(cfg, run)}
-
-
-def content_hash(folder: str) -> str:
-    """sha256 over the adapter's config and weights: a cache key that changes
-    whenever the adapter does, whatever its path."""
-    h = hashlib.sha256()
-    for fname in ("adapter_config.json", "adapter_model.safetensors"):
-        h.update(fname.encode())
-        h.update(rundir.read_bytes(rundir.join(folder, fname)))
-    return h.hexdigest()[:16]
 
 
 def _ref_choice(refs: list[Adapter], other: Adapter) -> Adapter:

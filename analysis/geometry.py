@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from analysis import geometry_io as gio
 from analysis import geometry_tables as gt
+from analysis import lora_io
 from analysis.geometry_io import parse_adapter_args  # noqa: F401  (public API)
 from analysis.geometry_math import (NonFiniteFactors, factored_cosine, factored_inner,  # noqa: F401  (public API)
                                     factored_svd, module_geometry, numerical_rank, principal_angles)
@@ -39,7 +40,7 @@ def compute_shard(modules: list[str], adapters: list[tuple[str, str, dict]], nee
 
     device = "cuda" if torch.cuda.is_available() else None
     pos = {h: i for i, (h, _, _) in enumerate(adapters)}
-    factors = {h: gio.load_factors(w, [specs[m] for m in modules]) for h, w, specs in adapters}
+    factors = {h: lora_io.load_factors(w, [specs[m] for m in modules]) for h, w, specs in adapters}
     idx_pairs = [(pos[a], pos[b]) for a, b in need_pairs]
     ar = {k: [] for k in gt.RAW_ADAPTERS.names}
     pr = {k: [] for k in gt.RAW_PAIRS.names}
@@ -106,7 +107,7 @@ def _tool_version() -> str:
         return "unknown"
 
 
-def _hash_all(specs: list[gio.AdapterSpec], out: str) -> None:
+def _hash_all(specs: list[lora_io.AdapterSpec], out: str) -> None:
     """Content hashes, memoised in the cache by (path, size, mtime) of both
     files so that a rerun or an incremental run hashes only new adapters."""
     from concurrent.futures import ThreadPoolExecutor
@@ -118,12 +119,12 @@ def _hash_all(specs: list[gio.AdapterSpec], out: str) -> None:
         memo = {}
 
     def stamp(spec):
-        st = [os.stat(os.path.join(spec.path, f)) for f in (gio.CONFIG_FILE, gio.WEIGHTS_FILE)]
+        st = [os.stat(os.path.join(spec.path, f)) for f in (lora_io.CONFIG_FILE, lora_io.WEIGHTS_FILE)]
         return "|".join([spec.path] + [f"{x.st_size}:{x.st_mtime_ns}:{x.st_ino}" for x in st])
 
     todo = [s for s in specs if not isinstance(memo.get(stamp(s)), str)]
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(todo)))) as ex:  # hashlib releases the GIL
-        for spec, h in zip(todo, ex.map(gio.content_hash, todo)):
+        for spec, h in zip(todo, ex.map(lora_io.content_hash, [s.path for s in todo])):
             memo[stamp(spec)] = h
     for spec in specs:
         spec.content_hash = memo[stamp(spec)]
@@ -203,7 +204,7 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
         raise WsgError(f"--top-k must be a positive integer (got {top_k!r})")
     if not adapters:
         raise WsgError("geometry needs at least one adapter (--adapter NAME=PATH)")
-    specs = [gio.read_adapter_spec(name, path) for name, path in sorted(adapters.items())]
+    specs = [lora_io.read_adapter_spec(name, path) for name, path in sorted(adapters.items())]
     gio.check_compatible(specs)
     _hash_all(specs, out)
     names = {s.name: s.content_hash for s in specs}

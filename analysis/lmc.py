@@ -1,5 +1,6 @@
 """Linear mode connectivity between two LoRA adapters (seed paper §2
-Analysis (iii), §3.5; Frankle et al. 2020; DESIGN.md "Functional analyses").
+Analysis (iii), §3.5; Frankle et al. 2020). Adapters are read by
+analysis/lora_io.py (factor order (B, A), peft's scale rule).
 
 The path α·ΔW_a + (1−α)·ΔW_b is itself a LoRA of rank r_a + r_b: with
 ΔW = s·B·A,
@@ -14,32 +15,23 @@ continuation right after the prompt, prompt tokens masked out.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from analysis.cka import pad_token_id, right_pad
+from analysis.lora_io import CONFIG_FILE, WEIGHTS_FILE, read_lora_factors
 from sweep import rundir
 from sweep.errors import WsgError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
 
 
 class LmcInputError(WsgError, ValueError):
     """An adapter or item set that the interpolation or the CE cannot use."""
-
-
-def lora_scale(config: Mapping) -> float:
-    """PEFT's scaling s = lora_alpha / r (lora_alpha / √r with use_rslora)."""
-    r, alpha = config["r"], config["lora_alpha"]
-    return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
 
 def _check_plain_lora(config: Mapping, where: str) -> None:
@@ -60,47 +52,13 @@ def _check_plain_lora(config: Mapping, where: str) -> None:
         raise LmcInputError(f"adapter {where}: cannot interpolate: " + "; ".join(problems))
 
 
-def read_lora_factors(adapter_dir: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
-    """Read a PEFT LoRA folder (local path or run-dir URI).
-
-    Returns (adapter_config, {module_prefix: (A [r, d_in], B [d_out, r], s)})
-    where module_prefix is the safetensors key before `.lora_A.weight`, e.g.
-    `base_model.model.model.layers.0.self_attn.q_proj`.
-    """
-    try:
-        config = rundir.read_json(rundir.join(adapter_dir, CONFIG_FILE))
-        tensors = st_load(rundir.read_bytes(rundir.join(adapter_dir, WEIGHTS_FILE)))
-    except FileNotFoundError as e:
-        raise LmcInputError(
-            f"{adapter_dir} is not a PEFT adapter folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE} ({e})"
-        ) from None
-    _check_plain_lora(config, adapter_dir)
-    scale = lora_scale(config)
-    prefixes = sorted(k[: -len(_A_SUFFIX)] for k in tensors if k.endswith(_A_SUFFIX))
-    others = sorted(k for k in tensors if not (k.endswith(_A_SUFFIX) or k.endswith(_B_SUFFIX)))
-    if others:
-        raise LmcInputError(f"adapter {adapter_dir}: unexpected tensors {others[:3]} (only LoRA A/B factors are supported)")
-    factors = {}
-    for p in prefixes:
-        if p + _B_SUFFIX not in tensors:
-            raise LmcInputError(f"adapter {adapter_dir}: {p} has lora_A but no lora_B")
-        a, b = tensors[p + _A_SUFFIX], tensors[p + _B_SUFFIX]
-        if a.shape[0] != config["r"] or b.shape[1] != config["r"]:
-            raise LmcInputError(
-                f"adapter {adapter_dir}: {p} has rank {a.shape[0]}/{b.shape[1]} but adapter_config r={config['r']}"
-            )
-        factors[p] = (a, b, scale)
-    if len(factors) * 2 != len(tensors) or not factors:
-        raise LmcInputError(f"adapter {adapter_dir}: lora_A/lora_B tensors do not pair up (or there are none)")
-    return config, factors
-
-
 def interpolate_lora(factors_a: Mapping, factors_b: Mapping, alpha: float) -> dict[str, tuple]:
     """One rank-(r_a + r_b) LoRA with scale 1 equal to α·ΔW_a + (1−α)·ΔW_b.
 
-    factors map a module name to (A [r, d_in], B [d_out, r], scale); numpy or
-    torch. Returns torch tensors (float32, or float64 if an input is float64):
-    A_cat = [A_a; A_b] and B_cat = [α s_a B_a, (1−α) s_b B_b].
+    factors map a module name to (B [d_out, r], A [r, d_in], scale), the
+    order of analysis.lora_io; numpy or torch. Returns (B_cat, A_cat, 1.0)
+    torch tensors (float32, or float64 if an input is float64):
+    B_cat = [α s_a B_a, (1−α) s_b B_b] and A_cat = [A_a; A_b].
     """
     if set(factors_a) != set(factors_b):
         only_a = sorted(set(factors_a) - set(factors_b))
@@ -108,7 +66,7 @@ def interpolate_lora(factors_a: Mapping, factors_b: Mapping, alpha: float) -> di
         raise LmcInputError(f"interpolate_lora needs the same modules: only in a {only_a[:3]}, only in b {only_b[:3]}")
     out = {}
     for name in sorted(factors_a):
-        (a_a, b_a, s_a), (a_b, b_b, s_b) = factors_a[name], factors_b[name]
+        (b_a, a_a, s_a), (b_b, a_b, s_b) = factors_a[name], factors_b[name]
         a_a, b_a, a_b, b_b = (torch.as_tensor(t) for t in (a_a, b_a, a_b, b_b))
         dtype = torch.float64 if torch.float64 in (a_a.dtype, b_a.dtype, a_b.dtype, b_b.dtype) else torch.float32
         if a_a.shape[1] != a_b.shape[1] or b_a.shape[0] != b_b.shape[0]:
@@ -122,7 +80,7 @@ def interpolate_lora(factors_a: Mapping, factors_b: Mapping, alpha: float) -> di
         b_cat = torch.cat(
             [(float(alpha) * float(s_a)) * b_a.to(dtype), ((1.0 - float(alpha)) * float(s_b)) * b_b.to(dtype)], dim=1
         ).contiguous()
-        out[name] = (a_cat, b_cat, 1.0)
+        out[name] = (b_cat, a_cat, 1.0)
     return out
 
 
@@ -132,8 +90,11 @@ def write_interpolated_adapter(adapter_dir_a: str, adapter_dir_b: str, alpha: fl
     Its config is a's with r = r_a + r_b, lora_alpha = r and use_rslora off,
     so PEFT's scaling is exactly 1 and the factors carry the weights.
     """
-    cfg_a, fa = read_lora_factors(adapter_dir_a)
-    cfg_b, fb = read_lora_factors(adapter_dir_b)
+    spec_a, fa = read_lora_factors(adapter_dir_a)
+    spec_b, fb = read_lora_factors(adapter_dir_b)
+    for spec in (spec_a, spec_b):
+        _check_plain_lora(spec.config, spec.path)
+    cfg_a, cfg_b = spec_a.config, spec_b.config
     if set(fa) != set(fb):
         only_a = sorted(set(fa) - set(fb))
         only_b = sorted(set(fb) - set(fa))
@@ -146,9 +107,9 @@ def write_interpolated_adapter(adapter_dir_a: str, adapter_dir_b: str, alpha: fl
     config = copy.deepcopy(cfg_a)
     config.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern={}, alpha_pattern={})
     tensors = {}
-    for name, (a_cat, b_cat, _) in merged.items():
-        tensors[name + _A_SUFFIX] = a_cat
-        tensors[name + _B_SUFFIX] = b_cat
+    for name, (b_cat, a_cat, _) in merged.items():  # a's safetensors keys
+        tensors[spec_a.modules[name].prefix + _A_SUFFIX] = a_cat
+        tensors[spec_a.modules[name].prefix + _B_SUFFIX] = b_cat
     rundir.write_bytes(rundir.join(out_dir, WEIGHTS_FILE), st_save(tensors, metadata={"format": "pt"}))
     rundir.write_json(rundir.join(out_dir, CONFIG_FILE), config)
     rundir.mark_complete(out_dir, {"alpha": float(alpha), "adapter_a": str(adapter_dir_a), "adapter_b": str(adapter_dir_b)})

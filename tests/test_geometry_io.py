@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from analysis.geometry import parse_adapter_args, run_geometry
-from analysis.geometry_io import check_compatible, pattern_value, read_adapter_spec
+from analysis.geometry_io import check_compatible
+from analysis.lora_io import pattern_value, read_adapter_spec
 from sweep.errors import WsgError
 from test_geometry import SHAPES, random_factors, write_adapter
 

@@ -12,7 +12,7 @@ import pytest
 import scipy.linalg
 
 from analysis.geometry import CACHE_VERSION, read_metadata, run_geometry
-from analysis.geometry_io import lora_scale
+from analysis.lora_io import lora_scale
 from analysis.geometry_tables import TABLES, effective_rank
 from sweep.errors import WsgError
 from test_geometry import SHAPES, random_factors, stored, uneven, write_adapter

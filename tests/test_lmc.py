@@ -12,13 +12,8 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from analysis.lmc import (
-    interpolate_lora,
-    masked_answer_ce,
-    masked_answer_nll,
-    read_lora_factors,
-    write_interpolated_adapter,
-)
+from analysis.lmc import interpolate_lora, masked_answer_ce, masked_answer_nll, write_interpolated_adapter
+from analysis.lora_io import read_lora_factors
 from sweep.errors import WsgError
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -62,18 +57,18 @@ def test_interpolate_lora_equals_dense_on_random_factors():
     rng = np.random.default_rng(0)
     fa, fb = {}, {}
     for name, (dout, din) in {"m0": (7, 5), "m1": (3, 9)}.items():
-        fa[name] = (rng.normal(size=(4, din)), rng.normal(size=(dout, 4)), 2.0)
-        fb[name] = (rng.normal(size=(2, din)), rng.normal(size=(dout, 2)), 3 / np.sqrt(2))
+        fa[name] = (rng.normal(size=(dout, 4)), rng.normal(size=(4, din)), 2.0)  # (B, A, s)
+        fb[name] = (rng.normal(size=(dout, 2)), rng.normal(size=(2, din)), 3 / np.sqrt(2))
     for alpha in (0.0, 0.25, 1.0, 1.5):
         out = interpolate_lora(fa, fb, alpha)
         for name in fa:
-            a_cat, b_cat, s = out[name]
+            b_cat, a_cat, s = out[name]
             assert s == 1.0 and a_cat.shape[0] == b_cat.shape[1] == 6
-            dense = alpha * fa[name][2] * fa[name][1] @ fa[name][0] + (1 - alpha) * fb[name][2] * fb[name][1] @ fb[name][0]
+            dense = alpha * fa[name][2] * fa[name][0] @ fa[name][1] + (1 - alpha) * fb[name][2] * fb[name][0] @ fb[name][1]
             np.testing.assert_allclose((b_cat @ a_cat).numpy(), dense, rtol=1e-12, atol=1e-12)
     with pytest.raises(WsgError, match="same modules"):
         interpolate_lora(fa, {"m0": fb["m0"]}, 0.5)
-    bad = dict(fb, m1=(rng.normal(size=(2, 8)), rng.normal(size=(3, 2)), 1.0))
+    bad = dict(fb, m1=(rng.normal(size=(3, 2)), rng.normal(size=(2, 8)), 1.0))
     with pytest.raises(ValueError, match="m1"):
         interpolate_lora(fa, bad, 0.5)
 
@@ -109,9 +104,9 @@ def test_interpolated_adapter_endpoints_and_dense_merge(tmp_path, b_kwargs):
 
 def test_read_and_write_refusals(tmp_path):
     dir_a = make_adapter(tmp_path / "a", lora_seed=1)
-    cfg, factors = read_lora_factors(dir_a)
-    assert len(factors) == 2 * 4 and cfg["r"] == 4
-    assert all(s == 2.0 and a.shape[0] == 4 for a, _, s in factors.values())
+    spec, factors = read_lora_factors(dir_a)
+    assert len(factors) == 2 * 4 and spec.config["r"] == 4
+    assert all(s == 2.0 and a.shape[0] == 4 and b.shape[1] == 4 for b, a, s in factors.values())
     with pytest.raises(WsgError, match="adapter_config.json"):
         read_lora_factors(str(tmp_path / "missing"))
     # An adapter on fewer modules cannot be interpolated with a.
@@ -125,6 +120,10 @@ def test_read_and_write_refusals(tmp_path):
     cfg_path.write_text(json.dumps(c))
     with pytest.raises(WsgError, match="use_dora"):
         read_lora_factors(dir_a)
+    c["use_dora"], c["alpha_pattern"] = False, {"q_proj": 2}  # readable, but not interpolable
+    cfg_path.write_text(json.dumps(c))
+    with pytest.raises(WsgError, match="cannot interpolate: alpha_pattern"):
+        write_interpolated_adapter(dir_a, dir_a, 0.5, str(tmp_path / "out2"))
 
 
 def _hand_ce(model, pairs):
