@@ -307,6 +307,8 @@ def test_tensorboard_events_read_back(tmp_path):
             if t.endswith("text_summary")}
     assert "| hyper.beta | 0.2 |" in text["wsg/params/text_summary"]
     assert '"wall_s": 2.25' in text["wsg/summary/text_summary"]
+    # The HParams dashboard's records: the experiment and this cell's session.
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(ea.PluginTagToContent("hparams"))
 
 
 # ------------------------------------------------------------------------ W&B
@@ -475,3 +477,44 @@ def test_null_tracker_is_inert():
     NULL.flush()
     NULL.close({"x": 1})
     assert NULL.active == []
+
+
+def test_object_store_run_writes_locally_then_uploads(tmp_path, monkeypatch):
+    """An s3:// run (moto's S3 server on loopback): TensorBoard and W&B write
+    to a local folder, uploaded into the run directory on close."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sweep.trackers import copy_local
+    from tests._cluster import S3Server
+
+    s3 = S3Server(tmp_path / "s3").start()
+    try:
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        s3.make_bucket("wsg")
+        run, key = "s3://wsg/runs/obj-run", CellKey("sft", 1, 1, 1e-4)
+        paths = TrackingPaths(state=f"{run}/cells/{key.id}/tracking.json",
+                              tensorboard=f"{run}/tracking/tensorboard/{key.id}", wandb=f"{run}/tracking/wandb")
+        rows = _rows(8, range(1, 4))
+        tr = open_cell(TrackingCfg.model_validate({"tensorboard": True, "wandb": {"project": "wsg-t",
+                                                                                  "mode": "offline"}}),
+                       experiment="trk", run=run, key=key, params=cell_params(_cfg(), key), paths=paths)
+        assert tr.active == ["tensorboard", "wandb"]
+        for row in rows:
+            tr.log(row)
+        tr.close({"wall_s": 1.0})
+        files = s3.files(run)
+        assert f"cells/{key.id}/tracking.json" in files
+        assert any(f.startswith(f"tracking/tensorboard/{key.id}/events.out.tfevents.") for f in files)
+        [wb] = [f for f in files if re.fullmatch(r"tracking/wandb/wandb/offline-run-[^/]+/run-[^/]+\.wandb", f)]
+
+        tb = copy_local(paths.tensorboard, str(tmp_path / "tb"))
+        ea = EventAccumulator(tb)
+        ea.Reload()
+        assert [e.step for e in ea.Scalars("loss")] == [1, 2, 3]
+        local = copy_local(f"{run}/{wb}", str(tmp_path / "run.wandb"))
+        assert sorted(_wandb_history(_inspect(Path(local)))) == [1, 2, 3]
+    finally:
+        s3.stop()
