@@ -95,6 +95,13 @@ def in_pid_namespace(argv: list[str], env: dict, log: Path, cwd: Path | None = N
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
+def hiding(dirs) -> str:
+    """Shell commands that cover each folder with an empty tmpfs, for the
+    mount namespace they run in (unshare made it private): a node started
+    after them cannot see another node's scratch (its files are not found)."""
+    return "".join(f"mount -t tmpfs -o size=1m wsg-hidden {d} || exit 1; " for d in dirs)
+
+
 def _ns(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/pid")
@@ -137,6 +144,7 @@ class SSHServer:
 
     root: Path
     env: dict[str, str]
+    hide: list = field(default_factory=list)   # folders this node must not see (hiding())
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
@@ -165,8 +173,8 @@ class SSHServer:
         # sshd refuses to start without its privilege-separation folder (made by
         # the Debian service, which is not running here).
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        self.proc = in_pid_namespace([SSHD, "-D", "-e", "-f", str(cfg)], env={"PATH": os.environ["PATH"]},
-                                     log=self.root / "sshd.log")
+        self.proc = in_pid_namespace(["bash", "-c", hiding(self.hide) + f"exec {SSHD} -D -e -f {cfg}"],
+                                     env={"PATH": os.environ["PATH"]}, log=self.root / "sshd.log")
         wait_port(self.port, 20, self.proc, "sshd")
         return self
 

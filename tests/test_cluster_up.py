@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from _cluster import (CHROMIUM, ROOT, VENV_BIN, Chromium, Dashboard, S3Server, SSHServer, cluster_local,
-                      end, free_port, in_pid_namespace, metric_names, missing_tools, namespace_pids,
+                      end, free_port, hiding, in_pid_namespace, metric_names, missing_tools, namespace_pids,
                       raylet_of, tail)
 
 _missing = missing_tools()
@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600),  # the module's clust
               pytest.mark.skipif(bool(_missing), reason=f"needs {', '.join(_missing)} (scripts/setup.sh --test as root)")]
 
 CONFIG = "configs/tiny.yaml"
+WORKERS = ("worker1", "worker2")
 WORKER_CPUS = 2          # an online cell holds a trainer and an engine CPU (sweep/grid.py cell_resources)
 JOB_TIMEOUT = 2400       # seconds; the tiny run takes ~5 min on an idle 2-core box, 25 on a crowded one
 
@@ -95,22 +96,38 @@ class Cluster:
         return [n for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
 
-def _start_worker(c: Cluster, name: str, commands: list[str], attempts: int = 3) -> None:
+def scratch(root: Path, but: str) -> list[Path]:
+    """The scratch folders (temp dirs, WSG_CACHE) of every node but one;
+    "laptop" is where `ray up` and the second run's driver run."""
+    where = {"laptop": ["laptop-tmp", "cache-laptop"], "head": ["head", "node-tmp", "cache-head"],
+             **{w: [w, f"{w}-tmp", f"cache-{w}"] for w in WORKERS}}
+    out = [root / d for node, dirs in where.items() if node != but for d in dirs]
+    for d in out:
+        d.mkdir(exist_ok=True)
+    return out
+
+
+def _start_worker(c: Cluster, name: str, commands: list[str], attempts: int = 5) -> None:
     """cluster.yaml's worker start commands, as the autoscaler runs them over
     SSH (login shell, ~/.bashrc, RAY_HEAD_IP), in a PID namespace of the
     node's own; returns once the node is alive in the cluster. `ray start`
     gives a raylet 30 s to register, which a loaded 2-core box can miss: a
     failed start is ended and tried again."""
     log = c.root / f"{name}.log"
+    # Nothing may assume another node's disk (issue 17): in this node's mount
+    # namespace the scratch folders of the laptop, the head and the other
+    # workers are covered by empty tmpfs mounts, so a path handed over from
+    # there is not found here, as on separate machines.
+    mounts = hiding(scratch(c.root, but=name))
     for attempt in range(attempts):
         port = free_port()
         node_opts = {"--temp-dir": str(c.root / name), "--num-cpus": WORKER_CPUS,
                      "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": port}
         cmds = [cluster_local.set_ray_start_options(x, node_opts) if "ray start" in x else x for x in commands]
-        script = ("source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore; "
+        script = (mounts + "source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore; "
                   + " && ".join(f"({x})" for x in cmds) + " || exit 1; exec sleep infinity")
-        env = {**c.node_env, "WSG_CACHE": str(c.root / f"cache-{name}"), "RAY_HEAD_IP": "127.0.0.1",
-               "PATH": os.environ["PATH"]}
+        env = {**c.node_env, "WSG_CACHE": str(c.root / f"cache-{name}"), "TMPDIR": str(c.root / f"{name}-tmp"),
+               "RAY_TMPDIR": str(c.root / f"{name}-tmp"), "RAY_HEAD_IP": "127.0.0.1", "PATH": os.environ["PATH"]}
         proc = in_pid_namespace(["bash", "-c", script], env, log)
         c.workers[name], c.worker_metrics[name] = proc, port
         deadline = time.time() + 180
@@ -120,6 +137,7 @@ def _start_worker(c: Cluster, name: str, commands: list[str], attempts: int = 3)
                 return
             time.sleep(2)
         end(proc)
+        time.sleep(10)  # let a busy head settle before the next try
     raise AssertionError(f"{name} did not join the cluster in {attempts} attempts:\n{tail(log)}")
 
 
@@ -135,14 +153,14 @@ def cluster(tmp_path_factory):
         laptop, node = root / "laptop", root / "node"
         laptop.mkdir()
         node.mkdir()
+        scratch(root, but="")  # every node's scratch folder exists before any node hides another's
         base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
         laptop_env = {**base, **s3.env, "HOME": str(laptop), "RAY_TMPDIR": str(root / "laptop-tmp"),
                       "TMPDIR": str(root / "laptop-tmp"), "WSG_CACHE": str(root / "cache-laptop"),
                       "RAY_AUTH_MODE": "token", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-        (root / "laptop-tmp").mkdir()
         node_env = {**s3.env, "HOME": str(node), "RAY_TMPDIR": str(root / "node-tmp"),
-                    "WSG_CACHE": str(root / "cache-head")}
-        ssh = SSHServer(root / "ssh", node_env).start()
+                    "TMPDIR": str(root / "node-tmp"), "WSG_CACHE": str(root / "cache-head")}
+        ssh = SSHServer(root / "ssh", node_env, hide=scratch(root, but="head")).start()
         ports = {k: free_port() for k in ("gcs", "dashboard", "metrics", "client", "agent")}
         cfile = root / "cluster-local.yaml"
         c = Cluster(root, s3, ssh, cfile, laptop_env, node_env, Dashboard(ports["dashboard"], ""),
@@ -162,7 +180,7 @@ def cluster(tmp_path_factory):
             c.ray("up", "-y", str(cfile), timeout=900)
         c.seconds["ray up"] = time.time() - t
         c.dashboard.token = (node / ".ray" / "auth_token").read_text().strip()
-        for name in ("worker1", "worker2"):  # one after the other: each start is CPU-heavy
+        for name in WORKERS:  # one after the other: each start is CPU-heavy
             _start_worker(c, name, yaml.safe_load(cfile.read_text())["worker_start_ray_commands"])
         assert len(c.alive_nodes()) == 3, c.alive_nodes()
         c.head_node_id = next(n["node_id"] for n in c.alive_nodes() if n["is_head_node"])
@@ -273,38 +291,53 @@ def adapters(c: Cluster, run: str) -> dict[str, bytes]:
 
 
 # --- the tests ------------------------------------------------------------------------------
+class Problems(list):
+    """Every failed check of a test, reported together: one run of these
+    minutes-long tests shows all that is wrong, not only the first thing."""
+
+    def check(self, ok, what: str) -> None:
+        if not ok:
+            self.append(what)
+
+    def assert_none(self) -> None:
+        assert not self, "\n\n".join(self)
+
+
 def test_ray_up_job_submit_and_dashboard(cluster, job_run):
-    c, j = cluster, job_run
+    c, j, p = cluster, job_run, Problems()
     # `ray exec` runs on the head, in its environment: the three nodes with
     # cluster.yaml's head resources (CPU 0, the trial slots) and the workers' CPUs.
-    out = c.ray("exec", str(c.cluster_file), "ray status").stdout
-    assert "wsg_trial_slot" in out and f"/{2 * WORKER_CPUS}.0 CPU" in out, out[-2000:]
+    out = c.ray("exec", str(c.cluster_file), "ray status", check=False).stdout
+    p.check("wsg_trial_slot" in out and f"/{2 * WORKER_CPUS}.0 CPU" in out, f"ray exec 'ray status':\n{out[-2000:]}")
     # Token authentication is on: the job API refuses a request without the token.
-    assert c.dashboard.get("/api/jobs/", auth=False)[0] == 401
-    assert j.info["status"] == "SUCCEEDED", f"job {j.info['status']}: {j.info.get('message')}\n{j.logs[-4000:]}"
-    listed = [x for x in j.jobs if x.get("submission_id") == j.submission_id]
-    assert listed and listed[0]["entrypoint"] == j.entrypoint, j.jobs
-    assert "wsg: finished" in j.logs and "[grid] done" in j.logs, j.logs[-3000:]
+    p.check(c.dashboard.get("/api/jobs/", auth=False)[0] == 401, "the job API answers without the token")
+    p.check(j.info["status"] == "SUCCEEDED", f"job {j.info['status']}: {j.info.get('message')}\n{j.logs[-4000:]}")
+    listed = [x for x in j.jobs if isinstance(x, dict) and x.get("submission_id") == j.submission_id]
+    p.check(listed and listed[0]["entrypoint"] == j.entrypoint, f"job not listed with its entrypoint: {j.jobs}")
+    p.check("wsg: finished" in j.logs and "[grid] done" in j.logs, f"job log:\n{j.logs[-3000:]}")
     # The run directory on the object store holds the whole study.
-    assert c.s3.exists(f"{j.run}/report/index.html")
+    p.check(c.s3.exists(f"{j.run}/report/index.html"), f"no {j.run}/report/index.html")
     # Custom metrics during the run: the driver (rollouts) and the grid's trial
-    # drivers live on the head, the cells' trainers on the workers.
-    assert {"wsg_rollout_tokens_per_s", "wsg_cells_done"} <= j.head_metrics, j.head_metrics
-    assert "wsg_train_step" in j.worker_metrics, j.worker_metrics
+    # drivers live on the head, the cells' trainers on the workers (docs/monitoring.md).
+    p.check({"wsg_rollout_tokens_per_s", "wsg_cells_done"} <= j.head_metrics,
+            f"head metrics endpoint showed {sorted(j.head_metrics)} during the run")
+    p.check("wsg_train_step" in j.worker_metrics, f"worker metrics endpoints showed {sorted(j.worker_metrics)}")
     # Cells ran on the worker nodes, never on the head (status.json node_id).
     statuses = cell_status(c, j.run)
     workers = set(c.worker_node_ids().values())
-    assert statuses and all(s.get("node_id") in workers for s in statuses.values()), \
-        ({k: s.get("node_id") for k, s in statuses.items()}, c.head_node_id, workers)
+    p.check(statuses and all(s.get("node_id") in workers for s in statuses.values()),
+            f"cell node ids {({k: s.get('node_id') for k, s in statuses.items()})}, head {c.head_node_id}, "
+            f"workers {workers}")
     if CHROMIUM:
-        assert j.screenshot.stat().st_size > 20_000, "the job page screenshot is (nearly) blank"
-        assert j.submission_id in j.page_text and "SUCCEEDED" in j.page_text, j.page_text[:2000]
-        assert j.entrypoint in j.page_text, j.page_text[:2000]
+        p.check(j.screenshot is not None and j.screenshot.exists() and j.screenshot.stat().st_size > 20_000,
+                "the job page screenshot is missing or (nearly) blank")
+        p.check(j.submission_id in j.page_text and "SUCCEEDED" in j.page_text and j.entrypoint in j.page_text,
+                f"the job page shows:\n{j.page_text[:2000]}")
+    p.assert_none()
 
 
 def test_worker_killed_mid_grid_then_status_report_geometry(cluster, job_run):
-    c, ref = cluster, job_run
-    assert ref.info["status"] == "SUCCEEDED", "the reference run (the submitted job) did not finish"
+    c, ref, p = cluster, job_run, Problems()
     run = "s3://wsg/killed"
     address = f"127.0.0.1:{c.gcs_port}"
     log = c.root / "driver.log"
@@ -317,8 +350,8 @@ def test_worker_killed_mid_grid_then_status_report_geometry(cluster, job_run):
     try:
         # Mid-grid: a cell is complete and another one's trainer runs on a worker node.
         while killed is None and driver.poll() is None and time.time() - t < JOB_TIMEOUT:
-            done = [p.split("/")[0] for p in c.s3.files(f"{run}/cells") if p.endswith("/_COMPLETE")
-                    and p.count("/") == 1]
+            done = [x.split("/")[0] for x in c.s3.files(f"{run}/cells") if x.endswith("/_COMPLETE")
+                    and x.count("/") == 1]
             if done:
                 for name, ns in c.workers.items():
                     if any("RayTrainWorker" in cmd for cmd in namespace_pids(ns).values()):
@@ -334,39 +367,43 @@ def test_worker_killed_mid_grid_then_status_report_geometry(cluster, job_run):
     c.seconds["killed run"] = time.time() - t
     assert rc == 0, tail(log, 6000)
     survivor = next(n for n in c.workers if n != killed)
-    ids = {n: r[1] for n, p in c.workers.items() if (r := raylet_of(p))}
-    assert killed not in ids and survivor in ids, ids
+    ids = {n: r[1] for n, x in c.workers.items() if (r := raylet_of(x))}
+    p.check(killed not in ids and survivor in ids, f"raylets after the kill: {ids}")
 
     # Rerun: every stage and every cell is skipped.
     t = time.time()
     out = c.wsg("run", CONFIG, "--run", run, "--address", address).stdout
     c.seconds["rerun"] = time.time() - t
-    assert "to run" in out and " 0 to run" in out and "[rollouts] complete, skipped" in out, out[-3000:]
+    p.check(" 0 to run" in out and "[rollouts] complete, skipped" in out, f"rerun:\n{out[-3000:]}")
 
     # The adapters equal the uninterrupted run's, bit for bit, every cell and checkpoint.
     mine, theirs = adapters(c, run), adapters(c, ref.run)
-    assert mine and sorted(mine) == sorted(theirs)
-    differ = [k for k in mine if mine[k] != theirs[k]]
-    assert not differ, f"adapters differ from the uninterrupted run: {differ}"
-
-    # Cells ran on worker nodes only; those finished after the kill on the survivor.
-    statuses = cell_status(c, run)
-    head = c.head_node_id
-    assert all(s.get("node_id") not in (None, head) for s in statuses.values()), statuses
-    after = [cid for cid in statuses if cid not in done_before]
-    assert after and all(statuses[cid]["node_id"] == ids[survivor] for cid in after), \
-        ({cid: statuses[cid].get("node_id") for cid in after}, ids)
+    p.check(mine and sorted(mine) == sorted(theirs), f"adapters {sorted(mine)} vs {sorted(theirs)}")
+    differ = [k for k in mine if k in theirs and mine[k] != theirs[k]]
+    p.check(not differ, f"adapters differ from the uninterrupted run: {differ}")
 
     # The object-store run from the laptop: status, report, geometry to s3.
-    status = c.wsg("status", run).stdout
-    assert status.count(" done") == len(statuses) and "not complete" not in status, status
-    assert "report:" in c.wsg("report", run).stdout
-    assert c.s3.exists(f"{run}/report/index.html")
+    statuses = cell_status(c, run)
+    status = c.wsg("status", run, check=False).stdout
+    p.check(statuses and status.count(" done") == len(statuses) and "not complete" not in status,
+            f"wsg status:\n{status}")
+    p.check("report:" in c.wsg("report", run, check=False).stdout and c.s3.exists(f"{run}/report/index.html"),
+            "wsg report wrote no report/index.html")
     t = time.time()
-    c.wsg("geometry", "--run", run, "--out", "s3://wsg/geometry-out", "--address", address)
+    c.wsg("geometry", "--run", run, "--out", "s3://wsg/geometry-out", "--address", address, check=False)
     c.seconds["geometry"] = time.time() - t
     tables = c.s3.files("s3://wsg/geometry-out")
-    assert "global_pairs.parquet" in tables and "module_pairs.parquet" in tables, tables
+    p.check("global_pairs.parquet" in tables and "module_pairs.parquet" in tables, f"geometry --out wrote {tables}")
+
+    # Cells ran on worker nodes only; those finished after the kill on the survivor.
+    head = c.head_node_id
+    p.check(statuses and all(s.get("node_id") not in (None, head) for s in statuses.values()),
+            f"cell node ids {({k: s.get('node_id') for k, s in statuses.items()})}, head {head}")
+    after = [cid for cid in statuses if cid not in (done_before or ())]
+    p.check(after and all(statuses[cid].get("node_id") == ids.get(survivor) for cid in after),
+            f"cells after the kill ran on {({cid: statuses[cid].get('node_id') for cid in after})}, "
+            f"survivor {survivor} = {ids.get(survivor)}")
+    p.assert_none()
 
 
 def test_ray_down_ends_the_cluster(cluster):
