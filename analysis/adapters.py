@@ -1,4 +1,4 @@
-"""Which adapters a run's analyses cover (DESIGN.md "Run directory").
+"""Which adapters a run's analyses cover (docs/design.md, "Run layout").
 
 Every complete checkpoint `<run>/cells/<cell_id>/step_<N>/` (a PEFT folder
 with its `_COMPLETE` marker) of every cell, filtered by `analysis.steps`, plus
@@ -6,8 +6,11 @@ with its `_COMPLETE` marker) of every cell, filtered by `analysis.steps`, plus
 name is the `adapter`/`model` column of every analysis table (geometry, eval,
 LMC, CKA, logit lens), so the report can join them. The base model is `base`.
 
-`analysis` never imports `train` (common rules), so the cell id format
-`<loss>-s<seed>-lr<lr>` (train/cell_id.py) is parsed here from its text.
+Cell ids (`<loss>-s<seed>-lr<lr>`, or `<loss>-i<init>-d<data>-lr<lr>` for
+control cells whose LoRA-init and data-order seeds differ) are read by
+`sweep.cells.CellKey.parse`, the one parser. `CellRef` is what the analysis
+tables say about an adapter's cell (the identity columns of the geometry
+tables, issue 13 item 4).
 """
 from __future__ import annotations
 
@@ -18,20 +21,35 @@ from typing import Optional
 
 from analysis.lora_io import content_hash  # noqa: F401  (evaluate/functional import it from here)
 from sweep import rundir
+from sweep.cells import CellKey
 from sweep.errors import WsgError
+from sweep.layout import RunLayout
 
 BASE = "base"
 SEP = "@"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_CELL_ID = re.compile(r"^(?P<loss>[a-z][a-z0-9_]*)-s(?P<seed>-?\d+)-lr(?P<lr>[0-9.]+(?:e[+-]?\d+)?)$")
 # Extra adapter names become file names (eval/models/<name>.parquet) and
 # table keys: keep them to a safe alphabet.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+\-]*$")
 
 
 @dataclass(frozen=True)
+class CellRef:
+    """The grid cell an adapter comes from, and its checkpoint step (None
+    when unknown): the identity columns of the geometry tables."""
+
+    loss: str
+    init_seed: int
+    data_seed: int
+    lr: float
+    step: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class Adapter:
-    """One analysed adapter: `path` is a local folder, `uri` where it lives."""
+    """One analysed adapter: `path` is a local folder, `uri` where it lives.
+    `seed` is the grid seed (= init_seed); init_seed and data_seed default to
+    it (sweep.cells.CellKey.of)."""
 
     name: str
     path: str
@@ -41,14 +59,35 @@ class Adapter:
     loss: Optional[str] = None
     seed: Optional[int] = None
     lr: Optional[float] = None
+    init_seed: Optional[int] = None
+    data_seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.seed is None and self.init_seed is not None:
+            object.__setattr__(self, "seed", self.init_seed)
+        for k in ("init_seed", "data_seed"):
+            if getattr(self, k) is None and self.seed is not None:
+                object.__setattr__(self, k, self.seed)
+
+    @property
+    def cell(self) -> Optional[CellRef]:
+        """Its CellRef; None for an adapter whose name is not a cell's."""
+        if self.loss is None:
+            return None
+        return CellRef(self.loss, self.init_seed, self.data_seed, self.lr, None if self.step < 0 else self.step)
 
 
-def parse_cell_id(cell_id: str) -> tuple[str, int, float]:
-    """`dpo-s42-lr5e-07` -> ("dpo", 42, 5e-07)."""
-    m = _CELL_ID.match(cell_id)
-    if not m:
-        raise WsgError(f"cell id {cell_id!r} does not read as <loss>-s<seed>-lr<lr> (e.g. dpo-s42-lr5e-07)")
-    return m["loss"], int(m["seed"]), float(m["lr"])
+def cell_refs(adapters: list[Adapter]) -> dict[str, CellRef]:
+    """name -> CellRef of every adapter that is a grid cell's checkpoint
+    (`run_geometry(..., cells=cell_refs(list_adapters(cfg, run)))`)."""
+    return {a.name: a.cell for a in adapters if a.cell is not None}
+
+
+def _parse(cell_id: str) -> Optional[CellKey]:
+    try:
+        return CellKey.parse(cell_id)
+    except WsgError:
+        return None
 
 
 def adapter_name(cell_id: str, step: int) -> str:
@@ -64,17 +103,16 @@ def split_name(name: str) -> tuple[str, Optional[int]]:
 
 
 def describe(name: str) -> dict:
-    """Loss/seed/lr/step of an analysis table's adapter name (None where unknown).
+    """Loss/seeds/lr/step of an analysis table's adapter name (None where
+    unknown; `seed` is the init seed).
 
     Used by the report to label and group rows; `base` and extra adapters
     whose names are not cell ids get loss None.
     """
     cell, step = split_name(name)
-    try:
-        loss, seed, lr = parse_cell_id(cell)
-    except WsgError:
-        loss, seed, lr = None, None, None
-    return {"name": name, "cell_id": cell if loss else None, "loss": loss, "seed": seed, "lr": lr,
+    k = _parse(cell)
+    return {"name": name, "cell_id": cell if k else None, "loss": k and k.loss, "seed": k and k.init_seed,
+            "init_seed": k and k.init_seed, "data_seed": k and k.data_seed, "lr": k and k.lr,
             "step": -1 if step is None else step}
 
 
@@ -102,18 +140,19 @@ def _select_steps(steps: list[int], rule) -> list[int]:
 def list_adapters(cfg, run: str) -> list[Adapter]:
     """Every analysed adapter of the run, cells sorted by id then step, then extras."""
     out: list[Adapter] = []
-    cells_root = rundir.join(run, "cells")
-    for cell in rundir.listdir(cells_root):
-        try:
-            loss, seed, lr = parse_cell_id(cell)
-        except WsgError:
+    lay = RunLayout.of(run)
+    for cell in lay.cell_ids():
+        key = _parse(cell)
+        if key is None:
             continue  # not a cell folder (e.g. a temp file)
-        steps = sorted(int(m[1]) for d in rundir.listdir(rundir.cell_dir(run, cell))
-                       if (m := _STEP_DIR.match(d)) and rundir.is_complete(rundir.step_dir(run, cell, int(m[1]))))
+        cl = lay.cell(cell)
+        steps = sorted(int(m[1]) for d in rundir.listdir(cl.root)
+                       if (m := _STEP_DIR.match(d)) and rundir.is_complete(cl.step(int(m[1]))))
         for step in _select_steps(steps, cfg.analysis.steps):
-            uri = rundir.step_dir(run, cell, step)
+            uri = cl.step(step)
             out.append(Adapter(name=adapter_name(cell, step), path=local_copy(uri), uri=uri, step=step,
-                               cell_id=cell, loss=loss, seed=seed, lr=lr))
+                               cell_id=cell, loss=key.loss, seed=key.init_seed, lr=key.lr,
+                               init_seed=key.init_seed, data_seed=key.data_seed))
     taken = {a.name for a in out} | {BASE}
     for name, path in cfg.analysis.extra_adapters.items():
         if not _SAFE_NAME.match(name):
@@ -126,8 +165,10 @@ def list_adapters(cfg, run: str) -> list[Adapter]:
                            "(no adapter_config.json); give the folder written by save_pretrained")
         cell, step = split_name(name)
         info = describe(name)
+        # An extra named `<cell_id>@<step>` is taken as that cell's checkpoint (as the report does).
         out.append(Adapter(name=name, path=local_copy(path), uri=path, step=-1 if step is None else step,
-                           cell_id=info["cell_id"], loss=info["loss"], seed=info["seed"], lr=info["lr"]))
+                           cell_id=info["cell_id"], loss=info["loss"], seed=info["seed"], lr=info["lr"],
+                           init_seed=info["init_seed"], data_seed=info["data_seed"]))
         taken.add(name)
     return out
 
@@ -138,9 +179,11 @@ def discover_adapters(cfg, run: str) -> dict[str, str]:
 
 
 def _ref_choice(refs: list[Adapter], other: Adapter) -> Adapter:
-    """The reference cell to compare `other` with: same seed and LR, else the
-    same seed (losses such as DPO train at a scaled LR, seed §2), else the first."""
-    for pick in (lambda r: r.seed == other.seed and r.lr == other.lr, lambda r: r.seed == other.seed):
+    """The reference cell to compare `other` with: same seeds (init and data)
+    and LR, else the same seeds (losses such as DPO train at a scaled LR,
+    seed §2), else the same init seed, else the first."""
+    same = lambda r: (r.init_seed, r.data_seed) == (other.init_seed, other.data_seed)  # noqa: E731
+    for pick in (lambda r: same(r) and r.lr == other.lr, same, lambda r: r.init_seed == other.init_seed):
         hit = [r for r in refs if pick(r)]
         if hit:
             return hit[0]
@@ -150,8 +193,9 @@ def _ref_choice(refs: list[Adapter], other: Adapter) -> Adapter:
 def reference_pairs(adapters: list[Adapter], reference_loss: str) -> list[tuple[str, str]]:
     """(reference, other) name pairs at the same checkpoint step.
 
-    Per step, the reference cells (loss == reference_loss) sorted by seed and LR;
-    the first is the primary one. Every other reference cell is paired with the
+    Per step, the reference cells (loss == reference_loss) sorted by seed and LR,
+    control cells (init seed != data seed) after the others; the first is the
+    primary one. Every other reference cell is paired with the
     primary (the seed/LR comparisons of seed Fig. 2), every other cell with its
     matching reference (`_ref_choice`). Adapters without a step (extras) are
     compared with the primary reference of the last step.
@@ -161,7 +205,8 @@ def reference_pairs(adapters: list[Adapter], reference_loss: str) -> list[tuple[
     last_primary = None
     for step in steps:
         here = [a for a in adapters if a.step == step]
-        refs = sorted((a for a in here if a.loss == reference_loss), key=lambda a: (a.seed, a.lr, a.name))
+        refs = sorted((a for a in here if a.loss == reference_loss),
+                      key=lambda a: (a.init_seed != a.data_seed, a.seed, a.data_seed, a.lr, a.name))
         if not refs:
             continue
         primary = refs[0]

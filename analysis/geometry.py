@@ -12,10 +12,12 @@ import os
 import sys
 import uuid
 from collections import defaultdict
+from typing import Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
 
+from analysis import geometry_bootstrap as gb
 from analysis import geometry_io as gio
 from analysis import geometry_tables as gt
 from analysis import lora_io
@@ -193,17 +195,26 @@ def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
 
 
 def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_hash: str = "",
-                 use_ray: bool = True, progress: bool = True) -> dict[str, pa.Table]:
+                 use_ray: bool = True, progress: bool = True, cells: Optional[Mapping] = None,
+                 n_boot: int = gb.N_RESAMPLES, boot_seed: int = gb.SEED) -> dict[str, pa.Table]:
     """Compute and write adapter_modules / module_pairs / layer_pairs /
     global_pairs .parquet to `out` (local path or URI); return the tables.
 
+    cells: adapter name -> analysis.adapters.CellRef, the identity columns of
+    every table (`analysis.adapters.cell_refs`); names not in it (adapters
+    given by path) get nulls. n_boot, boot_seed: the layer bootstrap of the
+    global_pairs CIs (recorded in its b"wsg.bootstrap" metadata).
+
     Results are cached under <out>/.cache/ by adapter content hash (+ top_k),
-    so adding one adapter to a grid of N computes only the N new pairs.
+    so adding one adapter to a grid of N computes only the N new pairs; the
+    identity columns and CIs are derived afresh from the cached numbers.
     """
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise WsgError(f"--top-k must be a positive integer (got {top_k!r})")
     if not adapters:
         raise WsgError("geometry needs at least one adapter (--adapter NAME=PATH)")
+    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
+        raise WsgError(f"the number of bootstrap resamples must be a positive integer (got {n_boot!r})")
     specs = [lora_io.read_adapter_spec(name, path) for name, path in sorted(adapters.items())]
     gio.check_compatible(specs)
     _hash_all(specs, out)
@@ -265,7 +276,8 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
 
     meta = gt.metadata(tool_version=_tool_version(), config_hash=config_hash, top_k=top_k,
                        adapters={s.name: (s.path, s.content_hash) for s in specs})
-    tables = gt.assemble(names=names, modules=mod_list, sigma=sigma, pairs=pairs, meta=meta)
+    tables = gt.assemble(names=names, modules=mod_list, sigma=sigma, pairs=pairs, meta=meta, cells=cells,
+                         n_boot=n_boot, boot_seed=boot_seed)
     for name, table in tables.items():
         rundir.write_table(rundir.join(out, f"{name}.parquet"), table)
     return tables
@@ -277,7 +289,8 @@ def read_metadata(table: pa.Table) -> dict:
     return {"tool_version": md.get(b"wsg.tool_version", b"").decode(),
             "config_hash": md.get(b"wsg.config_hash", b"").decode(),
             "top_k": int(md.get(b"wsg.top_k", b"0") or 0),
-            "adapters": json.loads(md.get(b"wsg.adapters", b"{}") or b"{}")}
+            "adapters": json.loads(md.get(b"wsg.adapters", b"{}") or b"{}"),
+            "bootstrap": json.loads(md.get(b"wsg.bootstrap", b"{}") or b"{}")}  # global_pairs only
 
 
 __all__ = ["run_geometry", "parse_adapter_args", "factored_inner", "factored_cosine", "factored_svd",

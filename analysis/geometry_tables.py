@@ -1,4 +1,4 @@
-"""The geometry tables (DESIGN.md "Geometry: definitions and table contract").
+"""The geometry tables (docs/geometry.md, "Tables").
 
 The engine produces two kinds of raw result, both keyed by adapter content
 hash so they can be cached and reused under any adapter name:
@@ -11,36 +11,51 @@ hash so they can be cached and reused under any adapter name:
 This module turns them into the four contract tables: cosines and orthogonal
 fractions are derived here from inner products and norms, and aggregated per
 layer and globally by summing over modules (never by averaging cosines).
+Every table carries the cell identity of its adapters (loss, seeds, lr,
+step; null for adapters given by path) and global_pairs the layer-bootstrap
+CIs (analysis/geometry_bootstrap.py). Identity is by adapter NAME, cached
+results by content hash: renaming or re-attributing an adapter recomputes
+nothing.
 """
 from __future__ import annotations
 
 import json
 import warnings
+from typing import Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
 
+from analysis import geometry_bootstrap as gb
+
 F64 = pa.float64()
 LIST_F64 = pa.list_(pa.float64())
 
+# A cell's identity (analysis.adapters.CellRef), per adapter of a table row.
+IDENTITY = (("loss", pa.string()), ("init_seed", pa.int64()), ("data_seed", pa.int64()), ("lr", F64),
+            ("step", pa.int64()))
+PAIR_IDENTITY = [(f"{k}_{side}", t) for k, t in IDENTITY for side in "ab"]
+CI_METRICS = ("cosine", "orth_frac_b_off_a", "orth_frac_a_off_b", "median_top1_angle_deg")
+
 ADAPTER_MODULES = pa.schema([
-    ("adapter", pa.string()), ("module", pa.string()), ("layer", pa.int32()), ("proj", pa.string()),
+    ("adapter", pa.string()), *IDENTITY, ("module", pa.string()), ("layer", pa.int32()), ("proj", pa.string()),
     ("fro_norm", F64), ("effective_rank", F64), ("singular_values", LIST_F64),
 ])
 MODULE_PAIRS = pa.schema([
-    ("adapter_a", pa.string()), ("adapter_b", pa.string()), ("module", pa.string()), ("layer", pa.int32()),
-    ("proj", pa.string()), ("cosine", F64), ("principal_angles_deg", LIST_F64), ("top1_angle_deg", F64),
-    ("worst_angle_deg", F64), ("u1_abs_dot", F64), ("v1_abs_dot", F64),
+    ("adapter_a", pa.string()), ("adapter_b", pa.string()), *PAIR_IDENTITY, ("module", pa.string()),
+    ("layer", pa.int32()), ("proj", pa.string()), ("cosine", F64), ("principal_angles_deg", LIST_F64),
+    ("top1_angle_deg", F64), ("worst_angle_deg", F64), ("u1_abs_dot", F64), ("v1_abs_dot", F64),
     ("orth_frac_b_off_a", F64), ("orth_frac_a_off_b", F64),
 ])
 LAYER_PAIRS = pa.schema([
-    ("adapter_a", pa.string()), ("adapter_b", pa.string()), ("layer", pa.int32()),
+    ("adapter_a", pa.string()), ("adapter_b", pa.string()), *PAIR_IDENTITY, ("layer", pa.int32()),
     ("cosine", F64), ("orth_frac_b_off_a", F64), ("orth_frac_a_off_b", F64),
 ])
 GLOBAL_PAIRS = pa.schema([
-    ("adapter_a", pa.string()), ("adapter_b", pa.string()), ("cosine", F64),
+    ("adapter_a", pa.string()), ("adapter_b", pa.string()), *PAIR_IDENTITY, ("cosine", F64),
     ("orth_frac_b_off_a", F64), ("orth_frac_a_off_b", F64), ("median_top1_angle_deg", F64),
     ("median_worst_angle_deg", F64), ("mean_u1_abs_dot", F64), ("mean_v1_abs_dot", F64),
+    *[(f"{m}_ci_{side}", F64) for m in CI_METRICS for side in ("low", "high")],
 ])
 TABLES = {"adapter_modules": ADAPTER_MODULES, "module_pairs": MODULE_PAIRS,
           "layer_pairs": LAYER_PAIRS, "global_pairs": GLOBAL_PAIRS}
@@ -122,6 +137,17 @@ def _effective_ranks(spectra: list[np.ndarray]) -> np.ndarray:
     return np.where(total[:, 0] > 0, np.exp(ent), np.nan)
 
 
+def _identity(order: list[str], cells: Optional[Mapping]) -> dict[str, list]:
+    """Per adapter (in `order`): the identity columns, None where unknown."""
+    refs = [(cells or {}).get(n) for n in order]
+    return {k: [None if r is None else getattr(r, k) for r in refs] for k, _ in IDENTITY}
+
+
+def _repeat(values: list, idx: np.ndarray, times: int) -> list:
+    """values[idx], each repeated `times` (row order of the pair tables)."""
+    return [values[i] for i in idx for _ in range(times)]
+
+
 def _table(cols: dict, schema: pa.Schema) -> pa.Table:
     return pa.table({k: v if isinstance(v, pa.Array) else pa.array(v, type=schema.field(k).type)
                      for k, v in cols.items()}, schema=schema)
@@ -129,10 +155,12 @@ def _table(cols: dict, schema: pa.Schema) -> pa.Table:
 
 def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
              sigma: dict[tuple[str, str], np.ndarray], pairs: dict[tuple[str, str, str], tuple],
-             meta: dict) -> dict[str, pa.Table]:
+             meta: dict, cells: Optional[Mapping] = None, n_boot: int = gb.N_RESAMPLES,
+             boot_seed: int = gb.SEED) -> dict[str, pa.Table]:
     """names: adapter name -> content hash; modules: (module, layer, proj) in
     table order; sigma[(hash, module)]: singular values; pairs[(h_a, h_b,
-    module)] with h_a <= h_b: (inner, angles_deg, u1, v1). Vectorised over
+    module)] with h_a <= h_b: (inner, angles_deg, u1, v1); cells: adapter
+    name -> CellRef (absent names get null identity). Vectorised over
     pairs x modules (a 48-adapter grid has 1128 pairs x 144 modules)."""
     order = sorted(names)
     n_ad, n_mod = len(order), len(modules)
@@ -142,8 +170,10 @@ def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
 
     spectra = [[sigma[(names[n], m)] for m in mod_names] for n in order]
     sq = np.array([[float(np.sum(s * s)) for s in row] for row in spectra]).reshape(n_ad, n_mod)
+    ident = _identity(order, cells)
     out = {"adapter_modules": _table({
-        "adapter": np.repeat(np.array(order, dtype=object), n_mod), "module": np.tile(mod_names, n_ad),
+        "adapter": np.repeat(np.array(order, dtype=object), n_mod),
+        **{k: _repeat(v, np.arange(n_ad), n_mod) for k, v in ident.items()}, "module": np.tile(mod_names, n_ad),
         "layer": np.tile(layers, n_ad), "proj": np.tile(projs, n_ad), "fro_norm": np.sqrt(sq).ravel(),
         "effective_rank": _effective_ranks([s for row in spectra for s in row]),
         "singular_values": _lists([s.tolist() for row in spectra for s in row]),
@@ -165,8 +195,12 @@ def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
     na2, nb2 = sq[ia], sq[ib]
     ob2, oa2 = _orth_sq(inner, na2, nb2), _orth_sq(inner, nb2, na2)  # residual of b off a, a off b
     a_names, b_names = np.array(order, dtype=object)[ia], np.array(order, dtype=object)[ib]
+
+    def pair_ident(times: int) -> dict:
+        return {f"{k}_{side}": _repeat(v, idx, times) for k, v in ident.items() for side, idx in (("a", ia), ("b", ib))}
+
     out["module_pairs"] = _table({
-        "adapter_a": np.repeat(a_names, n_mod), "adapter_b": np.repeat(b_names, n_mod),
+        "adapter_a": np.repeat(a_names, n_mod), "adapter_b": np.repeat(b_names, n_mod), **pair_ident(n_mod),
         "module": np.tile(mod_names, n_pair), "layer": np.tile(layers, n_pair), "proj": np.tile(projs, n_pair),
         "cosine": _cosine(inner, na2, nb2).ravel(), "principal_angles_deg": _lists(angles),
         "top1_angle_deg": top1.ravel(), "worst_angle_deg": worst.ravel(), "u1_abs_dot": u1.ravel(),
@@ -180,15 +214,20 @@ def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
     li, la2, lb2, lob2, loa2 = (x @ onehot for x in (inner, na2, nb2, ob2, oa2))
     out["layer_pairs"] = _table({
         "adapter_a": np.repeat(a_names, len(uniq)), "adapter_b": np.repeat(b_names, len(uniq)),
-        "layer": np.tile(uniq, n_pair).astype(np.int32), "cosine": _cosine(li, la2, lb2).ravel(),
+        **pair_ident(len(uniq)), "layer": np.tile(uniq, n_pair).astype(np.int32), "cosine": _cosine(li, la2, lb2).ravel(),
         "orth_frac_b_off_a": _frac(lob2, lb2).ravel(), "orth_frac_a_off_b": _frac(loa2, la2).ravel(),
     }, LAYER_PAIRS)
     gi, ga2, gb2 = inner.sum(1), na2.sum(1), nb2.sum(1)
+    # Uncertainty: resample layers (with all their modules) from the layer sums.
+    cis = gb.global_cis(layer_sums={"inner": li, "sq_a": la2, "sq_b": lb2, "resid_b": lob2, "resid_a": loa2},
+                        top1=top1, module_layer=np.searchsorted(uniq, layers), n_boot=n_boot, seed=boot_seed)
     out["global_pairs"] = _table({
-        "adapter_a": a_names, "adapter_b": b_names, "cosine": _cosine(gi, ga2, gb2),
+        "adapter_a": a_names, "adapter_b": b_names, **pair_ident(1), "cosine": _cosine(gi, ga2, gb2),
         "orth_frac_b_off_a": _frac(ob2.sum(1), gb2), "orth_frac_a_off_b": _frac(oa2.sum(1), ga2),
         "median_top1_angle_deg": _nan_reduce(np.nanmedian, top1),
         "median_worst_angle_deg": _nan_reduce(np.nanmedian, worst),
-        "mean_u1_abs_dot": _nan_reduce(np.nanmean, u1), "mean_v1_abs_dot": _nan_reduce(np.nanmean, v1),
+        "mean_u1_abs_dot": _nan_reduce(np.nanmean, u1), "mean_v1_abs_dot": _nan_reduce(np.nanmean, v1), **cis,
     }, GLOBAL_PAIRS)
-    return {k: t.replace_schema_metadata(meta) for k, t in out.items()}
+    out = {k: t.replace_schema_metadata(meta) for k, t in out.items()}
+    out["global_pairs"] = out["global_pairs"].replace_schema_metadata({**meta, **gb.metadata(n_boot, boot_seed)})
+    return out
