@@ -116,7 +116,8 @@ def local_cluster(base: dict, opts: LocalOptions, base_dir: Path = ROOT) -> dict
         raise ValueError("cluster.yaml mounts no pyproject.toml of the repository; nothing to set up")
 
     venv = str(Path(opts.venv).absolute())
-    setup = [
+    # cluster.yaml's setup, but the CPU stack instead of requirements/gpu.txt.
+    setup = [c for c in base.get("setup_commands", []) if "requirements/gpu.txt" not in c] + [
         # The node's Python: the existing virtual environment, made the
         # checkout's .venv so that scripts/setup.sh finds it (its stamp skips
         # pip when the CPU stack is already installed).

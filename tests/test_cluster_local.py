@@ -69,6 +69,10 @@ def test_file_mounts_follow_cluster_yaml():
         assert cfg["file_mounts"][mine] == want
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert any("~/wsg/.venv" in c and "/v/.venv" in c and "scripts/setup.sh" in c for c in cfg["setup_commands"])
+    # cluster.yaml's other setup commands are kept; its CUDA install is not.
+    kept = [c for c in BASE["setup_commands"] if "requirements/gpu.txt" not in c]
+    assert kept and cfg["setup_commands"][:len(kept)] == kept
+    assert not any("requirements/gpu.txt" in c for c in cfg["setup_commands"])
     assert cfg["rsync_filter"] == BASE["rsync_filter"]
 
 
