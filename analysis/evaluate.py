@@ -199,6 +199,18 @@ def _evaluate_model(cfg, engine, name: str, adapter: dict | None, mode: str, set
     return pa.table(rows, schema=PREDICTIONS_SCHEMA)
 
 
+def _cards_with_accuracy(adapters: list[Adapter], acc: pa.Table) -> None:
+    """Each run adapter's model card learns its pass@1 per eval set."""
+    from sweep.adapter_card import add_accuracy
+
+    by: dict[str, dict] = {}
+    for r in acc.to_pylist():
+        by.setdefault(r["model"], {})[r["dataset"]] = r["accuracy"]
+    for a in adapters:
+        if a.cell_id is not None and a.name in by:
+            add_accuracy(a.uri, by[a.name])
+
+
 def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
     """Stage entry: evaluate the base and every analysed adapter (cached per
     model), then write predictions, accuracy and McNemar tables."""
@@ -276,6 +288,7 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
     rundir.write_table(layout.eval_table("predictions"), preds)
     rundir.write_table(layout.eval_table("accuracy"), acc)
     rundir.write_table(layout.eval_table("mcnemar"), mc)
+    _cards_with_accuracy(adapters, acc)
     return {"models": len(models), "evaluated": len(todo), "cached": len(models) - len(todo), "mode": mode,
             "engines": n_engines,
             "items": preds.num_rows, "pairs": mc.num_rows}

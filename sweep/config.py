@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sweep.errors import ConfigError
+from sweep.tracking import TrackingCfg
 from train.losses import hyper_problems, loss_names
 
 
@@ -316,6 +317,9 @@ class ExperimentConfig(_Strict):
     resources: ResourcesCfg = Field(default_factory=ResourcesCfg)
     storage: StorageCfg = Field(default_factory=StorageCfg)
     analysis: AnalysisCfg = Field(default_factory=AnalysisCfg)
+    # Experiment trackers (docs/tracking.md); not part of the config hash:
+    # where results are mirrored does not change them.
+    tracking: TrackingCfg = Field(default_factory=TrackingCfg)
 
     @model_validator(mode="after")
     def _cross(self):
@@ -350,8 +354,10 @@ class ExperimentConfig(_Strict):
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
-    """sha256 of the canonical JSON of the resolved config (first 16 hex digits)."""
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """sha256 of the canonical JSON of the resolved config (first 16 hex
+    digits), `tracking` left out: changing a tracker must not make a run
+    refuse to resume."""
+    blob = json.dumps(cfg.model_dump(mode="json", exclude={"tracking"}), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

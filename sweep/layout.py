@@ -11,6 +11,7 @@
     <run>/geometry/<table>.parquet, .cache/
     <run>/analysis/lmc.parquet, cka.parquet, logit_lens.parquet, parts/
     <run>/report/index.html, figures/<name>.png
+    <run>/tracking/run.json, tensorboard/<cell_id>/, wandb/   experiment trackers' files
 
 A run is a local folder or an object-store URI; paths are joined with
 `rundir.join`, so both work. No other module joins run-directory path strings.
@@ -64,6 +65,11 @@ class CellLayout:
     @property
     def metrics(self) -> str:
         return rundir.join(self.root, "metrics.parquet")
+
+    @property
+    def tracking(self) -> str:
+        """tracking.json: the ids of the cell's tracked runs (a resume continues them)."""
+        return rundir.join(self.root, "tracking.json")
 
     @property
     def fault_marker(self) -> str:
@@ -135,6 +141,16 @@ class RunLayout:
     @property
     def tune_dir(self) -> str:
         return self._p("tune")
+
+    def tracking_paths(self, cell_id: str | None = None):
+        """Where the trackers of a cell (or of the run) keep their files."""
+        from sweep.tracking import TrackingPaths
+
+        if cell_id is None:  # "_run" cannot be a cell id: those start with a letter
+            return TrackingPaths(self._p("tracking", "run.json"), self._p("tracking", "tensorboard", "_run"),
+                                 self._p("tracking", "wandb"))
+        return TrackingPaths(self.cell(cell_id).tracking, self._p("tracking", "tensorboard", cell_id),
+                             self._p("tracking", "wandb"))
 
     # -- evaluation ------------------------------------------------------------
     @property

@@ -15,7 +15,7 @@ from analysis.functional import run_functional
 from analysis.geometry import parse_adapter_args, run_geometry
 from analysis.report import build_report
 from rollouts.stage import run_rollouts
-from sweep import rundir
+from sweep import rundir, tracking
 from sweep.cells import CellKey
 from sweep.config import ExperimentConfig, config_hash, dump_config, load_config, parse_config
 from sweep.console import RunConsole, say
@@ -187,6 +187,14 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
             print(f"wsg: [{name}] summary: {summary}", flush=True)  # whole, into the log
             say(f"wsg: [{name}] done in {time.time() - t:.0f}s: {_brief(name, summary)}")
         path = build_report(run)
+        if cfg.tracking.enabled:
+            took = tracking.track_run(
+                cfg.tracking, experiment=cfg.name, run=layout.root, params=tracking.run_params(cfg),
+                artifacts={"accuracy.parquet": layout.eval_table("accuracy"),
+                           "global_pairs.parquet": layout.geometry_table("global_pairs"),
+                           "claims.parquet": layout.geometry_table("claims"), "report": layout.report_dir},
+                paths=layout.tracking_paths(), summary={"wall_s": round(time.time() - t0, 1)})
+            say(f"wsg: tracked in {', '.join(took) or 'no tracker (see the log)'}")
         say(f"wsg: finished in {time.time() - t0:.0f}s")
         say(f"wsg: report: {path}")
     return 0

@@ -20,6 +20,13 @@ from typing import Iterator
 
 TRIAL_SLOT = "wsg_trial_slot"
 TRIAL_SLOTS = 1000
+# Ray Train settings for short cells (docs/benchmarks.md, "Cell overhead"):
+# every TorchTrainer fit would start a preemption-watcher actor (a process of
+# its own, for spot-instance notices wsg does not act on), and the controller
+# polls its workers every 2 s, which a cell of a few steps pays at its start
+# and end. Set in the environment of a local instance's processes; a cluster
+# sets them in its start commands (cluster.yaml).
+RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def connect(address: str | None = None, *, dashboard: bool = False, log_to_driver: bool = True) -> bool:
@@ -30,6 +37,8 @@ def connect(address: str | None = None, *, dashboard: bool = False, log_to_drive
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for k, v in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(k, v)
     if address and address != "local":
         ray.init(address=address, log_to_driver=log_to_driver)
     else:

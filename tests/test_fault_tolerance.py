@@ -73,9 +73,13 @@ def test_worker_crash_resumes_to_the_uninterrupted_adapter(tmp_path, tokenizer, 
 
 
 def _tree_digest(folder: str) -> dict[str, tuple[float, str]]:
+    """Every file of a finished cell but the adapters' model cards, which the
+    eval stage completes with the measured accuracy (sweep/adapter_card.py)."""
     out = {}
     for dirpath, _, files in os.walk(folder):
         for f in files:
+            if f == "README.md":
+                continue
             p = os.path.join(dirpath, f)
             out[os.path.relpath(p, folder)] = (os.stat(p).st_mtime_ns, hashlib.sha256(Path(p).read_bytes()).hexdigest())
     return out

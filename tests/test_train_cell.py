@@ -73,7 +73,7 @@ def test_every_offline_loss_trains_and_writes_reloadable_adapters(trained, loss)
         base_logits = base(input_ids=base_ids).logits
     for step in (2, 4):
         folder = RunLayout.of(run).cell(cid).step(step)
-        assert sorted(os.listdir(folder)) == ["_COMPLETE", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(os.listdir(folder)) == ["README.md", "_COMPLETE", "adapter_config.json", "adapter_model.safetensors"]
         saved = load_file(os.path.join(folder, "adapter_model.safetensors"))
         assert len(saved) == 2 * 4 * 2  # (A, B) x q,k,v,o x 2 layers
         assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in saved.items())

@@ -16,6 +16,7 @@ group from the last registered checkpoint. A complete cell is skipped.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 from sweep import rundir
@@ -116,6 +117,8 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
         return {**rundir.read_json(cl.complete_marker), "skipped": True}
     data = validate_cell(cfg, layout.root, key)
     t = cfg.train
+    if fault_crash_at is None and os.environ.get("WSG_FAULT_CRASH_AT_STEP"):  # the fault-tolerance tests
+        fault_crash_at = int(os.environ["WSG_FAULT_CRASH_AT_STEP"])
     if stop_after is not None and not 1 <= stop_after <= t.max_steps:
         raise WsgError(f"stop_after={stop_after} must lie in 1..train.max_steps={t.max_steps}")
     spec = get_loss(key.loss, cfg.loss_cfg(key.loss).variant)
@@ -140,7 +143,7 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     with session(cfg.resources.ray_address):
         task = CellTask(cfg=cfg, run=layout.root, key=key, fingerprint=fingerprint, data=ray.put(data),
                         online=spec.online, placement=place, sync=sync, stop_after=stop_after,
-                        fault_crash_at=fault_crash_at)
+                        fault_crash_at=fault_crash_at, rollouts_hash=None if spec.online else _rollouts_hash(layout))
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"task": task},
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=place.use_gpu,
@@ -171,6 +174,13 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
         rundir.mark_complete(cl.root, summary)
         _delete(layout.train_state(key.id))  # resume state is useless once the cell is whole
     return summary
+
+
+def _rollouts_hash(layout: RunLayout) -> str | None:
+    """The spec hash of the rollouts the cell trains on (its adapters' cards name it)."""
+    if not rundir.exists(layout.rollouts_complete):
+        return None
+    return rundir.read_json(layout.rollouts_complete).get("spec_hash")
 
 
 def _storage(layout: RunLayout) -> str:

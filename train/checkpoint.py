@@ -1,7 +1,8 @@
 """What a cell writes: PEFT adapter folders, resume state, metrics.
 
-Adapter folders (`<run>/cells/<cell>/step_<N>/`) hold exactly the two files
-peft and vLLM load (adapter_config.json, adapter_model.safetensors); they are
+Adapter folders (`<run>/cells/<cell>/step_<N>/`) hold the two files peft and
+vLLM load (adapter_config.json, adapter_model.safetensors) and a README.md
+model card (sweep/adapter_card.py); they are
 written to a local temp folder and uploaded with `rundir.upload_dir`, whose
 `_COMPLETE` marker, written last, makes the folder visible whole.
 
@@ -37,13 +38,19 @@ def export_adapter(trainer, local_dir: str, *, rank: int) -> None:
             trainer.policy.save_pretrained(local_dir, safe_serialization=True)
 
 
-def publish_adapter(trainer, dest: str, *, rank: int) -> str:
+def publish_adapter(trainer, dest: str, *, rank: int, card=None) -> str:
     """Export the adapter and upload it whole to `dest` (a step folder of the
-    run, RunLayout.cell(...).step(n))."""
+    run, RunLayout.cell(...).step(n)); with a `sweep.adapter_card.AdapterCard`
+    the folder is made portable (the base model's hub id) and gets its model
+    card. The weights file is never touched."""
+    from sweep.adapter_card import CARD_FILE, make_portable
+
     with tempfile.TemporaryDirectory(prefix="wsg-adapter-") as tmp:
         export_adapter(trainer, tmp, rank=rank)
         if rank == 0:
-            rundir.upload_dir(tmp, dest, files=ADAPTER_FILES)
+            if card is not None:
+                make_portable(tmp, card)
+            rundir.upload_dir(tmp, dest, files=ADAPTER_FILES + ((CARD_FILE,) if card is not None else ()))
     return dest
 
 

@@ -78,6 +78,7 @@ class CellTask:
     sync: Optional[str] = None          # online: the resolved weight-sync strategy
     stop_after: Optional[int] = None    # stop resumably after this step
     fault_crash_at: Optional[int] = None  # fault-tolerance tests only (train/worker.py)
+    rollouts_hash: Optional[str] = None   # the shared rollouts' spec hash (adapter cards)
 
     @property
     def cell_id(self) -> str:

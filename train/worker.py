@@ -27,10 +27,11 @@ import time
 
 import torch
 
-from sweep import rundir, telemetry
+from sweep import rundir, telemetry, tracking
 from sweep.errors import WsgError
 from sweep.layout import RunLayout
 from train import checkpoint as ck
+from sweep.adapter_card import AdapterCard
 from train.task import CellTask
 
 
@@ -158,6 +159,11 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
     status = {"state": "complete", "step": t.max_steps}
     source.ready(policy)
     clock["setup_done"] = time.time()
+    tracker = tracking.NULL
+    if rank == 0:
+        tracker = tracking.open_cell(cfg.tracking, experiment=cfg.name, run=task.run, key=key,
+                                     params=tracking.cell_params(cfg, key, hyper=hyper),
+                                     paths=RunLayout(task.run).tracking_paths(key.id), start_step=start)
 
     for step in range(start, t.max_steps):
         s = step + 1
@@ -185,6 +191,7 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
             ck.write_metrics(cl.metrics, history)
             rundir.write_json(cl.progress, {"step": s, "max_steps": t.max_steps, "loss": float(out["loss"]),
                                             "tokens_per_s": row["tokens_per_s"], "time": time.time()})
+            tracker.log(row)
         if bad:
             status = {"state": "failed", "step": s, "reason": "nan",
                       "message": f"cell {key.id}: the {bad} at step {s} (loss={out['loss']}, grad_norm="
@@ -193,12 +200,15 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
             break
         t3 = time.perf_counter()
         if s in publish:
-            ck.publish_adapter(trainer, cl.step(s), rank=rank)
+            card = AdapterCard.of(cfg, key, s, rollouts_hash=task.rollouts_hash if not task.online else "on-policy",
+                                  hyper=hyper)
+            ck.publish_adapter(trainer, cl.step(s), rank=rank, card=card)
         if s in publish or stopping or (t.resume_every and s % t.resume_every == 0):
             with tempfile.TemporaryDirectory(prefix="wsg-resume-", ignore_cleanup_errors=True) as tmp:
                 ck.save_resume_state(trainer, tmp, rank=rank, state={
                     "step": s, "history": history, "fingerprint": task.fingerprint, "source": source.state()})
                 report(row, tmp)
+            tracker.flush()
         else:
             report(row, None)
         clock["checkpoint_s"] += time.perf_counter() - t3
@@ -210,4 +220,5 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
         status["node_id"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         status["timeline"] = {**clock, "loop_done": time.time()}
         rundir.write_json(cl.status, status)
+        tracker.close({**status, "cell_id": key.id}, state=status["state"])
     return {"policy": policy, "history": history, "status": status}

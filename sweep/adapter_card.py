@@ -24,6 +24,7 @@ from typing import Optional
 
 import yaml
 
+from rollouts.engine_rules import vllm_lora_rank
 from sweep import rundir
 from sweep.models import SMOLLM2, TINY_QWEN3
 
@@ -31,8 +32,6 @@ CONFIG_FILE = "adapter_config.json"
 CARD_FILE = "README.md"
 # Aliases whose weights come from a model on the Hugging Face hub.
 HUB_IDS = {SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
-# vLLM's accepted `max_lora_rank` values (vllm/config/lora.py, MaxLoRARanks).
-_VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -126,11 +125,6 @@ def _replace(card: AdapterCard, **changes) -> AdapterCard:
     return AdapterCard(**{**asdict(card), **changes})
 
 
-def vllm_max_lora_rank(r: int) -> int:
-    """The smallest `max_lora_rank` vLLM accepts that holds rank r."""
-    return next((x for x in _VLLM_RANKS if x >= r), _VLLM_RANKS[-1])
-
-
 # ------------------------------------------------------------------- render
 
 def render(card: AdapterCard) -> str:
@@ -185,7 +179,7 @@ def _body(card: AdapterCard) -> list[str]:
         out += ["Not measured when this card was written (wsg's eval stage adds it)."]
     out += ["", "## Base model", ""] + (_base_note(card) or [f"`{card.base_model}` (Hugging Face hub)."])
     base = card.base_model if _is_hub_id(card.base_model) else "BASE_MODEL_FOLDER"
-    rank = vllm_max_lora_rank(int(lora.get("r") or 8))
+    rank = vllm_lora_rank(max(int(lora.get("r") or 8), 8))
     out += ["", "## Load it", "", "With peft (the base model given explicitly):", "", "```python",
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
