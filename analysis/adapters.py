@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from analysis.lora_io import content_hash  # noqa: F401  (evaluate/functional import it from here)
 from sweep import rundir
 from sweep.cells import CellKey
 from sweep.errors import WsgError

@@ -6,11 +6,10 @@ and r x r products are formed, all in float64 (the float32 factors of a saved
 adapter multiply exactly in float64; only accumulations round).
 
 - Per adapter and module: orthonormal bases of B and A^T by Cholesky-QR run
-  twice (CholeskyQR2: the second pass restores orthogonality to ~1e-16
-  for condition numbers up to ~1e7, where one pass leaves ~1e-16 cond^2;
-  Fukaya et al. 2014),
-  then the SVD of the r x r core s R_B R_A^T gives dW's singular values and
-  its singular bases U (d_out x r), V (d_in x r).
+  twice (CholeskyQR2, Fukaya et al. 2014: the second pass restores
+  orthogonality to ~1e-16 for condition numbers up to ~1e7, where one pass
+  leaves ~1e-16 cond^2), then the SVD of the r x r core s R_B R_A^T gives
+  dW's singular values and its singular bases U (d_out x r), V (d_in x r).
 - Across the adapters of a module, one stacked float64 product gives every
   pair's r x r blocks U_a^T U_b, V_a^T V_b, hence <dW_a, dW_b>_F to ~1e-15
   relative. The orthogonal residual ||dW_b||^2 - <a,b>^2/||dW_a||^2 cancels
