@@ -368,16 +368,20 @@ def test_worker_killed_mid_grid_then_status_report_geometry(cluster, job_run):
     finally:
         end(driver)
     c.seconds["killed run"] = time.time() - t
-    assert rc == 0, tail(log, 6000)
+    # The grid is what the kill tests; a later stage's failure is reported, and
+    # the checks below still run on the cells.
+    p.check(rc == 0, f"wsg run exited {rc}:\n{tail(log, 4000)}")
+    assert c.s3.exists(f"{run}/stages/grid/_COMPLETE"), f"the grid did not complete:\n{tail(log, 4000)}"
     survivor = next(n for n in c.workers if n != killed)
     ids = {n: r[1] for n, x in c.workers.items() if (r := raylet_of(x))}
     p.check(killed not in ids and survivor in ids, f"raylets after the kill: {ids}")
 
     # Rerun: every stage and every cell is skipped.
     t = time.time()
-    out = c.wsg("run", CONFIG, "--run", run, "--address", address).stdout
+    out = c.wsg("run", CONFIG, "--run", run, "--address", address, check=False).stdout
     c.seconds["rerun"] = time.time() - t
-    p.check(" 0 to run" in out and "[rollouts] complete, skipped" in out, f"rerun:\n{out[-3000:]}")
+    p.check((" 0 to run" in out or "[grid] complete, skipped" in out) and "[rollouts] complete, skipped" in out,
+            f"rerun:\n{out[-3000:]}")
 
     # The adapters equal the uninterrupted run's, bit for bit, every cell and checkpoint.
     mine, theirs = adapters(c, run), adapters(c, ref.run)
