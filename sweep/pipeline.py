@@ -9,8 +9,9 @@ import os
 import time
 from datetime import datetime
 
-from analysis.adapters import discover_adapters
+from analysis.adapters import cell_refs, list_adapters
 from analysis.evaluate import run_eval
+from analysis.findings import run_findings
 from analysis.functional import run_functional
 from analysis.geometry import parse_adapter_args, run_geometry
 from analysis.report import build_report
@@ -87,7 +88,11 @@ def stage_train_one(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr
 
 def stage_geometry(cfg: ExperimentConfig, run: str, extra: dict[str, str] | None = None,
                    out: str | None = None, top_k: int | None = None) -> dict:
-    adapters = dict(discover_adapters(cfg, run))
+    """Geometry of every adapter of the run (+ extra ones), with each cell's
+    identity in the tables; then, in the run's own geometry folder, the
+    findings: noise floors, convergence, the seed paper's claims."""
+    found = list_adapters(cfg, run)
+    adapters = {a.name: a.path for a in found}
     for k, v in (extra or {}).items():
         if k in adapters:
             raise WsgError(f"--adapter name {k!r} clashes with a run adapter; choose another name")
@@ -95,9 +100,11 @@ def stage_geometry(cfg: ExperimentConfig, run: str, extra: dict[str, str] | None
     if len(adapters) < 1:
         raise WsgError(f"{run} has no complete adapters yet; run the grid first (`wsg run`)")
     tables = run_geometry(adapters, out or RunLayout.of(run).geometry_dir, top_k=top_k or cfg.analysis.top_k,
-                          config_hash=config_hash(cfg))
-    return {"adapters": len(adapters), "tables": {k: t.num_rows for k, t in tables.items()}}
-
+                          config_hash=config_hash(cfg), cells=cell_refs(found))
+    summary = {"adapters": len(adapters), "tables": {k: t.num_rows for k, t in tables.items()}}
+    if out is None:
+        summary["findings"] = run_findings(cfg, run)
+    return summary
 
 
 
@@ -152,7 +159,10 @@ def _brief(name: str, s: dict) -> str:
     if name == "functional":
         return f"{s.get('units')} units ({s.get('computed')} now): LMC, CKA, logit lens"
     if name == "geometry":
-        return f"{s.get('adapters')} adapters; tables {', '.join(f'{k} {v}' for k, v in s.get('tables', {}).items())}"
+        f = s.get("findings") or {}
+        claims = ", ".join(f"{n} {v}" for v, n in sorted((f.get("claims") or {}).items()))
+        return (f"{s.get('adapters')} adapters, {s.get('tables', {}).get('global_pairs')} pairs; "
+                f"{f.get('converged_cells')}/{f.get('cells')} cells converged; claims: {claims or 'none'}")
     return ", ".join(f"{k}={v}" for k, v in list(s.items())[:6])
 
 
