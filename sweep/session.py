@@ -24,9 +24,13 @@ TRIAL_SLOTS = 1000
 # every TorchTrainer fit would start a preemption-watcher actor (a process of
 # its own, for spot-instance notices wsg does not act on), and the controller
 # polls its workers every 2 s, which a cell of a few steps pays at its start
-# and end. Set in the environment of a local instance's processes; a cluster
-# sets them in its start commands (cluster.yaml).
-RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# and end. A cell whose resources are held by another (two online cells on a
+# small box) waits for them: its worker group's start would otherwise time out
+# every 60 s and retry, leaving up to a minute idle after they free up. Set in
+# the environment of a local instance's processes; a cluster sets them in its
+# start commands (cluster.yaml).
+RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3600"}
 
 
 def connect(address: str | None = None, *, dashboard: bool = False, log_to_driver: bool = True) -> bool:
