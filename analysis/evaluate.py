@@ -160,8 +160,11 @@ def _start_engines(cfg, mode: str, adapters: list[Adapter], n_models: int) -> li
     n, g = pool_size(ro.num_engines, cpus_per_engine=ro.cpus_per_engine, gpus_per_engine=ro.gpus_per_engine,
                      n_shards=n_models, resources=ray.cluster_resources())
     ranks = [int(rundir.read_json(rundir.join(a.path, "adapter_config.json"))["r"]) for a in adapters]
+    resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)  # a bad name fails here, now
+    # The engines get the name and resolve it on their own nodes (a path in this
+    # node's cache does not exist on the others).
     opts = rollout_engine_options(
-        cfg, resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code), enable_lora=mode == "lora",
+        cfg, cfg.model.name, enable_lora=mode == "lora",
         max_lora_rank=vllm_lora_rank(max(ranks, default=8), field="adapter rank"), max_loras=1,
         enforce_eager=eager_unless_gpu(cfg, g))
     actor = ray.remote(EvalEngine).options(num_cpus=ro.cpus_per_engine, num_gpus=g,

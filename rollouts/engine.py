@@ -53,7 +53,7 @@ Lora = tuple  # (name: str, int_id: int, path: str)
 class EngineOptions:
     """Everything that decides how a vLLM engine is built (one place)."""
 
-    model: str                       # resolved local folder or hub id
+    model: str                       # an alias, hub id or folder: the engine resolves it on its node
     dtype: str = "bfloat16"
     seed: int = 0
     max_model_len: int = 1024
@@ -206,6 +206,11 @@ class EngineActor:
     """One vLLM engine. Plain class; `remote_engine()` makes it a Ray actor."""
 
     def __init__(self, opts: EngineOptions, *, work_dir: str | None = None):
+        from sweep.models import resolve_model
+
+        # The model is resolved here, on the engine's own node: an alias names a
+        # folder in that node's cache, which another node's path would not be.
+        opts = dataclasses.replace(opts, model=resolve_model(opts.model, trust_remote_code=opts.trust_remote_code))
         self.opts = opts
         self._own_work_dir = work_dir is None
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="wsg-vllm-")

@@ -47,10 +47,10 @@ def eager_unless_gpu(cfg, gpus: float) -> bool:
     return cfg.rollouts.enforce_eager or gpus == 0
 
 
-def rollout_engine_options(cfg, model_path: str, **overrides) -> EngineOptions:
+def rollout_engine_options(cfg, model: str, **overrides) -> EngineOptions:
     """The rollout (and evaluation) engines' options from the config."""
     ro = cfg.rollouts
-    kw = dict(model=model_path, dtype=ro.dtype, seed=ro.seed, max_model_len=cfg.model.max_model_len,
+    kw = dict(model=model, dtype=ro.dtype, seed=ro.seed, max_model_len=cfg.model.max_model_len,
               enforce_eager=ro.enforce_eager, trust_remote_code=cfg.model.trust_remote_code,
               tensor_parallel_size=max(1, int(ro.gpus_per_engine)))
     if 0 < ro.gpus_per_engine < 1:
@@ -61,11 +61,10 @@ def rollout_engine_options(cfg, model_path: str, **overrides) -> EngineOptions:
 
 
 def online_engine_options(cfg, strategy: str, *, threads: int | None = None) -> EngineOptions:
-    """An online cell's engine: the policy's base model, LoRA enabled only for LoRA sync."""
-    from sweep.models import resolve_model
-
+    """An online cell's engine: the policy's base model (resolved by the engine
+    on its own node), LoRA enabled only for LoRA sync."""
     return EngineOptions(
-        model=resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code),
+        model=cfg.model.name,
         dtype=cfg.rollouts.dtype, seed=cfg.rollouts.seed, max_model_len=cfg.model.max_model_len,
         enforce_eager=eager_unless_gpu(cfg, cfg.online.engine_gpus),
         enable_lora=strategy == "lora",

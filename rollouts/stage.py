@@ -159,7 +159,7 @@ class SamplingJob:
     shards: list                # list[list[Problem]]
     pending: list[int]          # indices of the shards to sample
     progress: bool
-    model_path: Optional[str]   # the teacher's resolved folder (vllm backend)
+    model: Optional[str]        # the teacher's name (vllm backend; each engine resolves it)
     stats: _Stats = field(default_factory=_Stats)
 
     def finish_shard(self, i: int, texts: list[str], results: list[dict]) -> None:
@@ -194,7 +194,7 @@ def _run_vllm(job: SamplingJob) -> dict:
     # Reward tasks must be schedulable while the engines hold their CPUs.
     stats.reward_cpus = 1.0 if spare >= 1 else 0.0
     t0 = time.perf_counter()
-    engines = start_engines(rollout_engine_options(cfg, job.model_path), n, num_cpus=ro.cpus_per_engine,
+    engines = start_engines(rollout_engine_options(cfg, job.model), n, num_cpus=ro.cpus_per_engine,
                             num_gpus=g)
     warm = warm_up(stats.reward_cpus)
     try:
@@ -309,16 +309,16 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     _log(progress, f"{len(problems)} prompts in {len(shards)} shard(s), {len(pending)} to sample "
                    f"(K={cfg.rollouts.k}, T={cfg.rollouts.temperature}, teacher {teacher_name(cfg)})")
 
-    path = None
     if pending and cfg.rollouts.backend == "vllm":
-        # Before Ray and engines start: a missing folder fails in a second.
+        # Before Ray and engines start: a missing folder fails in a second. The
+        # engines get the name and resolve it on their own nodes.
         from sweep.models import resolve_model
 
-        path = resolve_model(teacher_name(cfg), trust_remote_code=cfg.model.trust_remote_code)
+        resolve_model(teacher_name(cfg), trust_remote_code=cfg.model.trust_remote_code)
     from sweep.session import session
 
     job = SamplingJob(cfg=cfg, run=run, spec=spec, shards=shards, pending=pending, progress=progress,
-                      model_path=path)
+                      model=teacher_name(cfg))
     stats = job.stats
     t0 = time.perf_counter()
     with session(cfg.resources.ray_address, log_to_driver=progress):

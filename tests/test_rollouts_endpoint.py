@@ -95,7 +95,7 @@ def test_stage_with_a_vllm_serve_teacher(server, tmp_path, api):
         assert r["prompt_token_ids"] == tok.encode(r["prompt_text"], add_special_tokens=False)
         assert r["finish_reason"] in ("stop", "length")
         assert r["reward"] == score(r["completion"], r["gold"])
-    assert rundir.is_complete(out)
+    assert rundir.is_complete(RunLayout.of(str(tmp_path / "run")).rollouts_dir)
 
 
 def test_unknown_model_is_a_clear_error(server):
