@@ -18,7 +18,7 @@ from sweep.config import ExperimentConfig
 from sweep.errors import WsgError
 from sweep.layout import RunLayout
 from sweep.session import TRIAL_SLOT
-from train.cell import run_cell, validate_cell
+from train.cell import Prepared, prepare, run_cell
 from train.losses import get_loss
 from train.task import placement
 
@@ -93,19 +93,19 @@ def max_concurrent(cfg: ExperimentConfig, cells: list[CellKey]) -> int:
     return max(1, min(by_cpu, by_gpu, len(cells)))
 
 
-def run_one_cell(cfg: ExperimentConfig, run: str, key: CellKey) -> dict:
+def run_one_cell(cfg: ExperimentConfig, run: str, key: CellKey, prepared: Prepared | None = None) -> dict:
     """Train one cell: exactly the function every grid trial calls."""
     return run_cell(cfg, run, loss=key.loss, seed=key.init_seed, lr=key.lr, init_seed=key.init_seed,
-                    data_seed=key.data_seed)
+                    data_seed=key.data_seed, prepared=prepared)
 
 
-def _trial(cfg: ExperimentConfig, run: str, key: CellKey) -> None:
+def _trial(cfg: ExperimentConfig, run: str, key: CellKey, prepared: Prepared | None) -> None:
     """Tune function trainable: one cell. Records failures in the run dir."""
     from ray import tune
 
     cl = RunLayout.of(run).cell(key.id)
     try:
-        summary = run_one_cell(cfg, run, key)
+        summary = run_one_cell(cfg, run, key, prepared)
     except Exception as err:  # noqa: BLE001 - recorded, then re-raised for Tune
         msg = str(err) if isinstance(err, WsgError) else f"{type(err).__name__}: {err}"
         rundir.write_text(cl.failed, msg + "\n\n" + traceback.format_exc())
@@ -153,17 +153,22 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     console.say(f"wsg: grid of {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run")
     if not todo:
         return {"cells": len(cells), "trained": 0, "failed": 0}
-    for c in todo:  # refuse bad input before any worker starts
-        validate_cell(cfg, layout.root, c)
+    # Every cell's data, built and validated once per loss before any worker
+    # starts (bad input is refused now); the trials use it as it is.
+    prepared: dict[str, Prepared] = {}
+    for c in todo:
+        if c.loss not in prepared:
+            prepared[c.loss] = prepare(cfg, layout.root, c)
     # One grid_search over whole cells keeps (loss, seed, lr) tied together;
     # the config and run travel as constant parameters, so Tune's progress
     # table shows only the cell.
     param_space = {"cell": tune.grid_search([c.as_dict() for c in cells])}
 
-    def trainable(config, cfg=None, run_dir=None):
-        _trial(cfg, run_dir, CellKey(**config["cell"]))
+    def trainable(config, cfg=None, run_dir=None, prepared=None):
+        key = CellKey(**config["cell"])
+        _trial(cfg, run_dir, key, prepared.get(key.loss))
 
-    trainable = tune.with_parameters(trainable, cfg=cfg, run_dir=layout.root)
+    trainable = tune.with_parameters(trainable, cfg=cfg, run_dir=layout.root, prepared=prepared)
     trainable = tune.with_resources(trainable, trial_driver_resources())
     storage, name = _tune_storage(run), "grid"
     exp = os.path.join(storage, name) if rundir.is_local(run) else rundir.join(storage, name)

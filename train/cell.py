@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from sweep import rundir
 from sweep.cells import CellKey
@@ -56,20 +58,41 @@ def validate_cell(cfg: ExperimentConfig, run: str, key: CellKey, *, tokenizer=No
     return prompts
 
 
-def _fingerprint(cfg: ExperimentConfig, key: CellKey, data) -> dict:
+@dataclass(frozen=True)
+class Prepared:
+    """A cell's data built and validated once, in the object store: the grid
+    builds one per loss before any trial starts and every cell of that loss
+    uses it (its trials skip the rebuild)."""
+
+    ref: Any          # ObjectRef of the TrainSet or PromptSet
+    summary: dict     # data_summary() of it (the fingerprint's data part)
+
+
+def data_summary(cfg: ExperimentConfig, data) -> dict:
+    """What of the cell's data fixes its trajectory."""
+    if isinstance(data, PromptSet):
+        return {"data": cfg.data.model_dump(mode="json"),
+                "online": cfg.online.model_dump(mode="json", exclude={"sync", "colocate", "engine_cpus",
+                                                                      "engine_gpus"}),
+                "engine": {"dtype": cfg.rollouts.dtype, "seed": cfg.rollouts.seed}}
+    return {"data": {"items": int(len(data.items)), "tokens": int(len(data.tokens)), **data.stats}}
+
+
+def prepare(cfg: ExperimentConfig, run: str, key: CellKey) -> Prepared:
+    """validate_cell, with the data put in the object store (a Ray session must be up)."""
+    import ray
+
+    data = validate_cell(cfg, run, key)
+    return Prepared(ray.put(data), data_summary(cfg, data))
+
+
+def _fingerprint(cfg: ExperimentConfig, key: CellKey, summary: dict) -> dict:
     """What fixes a cell's trajectory: resuming under a different one is refused."""
     train = cfg.train.model_dump(mode="json")
     for k in _RUNTIME_TRAIN_KEYS:
         train.pop(k)
-    fp = {"cell": key.as_dict(), "model": cfg.model.model_dump(mode="json"), "train": train,
-          "loss_cfg": cfg.loss_cfg(key.loss).model_dump(mode="json", exclude={"lrs", "lr_scale"})}
-    if isinstance(data, PromptSet):
-        fp["data"] = cfg.data.model_dump(mode="json")
-        fp["online"] = cfg.online.model_dump(mode="json", exclude={"sync", "colocate", "engine_cpus", "engine_gpus"})
-        fp["engine"] = {"dtype": cfg.rollouts.dtype, "seed": cfg.rollouts.seed}
-    else:
-        fp["data"] = {"items": int(len(data.items)), "tokens": int(len(data.tokens)), **data.stats}
-    return fp
+    return {"cell": key.as_dict(), "model": cfg.model.model_dump(mode="json"), "train": train,
+            "loss_cfg": cfg.loss_cfg(key.loss).model_dump(mode="json", exclude={"lrs", "lr_scale"}), **summary}
 
 
 def _delete(uri: str) -> None:
@@ -90,16 +113,17 @@ def _failure_message(cid: str, err: Exception) -> str:
 
 def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float, init_seed: int | None = None,
              data_seed: int | None = None, resume: bool = True, stop_after: int | None = None,
-             fault_crash_at: int | None = None) -> dict:
+             fault_crash_at: int | None = None, prepared: Prepared | None = None) -> dict:
     """Train one cell; returns its summary (also in `_COMPLETE`), or the
     stored summary with skipped=True when the cell is already complete.
 
     seed: the grid seed (LoRA init and data order); init_seed / data_seed
     override one of them (control cells). resume=False starts over,
     deleting the cell's resume state; stop_after stops resumably after that
-    step (the cell is then not complete; call again to finish). Works
-    standalone (starts a local Ray, and stops only that) and inside a Tune
-    trial."""
+    step (the cell is then not complete; call again to finish). prepared:
+    the cell's data already built and validated (the grid's), else built
+    here. Works standalone (starts a local Ray, and stops only that) and
+    inside a Tune trial."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -115,14 +139,19 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     cl = layout.cell(key.id)
     if rundir.is_complete(cl.root):
         return {**rundir.read_json(cl.complete_marker), "skipped": True}
-    data = validate_cell(cfg, layout.root, key)
     t = cfg.train
     if fault_crash_at is None and os.environ.get("WSG_FAULT_CRASH_AT_STEP"):  # the fault-tolerance tests
         fault_crash_at = int(os.environ["WSG_FAULT_CRASH_AT_STEP"])
     if stop_after is not None and not 1 <= stop_after <= t.max_steps:
         raise WsgError(f"stop_after={stop_after} must lie in 1..train.max_steps={t.max_steps}")
     spec = get_loss(key.loss, cfg.loss_cfg(key.loss).variant)
-    fingerprint = _fingerprint(cfg, key, data)
+    data = None
+    if prepared is None:
+        data = validate_cell(cfg, layout.root, key)
+        summary = data_summary(cfg, data)
+    else:
+        summary = prepared.summary
+    fingerprint = _fingerprint(cfg, key, summary)
     if not resume:
         _delete(layout.train_state(key.id))
     elif rundir.exists(cl.fingerprint) and rundir.read_json(cl.fingerprint) != fingerprint:
@@ -141,7 +170,8 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
 
     t_fit = time.time()
     with session(cfg.resources.ray_address):
-        task = CellTask(cfg=cfg, run=layout.root, key=key, fingerprint=fingerprint, data=ray.put(data),
+        task = CellTask(cfg=cfg, run=layout.root, key=key, fingerprint=fingerprint,
+                        data=prepared.ref if prepared is not None else ray.put(data),
                         online=spec.online, placement=place, sync=sync, stop_after=stop_after,
                         fault_crash_at=fault_crash_at, rollouts_hash=None if spec.online else _rollouts_hash(layout))
         trainer = TorchTrainer(
