@@ -140,12 +140,9 @@ class OnPolicySource:
         self.hyper = validate_hyper(task.key.loss, lcfg.variant, lcfg.hyper)
         self.engine, self._own_engine = engine, engine is None
         self.micro_per_step, self.units_per_micro = 1, self.cfg.train.per_device_batch  # DeepSpeed only
-        self.cursor, self.sync, self.policy = 0, None, None
+        self.cursor, self.sync, self.policy, self.pad_id = 0, None, None, 0
         self.work = tempfile.mkdtemp(prefix="wsg-online-")
-        from sweep.models import load_tokenizer
-
-        tok = load_tokenizer(self.cfg.model.name, trust_remote_code=self.cfg.model.trust_remote_code)
-        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0)
+        self._in_bundle = False
 
     # -- lifecycle -------------------------------------------------------------
     def begin(self) -> None:
@@ -160,19 +157,24 @@ class OnPolicySource:
         p, o = self.task.placement, self.cfg.online
         opts = online_engine_options(self.cfg, self.task.sync, threads=p.engine_threads)
         here = ray.get_runtime_context().get_node_id()
-        if p.engine is None:  # inside this worker's bundle, on this node
+        if p.engine is None:  # inside this worker's bundle, on this node: its files go in our folder
+            self._in_bundle = True
             actor = remote_engine(num_cpus=0, num_gpus=0,
                                   scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+            self.engine = actor.remote(opts, work_dir=os.path.join(self.work, "engine"))
         else:
             actor = remote_engine(num_cpus=p.engine["CPU"], num_gpus=p.engine.get("GPU", 0),
                                   **({"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=True)}
                                      if o.colocate else {}))
-        self.engine = actor.remote(opts)
+            self.engine = actor.remote(opts)
 
     def ready(self, policy) -> None:
         """Wait for the engine and push the policy (a resumed adapter, or the fresh one = the base model)."""
         from rollouts.engine import wait_ready
+        from sweep.models import load_tokenizer
 
+        tok = load_tokenizer(self.cfg.model.name, trust_remote_code=self.cfg.model.trust_remote_code)
+        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0)
         self.policy = policy
         same_node = True
         if hasattr(self.engine, "__ray_call__"):
@@ -199,9 +201,14 @@ class OnPolicySource:
 
     def close(self) -> None:
         if self._own_engine and self.engine is not None:
+            import ray
+
             from rollouts.engine import shutdown_engines
 
-            shutdown_engines([self.engine])
+            if self._in_bundle:  # its files are ours (removed below): no clean vLLM shutdown to wait for
+                ray.kill(self.engine)
+            else:
+                shutdown_engines([self.engine])
         shutil.rmtree(self.work, ignore_errors=True)
 
     def state(self) -> dict:
