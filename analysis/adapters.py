@@ -136,8 +136,11 @@ def _select_steps(steps: list[int], rule) -> list[int]:
     return [s for s in steps if s in set(rule)]
 
 
-def list_adapters(cfg, run: str) -> list[Adapter]:
-    """Every analysed adapter of the run, cells sorted by id then step, then extras."""
+def list_adapters(cfg, run: str, *, models: bool = False) -> list[Adapter]:
+    """Every analysed adapter of the run, cells sorted by id then step, then
+    extras. models=True: only the checkpoints the model-level analyses serve
+    (`analysis.model_steps`, a subset of `analysis.steps`: eval and the
+    functional stage load a model per adapter, geometry reads factors)."""
     out: list[Adapter] = []
     lay = RunLayout.of(run)
     for cell in lay.cell_ids():
@@ -147,7 +150,8 @@ def list_adapters(cfg, run: str) -> list[Adapter]:
         cl = lay.cell(cell)
         steps = sorted(int(m[1]) for d in rundir.listdir(cl.root)
                        if (m := _STEP_DIR.match(d)) and rundir.is_complete(cl.step(int(m[1]))))
-        for step in _select_steps(steps, cfg.analysis.steps):
+        chosen = _select_steps(steps, cfg.analysis.steps)
+        for step in _select_steps(chosen, cfg.analysis.model_steps) if models else chosen:
             uri = cl.step(step)
             out.append(Adapter(name=adapter_name(cell, step), path=local_copy(uri), uri=uri, step=step,
                                cell_id=cell, loss=key.loss, seed=key.init_seed, lr=key.lr,

@@ -219,7 +219,7 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
     model), then write predictions, accuracy and McNemar tables."""
     import ray
 
-    adapters = list_adapters(cfg, run)
+    adapters = list_adapters(cfg, run, models=True)
     names = [a.name for a in adapters]
     if len(set(es.name for es in cfg.analysis.eval_sets)) != len(cfg.analysis.eval_sets):
         raise WsgError("analysis.eval_sets: set names repeat; give every set a distinct name")

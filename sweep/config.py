@@ -288,8 +288,11 @@ class StorageCfg(_Strict):
 
 class AnalysisCfg(_Strict):
     top_k: int = Field(10, gt=0)
-    # Which checkpoints to analyse: "all" or a list of steps.
+    # Which checkpoints to analyse: "all", "last" or a list of steps.
     steps: Union[Literal["all", "last"], list[int]] = "all"
+    # Of those, which eval and the functional stage serve as models (each costs
+    # a model load and forwards; geometry is cheap): same choices.
+    model_steps: Union[Literal["all", "last"], list[int]] = "all"
     reference_loss: str = "sft"
     eval_sets: list[EvalSetCfg] = Field(default_factory=lambda: [EvalSetCfg(name="synthetic")])
     eval_max_tokens: int = Field(256, gt=0)
