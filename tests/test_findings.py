@@ -17,7 +17,9 @@ from safetensors.numpy import save_file
 
 from analysis.findings import (CONVERGENCE, NOISE_FLOORS, control_kind, convergence, converged_verdict, identify,
                                noise_floors, ratio_ci, run_findings)
+from analysis.adapters import CellRef
 from sweep import rundir
+from sweep.cells import CellKey
 from sweep.layout import RunLayout
 
 LAYERS, PROJS, D, R, ALPHA = 4, ("q_proj", "v_proj"), 12, 3, 6
@@ -93,7 +95,16 @@ def geo(tmp_path_factory):
             facs[name] = f
             paths[name] = write_adapter(str(root / "run" / "cells" / cell / f"step_{step}"), f)
     paths["sft_copy"] = write_adapter(str(root / "extra"), facs["sft-s42-lr1e-04@12"])
-    tables = run_geometry(paths, str(root / "run" / "geometry"), top_k=3, use_ray=False, progress=False)
+    # Identity columns as the geometry stage gives them (analysis.adapters.cell_refs);
+    # sft_copy, given by path, has none.
+    cells = {}
+    for name in paths:
+        if "@" in name:
+            cell, step = name.split("@")
+            k = CellKey.parse(cell)
+            cells[name] = CellRef(k.loss, k.init_seed, k.data_seed, k.lr, int(step))
+    tables = run_geometry(paths, str(root / "run" / "geometry"), top_k=3, use_ray=False, progress=False,
+                          cells=cells)
     return root, tables, facs
 
 
