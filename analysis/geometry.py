@@ -42,7 +42,10 @@ def compute_shard(modules: list[str], adapters: list[tuple[str, str, dict]], nee
 
     device = "cuda" if torch.cuda.is_available() else None
     pos = {h: i for i, (h, _, _) in enumerate(adapters)}
-    factors = {h: lora_io.load_factors(w, [specs[m] for m in modules]) for h, w, specs in adapters}
+    factors = {}
+    for h, w, specs in adapters:
+        name, data = _weights(w)
+        factors[h] = lora_io.load_factors(name, [specs[m] for m in modules], data)
     idx_pairs = [(pos[a], pos[b]) for a, b in need_pairs]
     ar = {k: [] for k in gt.RAW_ADAPTERS.names}
     pr = {k: [] for k in gt.RAW_PAIRS.names}
@@ -64,6 +67,18 @@ def compute_shard(modules: list[str], adapters: list[tuple[str, str, dict]], nee
                 pr[key].append(v)
     return (pa.RecordBatch.from_pydict(ar, schema=gt.RAW_ADAPTERS),
             pa.RecordBatch.from_pydict(pr, schema=gt.RAW_PAIRS))
+
+
+def _weights(w) -> tuple:
+    """(file, None) for a path; (file, bytes) for (file, ObjectRef of its bytes),
+    which is how a multi-node cluster's shards get adapters that live on the
+    driver's disk (an object-store run is copied to the driver's cache)."""
+    if isinstance(w, str):
+        return w, None
+    import ray
+
+    name, ref = w
+    return name, ray.get(ref)
 
 
 # --- cache -----------------------------------------------------------------------
@@ -158,6 +173,11 @@ def _run_in_process(jobs: list[dict], bar) -> list:
         torch.set_num_threads(prev)
 
 
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
     from tqdm import tqdm
 
@@ -172,6 +192,15 @@ def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
         opts = {"num_cpus": 1}
         if ray.cluster_resources().get("GPU", 0) >= 1:
             opts["num_gpus"] = 0.25  # small tasks: pack a few per GPU
+        if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+            # Shards may run on nodes without the driver's files: each adapter's
+            # weights travel once through the object store.
+            refs = {}
+            for job in jobs:
+                for _, w, _ in job["adapters"]:
+                    if w not in refs:
+                        refs[w] = ray.put(_read_bytes(w))
+                job["adapters"] = [(h, (w, refs[w]), sp) for h, w, sp in job["adapters"]]
         task = ray.remote(compute_shard).options(**opts)
         pending = {task.remote(**job): i for i, job in enumerate(jobs)}
         done = [None] * len(jobs)

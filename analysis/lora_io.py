@@ -168,20 +168,26 @@ def read_adapter_spec(name: str, folder: str) -> AdapterSpec:
     return spec
 
 
-def load_factors(weights: str, mods: list[ModuleSpec]):
+def load_factors(weights: str, mods: list[ModuleSpec], data: bytes | None = None):
     """Read only these modules' (B, A) tensors from one safetensors file
     (per-tensor reads through safe_open): float32 and float64 as stored,
-    half precisions widened to float32 (exactly)."""
+    half precisions widened to float32 (exactly). `data`: the file's bytes,
+    for a process on another node than the file (`weights` then only names it)."""
     import torch
     from safetensors import safe_open
+    from safetensors.torch import load as load_bytes
 
     out = []
     try:
-        with safe_open(weights, framework="pt") as f:
-            for m in mods:
-                b, a = f.get_tensor(m.key_b), f.get_tensor(m.key_a)
-                out.append(tuple(t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
-                                 for t in (b, a)))
+        if data is not None:
+            tensors = load_bytes(bytes(data))
+            pairs = [(tensors[m.key_b], tensors[m.key_a]) for m in mods]
+        else:
+            with safe_open(weights, framework="pt") as f:
+                pairs = [(f.get_tensor(m.key_b), f.get_tensor(m.key_a)) for m in mods]
+        for b, a in pairs:
+            out.append(tuple(t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+                             for t in (b, a)))
     except Exception as e:
         raise WsgError(f"cannot read LoRA tensors from {weights} ({type(e).__name__}: {e}); "
                        "the file is unreadable or corrupt: re-save the adapter") from None

@@ -237,3 +237,21 @@ def test_ray_shard_tasks_match_dense_reference(grid, tmp_path, local_ray):
     with pytest.raises(WsgError, match=r"nan/adapter_model\.safetensors: module layers\.1\.v_proj holds NaN"):
         run_geometry({"base": folders["base"], "nan": bad}, str(tmp_path / "bad"), use_ray=True, progress=False)
     assert local_ray.is_initialized()
+
+
+def test_shards_read_weights_shipped_through_the_object_store(grid, local_ray):
+    """On a multi-node cluster a shard may run where the driver's files are not:
+    it gets each adapter's bytes from the object store, with identical results."""
+    from analysis import lora_io
+    from analysis.geometry import compute_shard
+
+    folders, _ = grid
+    specs = {n: lora_io.read_adapter_spec(n, p) for n, p in sorted(folders.items())}  # names stand for hashes
+    mods = list(next(iter(specs.values())).modules)[:3]
+    by_path = [(h, s.weights, {m: s.modules[m] for m in mods}) for h, s in sorted(specs.items())]
+    by_ref = [(h, (w, local_ray.put(open(w, "rb").read())), sp) for h, w, sp in by_path]
+    hashes = [h for h, _, _ in by_path]
+    pairs = [(hashes[i], hashes[i + 1]) for i in range(len(hashes) - 1)]
+    want = compute_shard(mods, by_path, hashes, pairs, TOP_K)
+    got = local_ray.get(local_ray.remote(compute_shard).remote(mods, by_ref, hashes, pairs, TOP_K))
+    assert want[0].equals(got[0]) and want[1].equals(got[1]) and want[1].num_rows == len(pairs) * len(mods) > 0
