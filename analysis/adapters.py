@@ -19,10 +19,10 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from sweep import rundir
-from sweep.cells import CellKey
-from sweep.errors import WsgError
-from sweep.layout import RunLayout
+from wsg.sweep import rundir
+from wsg.sweep.cells import CellKey
+from wsg.sweep.errors import WsgError
+from wsg.sweep.layout import RunLayout
 
 BASE = "base"
 SEP = "@"
@@ -120,7 +120,7 @@ def local_copy(uri: str) -> str:
     once into the user cache, keyed by the URI)."""
     if rundir.is_local(uri):
         return rundir.resolve(uri)[1]
-    from sweep.models import cache_root
+    from wsg.sweep.models import cache_root
 
     dest = cache_root() / "adapters" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not rundir.is_complete(str(dest)):

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sweep.errors import WsgError
+from wsg.sweep.errors import WsgError
 
 
 class CkaInputError(WsgError, ValueError):

@@ -27,9 +27,9 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 
-from analysis.findings import (F64, I64, STR, Ident, PairIndex, identify, layer_sq_norms, matching_controls, ratio_ci,
+from wsg.analysis.findings import (F64, I64, STR, Ident, PairIndex, identify, layer_sq_norms, matching_controls, ratio_ci,
                                relevant_controls, row_ident, rows_of)
-from sweep.cells import CellKey
+from wsg.sweep.cells import CellKey
 
 RULE = ("not_measured if a needed cell/table is absent; fails if the CI lies on the other side of the test; "
         "holds if the CI lies on the claim's side and the effect is beyond the noise floor; else inconclusive "
@@ -346,7 +346,7 @@ def claims_table(tables: dict, *, reference_loss: str = "sft", lr_scales: Option
     """The claims table from a run's tables (pa.Table or row lists, any may be
     None): global_pairs, layer_pairs, adapter_modules, mcnemar, lmc, cka,
     convergence. lr_scales: loss -> losses.<name>.lr_scale of the config."""
-    from analysis.claims_defs import CLAIMS  # the definitions import this module's rule and Ctx
+    from wsg.analysis.claims_defs import CLAIMS  # the definitions import this module's rule and Ctx
 
     ctx = Ctx(tables, reference_loss, lr_scales)
     out = []

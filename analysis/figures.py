@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from analysis.adapters import BASE, describe  # noqa: E402
+from wsg.analysis.adapters import BASE, describe  # noqa: E402
 
 DPI = 110
 
@@ -135,7 +135,7 @@ def _pair_lines(ax, rows, pairs, lab, *, x: str, y: str) -> int:
 
 
 def _ordered(pair: tuple[str, str]) -> tuple[str, str]:
-    # geometry tables store unordered pairs with a < b by name (DESIGN.md).
+    # geometry tables store unordered pairs with a < b by name (docs/design.md).
     return tuple(sorted(pair))
 
 
@@ -342,7 +342,7 @@ def convergence_curves(rows: list[dict], path: str) -> Optional[str]:
     Cells flagged not converged (docs/findings.md) are drawn dashed."""
     if not rows:
         return None
-    from analysis.findings import CONV_MIN_COS
+    from wsg.analysis.findings import CONV_MIN_COS
 
     cells = sorted({r["cell"] for r in rows})
     fig, axes = _panels(2, width=5.6, height=4.2)

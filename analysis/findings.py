@@ -28,8 +28,8 @@ from typing import Iterable, Optional
 import numpy as np
 import pyarrow as pa
 
-from sweep.cells import CellKey
-from sweep.errors import WsgError
+from wsg.sweep.cells import CellKey
+from wsg.sweep.errors import WsgError
 
 F64, I64, STR = pa.float64(), pa.int64(), pa.string()
 
@@ -352,7 +352,7 @@ def _metadata(config_hash: str, extra: dict) -> dict:
 
 
 def _read(path: str) -> Optional[pa.Table]:
-    from sweep import rundir
+    from wsg.sweep import rundir
 
     return rundir.read_table(path) if rundir.exists(path) else None
 
@@ -363,10 +363,10 @@ def run_findings(cfg, run: str) -> dict:
     return a summary. Needs geometry/global_pairs and adapter_modules; the
     eval and functional tables are optional (claims needing them read
     not_measured)."""
-    from analysis import claims as C
-    from sweep import rundir
-    from sweep.config import config_hash
-    from sweep.layout import RunLayout
+    from wsg.analysis import claims as C
+    from wsg.sweep import rundir
+    from wsg.sweep.config import config_hash
+    from wsg.sweep.layout import RunLayout
 
     lay = RunLayout.of(run)
     geo = {k: _read(lay.geometry_table(k)) for k in ("adapter_modules", "layer_pairs", "global_pairs")}

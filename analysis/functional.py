@@ -1,5 +1,5 @@
 """The functional-analysis stage: linear mode connectivity, CKA and logit lens
-(seed paper §2 Analysis (iii)-(iv), §3.5, §3.6; DESIGN.md "Functional analyses").
+(seed paper §2 Analysis (iii)-(iv), §3.5, §3.6; docs/design.md "Functional analyses").
 
 Work is split into units, each run inside a Ray task that loads the base model
 once and swaps adapters with peft (`load_adapter` + `set_adapter`):
@@ -30,10 +30,10 @@ from itertools import combinations
 import numpy as np
 import pyarrow as pa
 
-from analysis.adapters import BASE, Adapter, list_adapters, reference_pairs
-from analysis.lora_io import content_hash
-from sweep import console, rundir
-from sweep.errors import WsgError
+from wsg.analysis.adapters import BASE, Adapter, list_adapters, reference_pairs
+from wsg.analysis.lora_io import content_hash
+from wsg.sweep import console, rundir
+from wsg.sweep.errors import WsgError
 
 LMC_SCHEMA = pa.schema([("adapter_a", pa.string()), ("adapter_b", pa.string()), ("alpha", pa.float64()),
                         ("ce", pa.float64()), ("n_items", pa.int64()), ("n_tokens", pa.int64())])
@@ -118,7 +118,7 @@ class _Host:
     def __init__(self, model_name: str, dtype: str, trust_remote_code: bool):
         import torch
 
-        from sweep.models import load_causal_lm, load_tokenizer
+        from wsg.sweep.models import load_causal_lm, load_tokenizer
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tok = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
@@ -152,15 +152,15 @@ class _Host:
 def _prompt_ids(host: _Host, prompts: list[str], max_length: int) -> list[list[int]]:
     # Token ids exactly as the vLLM engines see these texts (no special tokens
     # added: the chat template already wrote any BOS), truncated.
-    from rollouts.prompts import encode_prompts
+    from wsg.rollouts.prompts import encode_prompts
 
     return [ids[:max_length] for ids in encode_prompts(host.tok, prompts)]
 
 
 def _hidden_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
-    from analysis.adapters import local_copy
-    from analysis.cka import collect_hidden_states, pad_token_id, right_pad
-    from analysis.logit_lens import prediction_depth
+    from wsg.analysis.adapters import local_copy
+    from wsg.analysis.cka import collect_hidden_states, pad_token_id, right_pad
+    from wsg.analysis.logit_lens import prediction_depth
 
     model = host.model(None if unit["uri"] is None else local_copy(unit["uri"]))
     ids, mask = right_pad(_prompt_ids(host, items["cka_prompts"], items["max_length"]), pad_token_id(host.tok))
@@ -175,8 +175,8 @@ def _hidden_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
 
 
 def _lmc_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
-    from analysis.adapters import local_copy
-    from analysis.lmc import masked_answer_nll, write_interpolated_adapter
+    from wsg.analysis.adapters import local_copy
+    from wsg.analysis.lmc import masked_answer_nll, write_interpolated_adapter
 
     pa_, pb_ = local_copy(unit["uri_a"]), local_copy(unit["uri_b"])
     prompts = _prompt_ids(host, items["lmc_prompts"], items["max_length"])
@@ -200,7 +200,7 @@ def functional_worker(spec: dict) -> list[str]:
         import torch
 
         # As many torch threads as CPUs Ray gave the task: more collapse when
-        # tasks share the box (FACTS.md "Training").
+        # tasks share the box (docs/stack.md "Training").
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     host = _Host(spec["model"], spec["dtype"], spec["trust_remote_code"])
     done = []
@@ -213,7 +213,7 @@ def functional_worker(spec: dict) -> list[str]:
 
 # --- the driver ----------------------------------------------------------------
 def _items(cfg) -> dict:
-    from analysis.evaluate import eval_prompts
+    from wsg.analysis.evaluate import eval_prompts
 
     es = cfg.analysis.eval_sets[0]
     problems, prompts = eval_prompts(cfg, es)
@@ -264,7 +264,7 @@ def _task_memory(cfg) -> int:
     no more tasks at once than the box holds. 0 (no request) for a hub id."""
     import os
 
-    from sweep.models import resolve_model
+    from wsg.sweep.models import resolve_model
 
     path = resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     if not os.path.isdir(path):
@@ -303,7 +303,7 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
     `run_geometry(use_ray=False)` does: for debugging and small tests."""
     import ray
 
-    from analysis.cka import layerwise_cka
+    from wsg.analysis.cka import layerwise_cka
 
     adapters = list_adapters(cfg, run)
     if not adapters:
@@ -317,7 +317,7 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
         functional_worker({"model": cfg.model.name, "dtype": cfg.model.dtype, "run": run, "items": items,
                            "trust_remote_code": cfg.model.trust_remote_code, "units": todo})
     elif todo:
-        from sweep.session import connect
+        from wsg.sweep.session import connect
 
         owned = connect(cfg.resources.ray_address, log_to_driver=progress)
         try:

@@ -17,16 +17,16 @@ from typing import Mapping, Optional
 import numpy as np
 import pyarrow as pa
 
-from analysis import geometry_bootstrap as gb
-from analysis import geometry_io as gio
-from analysis import geometry_tables as gt
-from analysis import lora_io
-from analysis.geometry_io import parse_adapter_args  # noqa: F401  (public API)
-from analysis.geometry_math import (NonFiniteFactors, factored_cosine, factored_inner,  # noqa: F401  (public API)
+from wsg.analysis import geometry_bootstrap as gb
+from wsg.analysis import geometry_io as gio
+from wsg.analysis import geometry_tables as gt
+from wsg.analysis import lora_io
+from wsg.analysis.geometry_io import parse_adapter_args  # noqa: F401  (public API)
+from wsg.analysis.geometry_math import (NonFiniteFactors, factored_cosine, factored_inner,  # noqa: F401  (public API)
                                     factored_svd, module_geometry, numerical_rank, principal_angles)
-from analysis.geometry_tables import effective_rank  # noqa: F401  (public API)
-from sweep import rundir
-from sweep.errors import WsgError
+from wsg.analysis.geometry_tables import effective_rank  # noqa: F401  (public API)
+from wsg.sweep import rundir
+from wsg.sweep.errors import WsgError
 
 CACHE_VERSION = "geometry-v2"  # v2: float64 inner products (v1 cached float32-exact ones)
 
@@ -181,7 +181,7 @@ def _read_bytes(path: str) -> bytes:
 def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
     from tqdm import tqdm
 
-    from sweep import telemetry
+    from wsg.sweep import telemetry
 
     bar = tqdm(total=len(jobs), desc="geometry shards", unit="shard", disable=not progress)
     try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from analysis.lora_io import CONFIG_FILE, WEIGHTS_FILE, AdapterSpec
-from sweep.errors import WsgError
+from wsg.analysis.lora_io import CONFIG_FILE, WEIGHTS_FILE, AdapterSpec
+from wsg.sweep.errors import WsgError
 
 
 def parse_adapter_args(items: list[str]) -> dict[str, str]:

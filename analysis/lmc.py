@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from analysis.cka import pad_token_id, right_pad
-from analysis.lora_io import CONFIG_FILE, WEIGHTS_FILE, read_lora_factors
-from sweep import rundir
-from sweep.errors import WsgError
+from wsg.analysis.cka import pad_token_id, right_pad
+from wsg.analysis.lora_io import CONFIG_FILE, WEIGHTS_FILE, read_lora_factors
+from wsg.sweep import rundir
+from wsg.sweep.errors import WsgError
 
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
@@ -162,7 +162,7 @@ def masked_answer_nll(model, tokenizer, items: Sequence[tuple], *, batch_size: i
                 ids, mask = right_pad([pairs[i][0] + pairs[i][1] for i in idx], pad)
                 # Logits at position t predict token t+1; only the positions
                 # that predict answer tokens are projected to the vocabulary
-                # (the LM head is a large share of the cost, FACTS.md).
+                # (the LM head is a large share of the cost, docs/stack.md).
                 lo = min(len(pairs[i][0]) for i in idx) - 1
                 hi = max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx) - 1
                 keep = torch.arange(lo, hi, device=device)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.cka import right_pad, unpad
-from sweep.errors import WsgError
+from wsg.analysis.cka import right_pad, unpad
+from wsg.sweep.errors import WsgError
 
 
 class LogitLensError(WsgError, ValueError):

@@ -30,8 +30,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from sweep import rundir
-from sweep.errors import WsgError
+from wsg.sweep import rundir
+from wsg.sweep.errors import WsgError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

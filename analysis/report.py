@@ -17,10 +17,10 @@ import tempfile
 from collections import defaultdict
 from datetime import datetime, timezone
 
-from analysis import figures as F
-from analysis import report_findings as RF
-from analysis.adapters import BASE, describe, reference_pairs, Adapter
-from sweep import rundir
+from wsg.analysis import figures as F
+from wsg.analysis import report_findings as RF
+from wsg.analysis.adapters import BASE, describe, reference_pairs, Adapter
+from wsg.sweep import rundir
 
 _FINDINGS = ("the findings step that follows geometry (`wsg geometry --run RUN`; "
              "analysis.findings.run_findings, docs/findings.md)")
@@ -70,7 +70,7 @@ def _run_config(run: str) -> tuple[str, dict]:
         return "unknown (no config.yaml)", {}
     import yaml
 
-    from sweep.errors import WsgError
+    from wsg.sweep.errors import WsgError
 
     text = rundir.read_text(path)
     first = text.splitlines()[0] if text else ""
@@ -78,7 +78,7 @@ def _run_config(run: str) -> tuple[str, dict]:
     try:
         data = yaml.safe_load(text) or {}
         if h is None:
-            from sweep.config import config_hash, parse_config
+            from wsg.sweep.config import config_hash, parse_config
 
             h = config_hash(parse_config(data, path))
     except (yaml.YAMLError, WsgError) as err:
@@ -316,7 +316,7 @@ def build_report(run: str) -> str:
     """Build `<run>/report/index.html` (and figures/) from the run's tables;
     return its path. Works with any subset of the tables."""
     if not rundir.exists(run):
-        from sweep.errors import WsgError
+        from wsg.sweep.errors import WsgError
 
         raise WsgError(f"run directory {run} does not exist; pass the folder given to `wsg run --run`")
     dest = rundir.report_dir(run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 
-from analysis.findings import (Ident, control_kind, identify, matching_controls, relevant_controls, row_ident)
+from wsg.analysis.findings import (Ident, control_kind, identify, matching_controls, relevant_controls, row_ident)
 
 VERDICTS = ("holds", "fails", "inconclusive", "not_measured")
 _FLOOR_NOT_WRITTEN = ("geometry/noise_floors.parquet has not been written for this run (the findings step after "

@@ -1,4 +1,4 @@
-"""Accuracy statistics: Wilson intervals and exact McNemar tests (DESIGN.md
+"""Accuracy statistics: Wilson intervals and exact McNemar tests (docs/design.md
 "Functional analyses and evaluation"; seed paper §3.1, Fig. 3).
 
 The seed paper reports greedy pass@1 with Wilson 95% CIs and compares methods
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats as sps
 
-from sweep.errors import WsgError
+from wsg.sweep.errors import WsgError
 
 # One row per (model, item): what the evaluation stage writes to
 # <run>/eval/predictions.parquet. `model` is a cell id or "base"; `step` is the

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 
 def make_cfg(steps: int):
-    from sweep.config import default_config_path, load_config, parse_config
+    from wsg.sweep.config import default_config_path, load_config, parse_config
 
     d = load_config(default_config_path()).model_dump(mode="json")
     d["rollouts"].update(backend="scripted", scripted_error_rate=0.5)
@@ -52,8 +52,8 @@ def _sum(rows: list[dict], key: str) -> float:
 def measure(cfg, run: str, loss: str) -> dict:
     import pyarrow.parquet as pq
 
-    from sweep.layout import RunLayout
-    from train.cell import run_cell
+    from wsg.sweep.layout import RunLayout
+    from wsg.train.cell import run_cell
 
     t0 = time.time()
     out = run_cell(cfg, run, loss=loss, seed=42, lr=1e-4)
@@ -82,8 +82,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
-    from rollouts.stage import run_rollouts
-    from sweep.session import session
+    from wsg.rollouts.stage import run_rollouts
+    from wsg.sweep.session import session
 
     cfg = make_cfg(args.steps)
     run = tempfile.mkdtemp(prefix="wsg-bench-cell-", dir=args.workdir)

@@ -141,7 +141,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
-    from analysis.geometry import run_geometry
+    from wsg.analysis.geometry import run_geometry
 
     root = args.dir or tempfile.mkdtemp(prefix="wsg-geo-bench-")
     n, alpha = args.adapters, 2.0 * args.rank

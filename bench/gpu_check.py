@@ -46,10 +46,10 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sweep.config import LoraCfg  # noqa: E402
-from train.data import collate_sequences  # noqa: E402
-from train.losses import LOSSES, get_loss, validate_hyper  # noqa: E402
-from train.steps import PolicyTrainer, attach_lora, train_step  # noqa: E402
+from wsg.sweep.config import LoraCfg  # noqa: E402
+from wsg.train.data import collate_sequences  # noqa: E402
+from wsg.train.losses import LOSSES, get_loss, validate_hyper  # noqa: E402
+from wsg.train.steps import PolicyTrainer, attach_lora, train_step  # noqa: E402
 
 PAPER_LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 # Shapes from the models' published config.json files (random weights here).
@@ -70,7 +70,7 @@ def _lora_cfg(r=8):
 @functools.lru_cache(maxsize=1)
 def _tiny_base(tiny: str):
     """The tiny model, read once; each step takes a deep copy (peft mutates it)."""
-    from sweep.models import load_causal_lm
+    from wsg.sweep.models import load_causal_lm
 
     return load_causal_lm(tiny, dtype=torch.float32)
 

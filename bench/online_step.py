@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from sweep.layout import RunLayout
+from wsg.sweep.layout import RunLayout
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,7 +30,7 @@ PARTS = ("gen_s", "reward_s", "train_s", "sync_s", "step_time_s")
 
 
 def make_cfg(args, *, sync: str, steps: int):
-    from sweep.config import default_config_path, load_config, parse_config
+    from wsg.sweep.config import default_config_path, load_config, parse_config
 
     d = load_config(default_config_path()).model_dump(mode="json")
     d["model"]["name"] = args.model
@@ -48,8 +48,8 @@ def make_cfg(args, *, sync: str, steps: int):
 def run_cell(args, *, loss: str, sync: str, steps: int, lr: float) -> tuple[dict, list[dict]]:
     import pyarrow.parquet as pq
 
-    from sweep import rundir
-    from train.cell import run_cell
+    from wsg.sweep import rundir
+    from wsg.train.cell import run_cell
 
     cfg = make_cfg(args, sync=sync, steps=steps)
     run = tempfile.mkdtemp(prefix="wsg-bench-online-", dir=args.workdir)
@@ -79,11 +79,11 @@ def gen_ab(args, adapter_dir: str, *, repeats: int = 3) -> dict:
 
     from peft import PeftModel
 
-    from rollouts.engine import EngineActor
-    from sweep.models import load_causal_lm
-    from rollouts.engine_rules import online_engine_options
-    from train.online import prepare_prompts
-    from train.online_sync import write_merged
+    from wsg.rollouts.engine import EngineActor
+    from wsg.sweep.models import load_causal_lm
+    from wsg.rollouts.engine_rules import online_engine_options
+    from wsg.train.online import prepare_prompts
+    from wsg.train.online_sync import write_merged
 
     cfg = make_cfg(args, sync="lora", steps=2)
     prompts = prepare_prompts(cfg).prompt_ids[: args.prompts_per_step]

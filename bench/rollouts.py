@@ -41,13 +41,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from sweep.layout import RunLayout
+from wsg.sweep.layout import RunLayout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _stage(cfg, run: str) -> dict:
-    from rollouts.stage import run_rollouts
+    from wsg.rollouts.stage import run_rollouts
 
     t0 = time.perf_counter()
     s = run_rollouts(cfg, run, progress=False)
@@ -57,7 +57,7 @@ def _stage(cfg, run: str) -> dict:
 
 def _prompt_ids(cfg, run: str) -> tuple[list[list[int]], int]:
     """The exact prompt token ids the stage fed its engines (from its table)."""
-    from sweep import rundir
+    from wsg.sweep import rundir
 
     t = rundir.read_table(RunLayout.of(run).rollouts,
                           columns=["prompt_id", "sample_idx", "prompt_token_ids", "n_completion_tokens"])
@@ -81,8 +81,8 @@ def _subprocess_phase(phase: str, args, cfg_path: str, prompts_file: str, *, nic
 
 
 def _raw_vllm(cfg, path: str, prompt_ids) -> dict:
-    from rollouts.engine import engine_env
-    from rollouts.engine_rules import rollout_engine_options
+    from wsg.rollouts.engine import engine_env
+    from wsg.rollouts.engine_rules import rollout_engine_options
 
     opts = rollout_engine_options(cfg, path)
     work = tempfile.mkdtemp(prefix="wsg-bench-vllm-")
@@ -111,7 +111,7 @@ def _raw_vllm(cfg, path: str, prompt_ids) -> dict:
 def _transformers(cfg, path: str, prompt_ids) -> dict:
     import torch
 
-    from sweep.models import load_causal_lm, load_tokenizer
+    from wsg.sweep.models import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = torch.bfloat16 if cfg.rollouts.dtype == "bfloat16" else torch.float32
@@ -159,8 +159,8 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from sweep.config import default_config_path, load_config
-    from sweep.models import resolve_model
+    from wsg.sweep.config import default_config_path, load_config
+    from wsg.sweep.models import resolve_model
 
     cfg_path = str(args.config or default_config_path())
     cfg = load_config(cfg_path)

@@ -4,7 +4,7 @@ memory of a DPO cell vs an SFT cell, measured in one run on one machine.
 Both get the same model (SmolLM2-135M-Instruct by default), LoRA (r=32,
 α=64, q,k,v,o, fp32), rows, batch (8), max length (256), AdamW/cosine/clip
 settings and thread count (2), completion-only SFT loss, no gradient
-checkpointing (FACTS.md "Training": the TRL anchor).
+checkpointing (docs/stack.md "Training": the TRL anchor).
 
 Throughput: TRL's step (its collator, `training_step`, clip, AdamW,
 schedule) and the step a cell's worker runs (length-split forwards, LM head
@@ -36,9 +36,9 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-from sweep import rundir  # noqa: E402
-from sweep.config import parse_config  # noqa: E402
-from sweep.layout import RunLayout
+from wsg.sweep import rundir  # noqa: E402
+from wsg.sweep.config import parse_config  # noqa: E402
+from wsg.sweep.layout import RunLayout
 
 LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
@@ -46,7 +46,7 @@ LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_pr
 def make_rollouts(tokenizer, *, n_prompts: int, k: int, seed: int, max_len: int):
     """Arithmetic chat prompts with K completions of spread-out lengths
     (like sampled chains of thought), binary rewards, and DPO pairs."""
-    from rollouts.schema import pairs_table, rollouts_table
+    from wsg.rollouts.schema import pairs_table, rollouts_table
 
     rng = np.random.default_rng(seed)
     rows, pairs = [], []
@@ -91,7 +91,7 @@ def _trl_trainer(model: str, table, *, steps: int, batch: int, max_len: int, lr:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from sweep.models import load_causal_lm, load_tokenizer
+    from wsg.sweep.models import load_causal_lm, load_tokenizer
 
     ids, masks = [], []
     for p, c in zip(table.column("prompt_token_ids").to_pylist(), table.column("completion_token_ids").to_pylist()):
@@ -119,10 +119,10 @@ def paired_steps(model: str, cfg, run: str, table, *, steps: int, batch: int, ma
     sort, collate's length-split forwards, train_step)."""
     import torch
 
-    from sweep.models import load_tokenizer
-    from train.data import build_train_set, collate
-    from train.losses import get_loss, validate_hyper
-    from train.steps import PolicyTrainer, build_policy, train_step
+    from wsg.sweep.models import load_tokenizer
+    from wsg.train.data import build_train_set, collate
+    from wsg.train.losses import get_loss, validate_hyper
+    from wsg.train.steps import PolicyTrainer, build_policy, train_step
 
     torch.set_num_threads(threads)
     trl = _trl_trainer(model, table, steps=steps, batch=batch, max_len=max_len, lr=lr)
@@ -174,8 +174,8 @@ def paired_steps(model: str, cfg, run: str, table, *, steps: int, batch: int, ma
 
 
 def run_wsg(cfg, run: str, loss: str, lr: float) -> dict:
-    from train.cell import run_cell
-    from sweep.cells import cell_id
+    from wsg.train.cell import run_cell
+    from wsg.sweep.cells import cell_id
 
     run_cell(cfg, run, loss=loss, seed=42, lr=lr)
     m = rundir.read_table(RunLayout.of(run).cell(cell_id(loss, 42, lr)).metrics).to_pandas()
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import ray
 
-    from sweep.models import load_tokenizer, resolve_model
+    from wsg.sweep.models import load_tokenizer, resolve_model
 
     resolve_model(args.model)  # build the cached folder once, outside the timings
     tok = load_tokenizer(args.model)

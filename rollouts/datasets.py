@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rollouts import synthetic
-from sweep.errors import WsgError
+from wsg.rollouts import synthetic
+from wsg.sweep.errors import WsgError
 
 log = logging.getLogger("wsg.rollouts.datasets")
 
@@ -150,7 +150,7 @@ def _read_file(p: Path) -> list[dict]:
 
 
 def _read_uri(uri: str) -> list[dict]:
-    from sweep import rundir
+    from wsg.sweep import rundir
 
     data = rundir.read_bytes(uri)
     if uri.endswith(".parquet"):
@@ -218,7 +218,7 @@ def gold_from_raw(raw: Any, source: str) -> str | None:
 
 
 def _gold_ok(gold: str) -> bool:
-    from rollouts.reward import parse_gold
+    from wsg.rollouts.reward import parse_gold
 
     # On the main thread math_verify's alarm can bound a pathological gold;
     # elsewhere (Ray Train threads) signals are unavailable.

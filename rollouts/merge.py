@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from sweep.errors import WsgError
+from wsg.sweep.errors import WsgError
 
 MERGED_FILE = "model.safetensors"
 

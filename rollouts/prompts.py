@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 def user_content(problem: str, *, instruction: str = "") -> str:
     """The user turn: the problem, then the answer-format instruction on its
-    own paragraph (the embedded default asks for `\\boxed{}`, DESIGN.md)."""
+    own paragraph (the embedded default asks for `\\boxed{}`, docs/design.md)."""
     problem = problem.strip()
     instruction = (instruction or "").strip()
     return f"{problem}\n\n{instruction}" if instruction else problem

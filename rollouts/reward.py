@@ -2,7 +2,7 @@
 
 Plain math-verify is hackable here: it parses "5 + 4" as an expression equal
 to 9, so a completion that only echoes the question "What is 5 + 4?" would be
-credited (FACTS.md, DESIGN.md "reward"). So the reward first extracts ONE final
+credited (docs/stack.md, docs/design.md "reward"). So the reward first extracts ONE final
 answer and accepts it only if it is a number:
 
 1. the content of the last `\\boxed{...}` (or `\\fbox{}`) if there is one,

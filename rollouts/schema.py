@@ -1,4 +1,4 @@
-"""The rollouts stage's tables (notes/interfaces.md) and the DPO pairing rule.
+"""The rollouts stage's tables (docs/design.md) and the DPO pairing rule.
 
 `<run>/rollouts/rollouts.parquet`: one row per (prompt, sample).
 `<run>/rollouts/pairs.parquet`: (chosen, rejected) completions of one prompt,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rollouts.datasets import Problem
+from wsg.rollouts.datasets import Problem
 
 _OPENERS = ("Let me work this out.", "We compute step by step.", "Reading the question carefully:",
             "First, restate the problem.")
@@ -54,8 +54,8 @@ def run_scripted(job) -> dict:
     """Backend of the rollouts stage (a rollouts.stage.SamplingJob, like the vLLM/endpoint ones)."""
     import time
 
-    from rollouts.prompts import encode_prompts, render_prompts
-    from sweep.models import load_tokenizer
+    from wsg.rollouts.prompts import encode_prompts, render_prompts
+    from wsg.sweep.models import load_tokenizer
 
     cfg, stats = job.cfg, job.stats
     ro = cfg.rollouts

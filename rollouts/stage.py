@@ -6,7 +6,7 @@
       -> <run>/rollouts/shards/shard_00000.parquet ...   (one per shard)
       -> rollouts.parquet, pairs.parquet, then the _COMPLETE marker.
 
-Idempotent (DESIGN.md "Run directory"): a finished stage (marker present) is
+Idempotent (docs/design.md "Run directory"): a finished stage (marker present) is
 skipped; a rerun after a crash keeps the shards already written and samples
 only the missing ones. Each shard records the hash of the settings that made
 it; a shard from different settings is refused rather than mixed in. Each
@@ -22,15 +22,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from rollouts import schema
-from rollouts.datasets import Problem, load_problems_with_report
-from rollouts.engine import shutdown_engines, start_engines, wait_ready
-from rollouts.engine_rules import rollout_engine_options
-from rollouts.prompts import build_messages, encode_prompts, render_prompts
-from rollouts.reward import score_many, warm_up
-from sweep import rundir, telemetry
-from sweep.errors import WsgError
-from sweep.layout import RunLayout
+from wsg.rollouts import schema
+from wsg.rollouts.datasets import Problem, load_problems_with_report
+from wsg.rollouts.engine import shutdown_engines, start_engines, wait_ready
+from wsg.rollouts.engine_rules import rollout_engine_options
+from wsg.rollouts.prompts import build_messages, encode_prompts, render_prompts
+from wsg.rollouts.reward import score_many, warm_up
+from wsg.sweep import rundir, telemetry
+from wsg.sweep.errors import WsgError
+from wsg.sweep.layout import RunLayout
 
 # Shards queued per engine: the next one is already waiting while the driver
 # scores and writes the previous one, so engines never idle between shards.
@@ -70,7 +70,7 @@ def pool_size(num_engines, *, cpus_per_engine: float, gpus_per_engine: float,
               n_shards: int, resources: dict) -> tuple[int, float]:
     """(engines, GPUs per engine). "auto": one engine per `gpus_per_engine`
     GPUs (1 if unset) on a GPU cluster, one engine on a CPU box (vLLM keeps a
-    core for its scheduler, FACTS.md). Never more engines than shards."""
+    core for its scheduler, docs/stack.md). Never more engines than shards."""
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
     g = gpus_per_engine if gpus_per_engine > 0 else (1.0 if gpus > 0 else 0.0)
     if num_engines == "auto":
@@ -90,7 +90,7 @@ def pool_size(num_engines, *, cpus_per_engine: float, gpus_per_engine: float,
 
 def _log(progress: bool, msg: str) -> None:
     if progress:
-        from sweep.console import say
+        from wsg.sweep.console import say
 
         say(f"  [rollouts] {msg}")
 
@@ -244,8 +244,8 @@ def _run_vllm(job: SamplingJob) -> dict:
 
 
 def _run_openai(job: SamplingJob) -> dict:
-    from rollouts.endpoint import EndpointClient
-    from sweep.models import load_tokenizer
+    from wsg.rollouts.endpoint import EndpointClient
+    from wsg.sweep.models import load_tokenizer
 
     import ray
 
@@ -276,7 +276,7 @@ def _run_openai(job: SamplingJob) -> dict:
 
 
 def _run_scripted(job: SamplingJob) -> dict:
-    from rollouts.scripted import run_scripted
+    from wsg.rollouts.scripted import run_scripted
 
     return run_scripted(job)
 
@@ -312,10 +312,10 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     if pending and cfg.rollouts.backend == "vllm":
         # Before Ray and engines start: a missing folder fails in a second. The
         # engines get the name and resolve it on their own nodes.
-        from sweep.models import resolve_model
+        from wsg.sweep.models import resolve_model
 
         resolve_model(teacher_name(cfg), trust_remote_code=cfg.model.trust_remote_code)
-    from sweep.session import session
+    from wsg.sweep.session import session
 
     job = SamplingJob(cfg=cfg, run=run, spec=spec, shards=shards, pending=pending, progress=progress,
                       model=teacher_name(cfg))

@@ -8,7 +8,7 @@ salted `hash`. Operand pairs are drawn without replacement while the family
 has enough distinct pairs, so small families do not repeat questions.
 
 Difficulty matters for the sweep: every loss needs prompts whose K samples
-are partly right (DESIGN.md "The embedded default"); see docs/rollouts.md for
+are partly right (docs/design.md "The embedded default"); see docs/rollouts.md for
 measured accuracies per family.
 """
 from __future__ import annotations

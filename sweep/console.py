@@ -93,7 +93,7 @@ class RunConsole:
             self.term.close()
             self.term = sys.stdout
         if self.upload_to and self.log_path and os.path.exists(self.log_path):
-            from sweep import rundir
+            from wsg.sweep import rundir
 
             with contextlib.suppress(Exception):  # the log is a convenience: never fail the run for it
                 with open(self.log_path, "rb") as f:
@@ -169,7 +169,7 @@ class GridWatch:
         self._thread.join(timeout=10)
 
     def snapshot(self) -> dict:
-        from sweep import rundir
+        from wsg.sweep import rundir
 
         done, failed, running = [], [], []
         for cid in self.ids:

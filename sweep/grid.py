@@ -12,15 +12,15 @@ from __future__ import annotations
 import os
 import traceback
 
-from sweep import console, rundir, telemetry
-from sweep.cells import CellKey
-from sweep.config import ExperimentConfig
-from sweep.errors import WsgError
-from sweep.layout import RunLayout
-from sweep.session import TRIAL_SLOT
-from train.cell import Prepared, prepare, run_cell
-from train.losses import get_loss
-from train.task import placement
+from wsg.sweep import console, rundir, telemetry
+from wsg.sweep.cells import CellKey
+from wsg.sweep.config import ExperimentConfig
+from wsg.sweep.errors import WsgError
+from wsg.sweep.layout import RunLayout
+from wsg.sweep.session import TRIAL_SLOT
+from wsg.train.cell import Prepared, prepare, run_cell
+from wsg.train.losses import get_loss
+from wsg.train.task import placement
 
 
 def _rounded(lr: float) -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sweep import rundir
+from wsg.sweep import rundir
 
 STAGES = ("rollouts", "grid", "eval", "functional", "geometry", "report")
 
@@ -144,7 +144,7 @@ class RunLayout:
 
     def tracking_paths(self, cell_id: str | None = None):
         """Where the trackers of a cell (or of the run) keep their files."""
-        from sweep.tracking import TrackingPaths
+        from wsg.sweep.tracking import TrackingPaths
 
         if cell_id is None:  # "_run" cannot be a cell id: those start with a letter
             return TrackingPaths(self._p("tracking", "run.json"), self._p("tracking", "tensorboard", "_run"),

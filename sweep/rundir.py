@@ -1,4 +1,4 @@
-"""The run directory: the only state shared between stages (DESIGN.md).
+"""The run directory: the only state shared between stages (docs/design.md).
 
 A run is a local folder or an object-store URI (`s3://`, `gs://`); all I/O
 goes through `pyarrow.fs` so the same code serves both. Artifacts become
@@ -159,7 +159,7 @@ def download_dir(src_uri: str, local_dir: str) -> str:
     return local_dir
 
 
-# --- layout (DESIGN.md "Run directory") -------------------------------------
+# --- layout (docs/design.md "Run directory") -------------------------------------
 def config_path(run: str) -> str:
     return join(run, "config.yaml")
 

@@ -79,7 +79,7 @@ def copy_local(uri: str, dest: str) -> str:
     """Copy a run-dir file or folder (local or object store) to `dest`."""
     import pyarrow.fs as pafs
 
-    from sweep import rundir
+    from wsg.sweep import rundir
 
     fs, path = rundir.resolve(uri)
     info = fs.get_file_info(path)
@@ -102,7 +102,7 @@ class Mirror:
     object-store run a temporary folder uploaded by `upload()`."""
 
     def __init__(self, uri: str):
-        from sweep import rundir
+        from wsg.sweep import rundir
 
         self.remote = None if rundir.is_local(uri) else uri
         self.local = rundir.resolve(uri)[1] if self.remote is None else tempfile.mkdtemp(prefix="wsg-track-")
@@ -111,7 +111,7 @@ class Mirror:
     def upload(self) -> None:
         if self.remote is None:
             return
-        from sweep import rundir
+        from wsg.sweep import rundir
 
         for root, _dirs, files in os.walk(self.local):
             for name in files:

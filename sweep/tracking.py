@@ -29,7 +29,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sweep.trackers import Mlflow, Named, Subject, TensorBoard, Wandb, copy_local
+from wsg.sweep.trackers import Mlflow, Named, Subject, TensorBoard, Wandb, copy_local
 
 log = logging.getLogger("wsg.tracking")
 
@@ -92,7 +92,7 @@ def cell_params(cfg, key, *, hyper: dict | None = None) -> dict:
     """The params of a cell's tracked run. `cfg`: the ExperimentConfig;
     `key`: its sweep.cells.CellKey; `hyper`: the loss's resolved
     hyperparameters (defaults included), else the config's `losses.<loss>.hyper`."""
-    from sweep.config import config_hash
+    from wsg.sweep.config import config_hash
 
     lcfg, t = cfg.loss_cfg(key.loss), cfg.train
     out = {"loss": key.loss, "variant": lcfg.variant, "init_seed": key.init_seed, "data_seed": key.data_seed,
@@ -106,7 +106,7 @@ def cell_params(cfg, key, *, hyper: dict | None = None) -> dict:
 
 def run_params(cfg) -> dict:
     """The params of the run-level tracked run."""
-    from sweep.config import config_hash
+    from wsg.sweep.config import config_hash
 
     g = cfg.grid
     return {"config_name": cfg.name, "config_hash": config_hash(cfg), "model": cfg.model.name,
@@ -181,7 +181,7 @@ def _off(backend, label: str, what: str, exc: BaseException) -> None:
 
 
 def _open(tracking: TrackingCfg, subject: Subject, paths: TrackingPaths, label: str) -> Tracker:
-    from sweep import rundir
+    from wsg.sweep import rundir
 
     try:
         if rundir.exists(paths.state):
@@ -230,7 +230,7 @@ def track_run(tracking: TrackingCfg | None, *, experiment: str, run: str, params
     it. In MLflow this is the root run whose children are the cells."""
     if tracking is None or not tracking.enabled:
         return []
-    from sweep import rundir
+    from wsg.sweep import rundir
 
     subject = Subject("run", "", "run", run, experiment, dict(params))
     subject.name = subject.run_name

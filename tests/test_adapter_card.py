@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from sweep.cells import CellKey
-from sweep.config import config_hash
-from sweep.layout import RunLayout
+from wsg.sweep.cells import CellKey
+from wsg.sweep.config import config_hash
+from wsg.sweep.layout import RunLayout
 from tests.test_train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401  (fixture)
-from sweep.adapter_card import CARD_FILE, CONFIG_FILE, AdapterCard, add_accuracy, base_model_id, make_portable, read_card
+from wsg.sweep.adapter_card import CARD_FILE, CONFIG_FILE, AdapterCard, add_accuracy, base_model_id, make_portable, read_card
 
 WEIGHTS = "adapter_model.safetensors"
 KEY = CellKey.of("sft", 42, 2e-2)
@@ -32,9 +32,9 @@ def _sha(path) -> str:
 def trained(tmp_path_factory, tokenizer):  # noqa: F811
     """Two real optimizer steps of an sft cell through train.worker.fit, which
     publishes step_2 as the product does; returns (folder, policy, cfg)."""
-    from train.data import RolloutSource, build_train_set
-    from train.task import CellTask, placement
-    from train.worker import fit
+    from wsg.train.data import RolloutSource, build_train_set
+    from wsg.train.task import CellTask, placement
+    from wsg.train.worker import fit
 
     run = str(tmp_path_factory.mktemp("card-run"))
     write_run(run, tokenizer, n_prompts=6)
@@ -136,7 +136,7 @@ def _logprobs(model, p, c) -> np.ndarray:
 def test_copied_adapter_loads_with_peft(trained, portable, tokenizer):  # noqa: F811
     from peft import PeftConfig, PeftModel
 
-    from sweep.models import load_causal_lm
+    from wsg.sweep.models import load_causal_lm
 
     _folder, policy, _cfg = trained
     assert PeftConfig.from_pretrained(str(portable)).base_model_name_or_path == "tiny-qwen3"
@@ -154,8 +154,8 @@ def test_copied_adapter_loads_in_vllm(trained, portable, tokenizer, tmp_path):  
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from rollouts.engine import EngineActor, EngineOptions
-    from sweep.models import resolve_model
+    from wsg.rollouts.engine import EngineActor, EngineOptions
+    from wsg.sweep.models import resolve_model
 
     _folder, policy, _cfg = trained
     p, c = _ids(tokenizer)

@@ -9,8 +9,8 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from scipy.stats import ortho_group
 
-from analysis.cka import collect_hidden_states, layerwise_cka, linear_cka
-from sweep.errors import WsgError
+from wsg.analysis.cka import collect_hidden_states, layerwise_cka, linear_cka
+from wsg.sweep.errors import WsgError
 
 
 def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from analysis.claims import Measure, claims_table, judge, lmc_barrier, paired_diff_ci
-from analysis.claims import Test as ClaimTest
-from analysis.stats import mcnemar_exact
-from sweep.cells import CellKey
+from wsg.analysis.claims import Measure, claims_table, judge, lmc_barrier, paired_diff_ci
+from wsg.analysis.claims import Test as ClaimTest
+from wsg.analysis.stats import mcnemar_exact
+from wsg.sweep.cells import CellKey
 
 CELLS = {
     "sft": ("sft", 42, 42, 1e-4), "rft": ("rft", 42, 42, 1e-4), "rift": ("rift", 42, 42, 1e-4),
@@ -376,7 +376,7 @@ def test_paired_ci_coverage():
 def test_u1_ci_from_module_pairs_leaves_out_nan():
     """u1/v1 CIs come from module_pairs by layer; a NaN dot (a zero ΔW) is left
     out as global_pairs' nanmean does, so equal dots give a zero-width CI."""
-    from analysis.claims import Ctx
+    from wsg.analysis.claims import Ctx
 
     a, b = "sft-s42-lr1e-04@1", "sft-s43-lr1e-04@1"
     mp = [{"adapter_a": a, "adapter_b": b, "layer": layer, "u1_abs_dot": u, "v1_abs_dot": 0.1 * (layer + 1)}

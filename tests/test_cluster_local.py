@@ -80,7 +80,7 @@ def test_cluster_yaml_mounts_every_part_of_the_package():
     """`pip install -e` on a node needs every package of pyproject.toml (and the
     stages read configs/): a new top-level package must be mounted too."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    need = set(project["tool"]["setuptools"]["packages"]) | {"pyproject.toml", "README.md", "requirements",
+    need = set(project["tool"]["setuptools"]["package-dir"].values()) | {"pyproject.toml", "README.md", "requirements",
                                                              "configs", "scripts"}
     mounted = {r.removeprefix("/home/ray/wsg/") for r in BASE["file_mounts"] if r.startswith("/home/ray/wsg/")}
     assert need <= mounted, need - mounted

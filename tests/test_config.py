@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep.config import (ExperimentConfig, config_hash, dump_config, load_config, parse_config)
-from sweep.errors import ConfigError
+from wsg.sweep.config import (ExperimentConfig, config_hash, dump_config, load_config, parse_config)
+from wsg.sweep.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

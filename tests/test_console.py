@@ -8,9 +8,9 @@ import subprocess
 import sys
 import textwrap
 
-from sweep import rundir
-from sweep.console import GridWatch
-from sweep.layout import RunLayout
+from wsg.sweep import rundir
+from wsg.sweep.console import GridWatch
+from wsg.sweep.layout import RunLayout
 
 
 def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def test_third_party_output_goes_to_the_log_and_wsg_lines_to_the_terminal(tmp_pa
     logs = tmp_path / "logs"
     out = _run(f"""
         import os, subprocess, sys
-        from sweep.console import RunConsole, say, progress
+        from wsg.sweep.console import RunConsole, say, progress
         with RunConsole({str(logs)!r}) as con:
             say("wsg: stage one")
             print("a library's print")
@@ -47,7 +47,7 @@ def test_third_party_output_goes_to_the_log_and_wsg_lines_to_the_terminal(tmp_pa
 
 def test_verbose_leaves_everything_on_the_terminal(tmp_path):
     out = _run(f"""
-        from sweep.console import RunConsole, say
+        from wsg.sweep.console import RunConsole, say
         with RunConsole({str(tmp_path / 'logs')!r}, verbose=True):
             say("wsg: line")
             print("a library's print")
@@ -58,7 +58,7 @@ def test_verbose_leaves_everything_on_the_terminal(tmp_path):
 
 def test_an_uncaught_error_reaches_the_terminal_whole(tmp_path):
     out = _run(f"""
-        from sweep.console import RunConsole
+        from wsg.sweep.console import RunConsole
         with RunConsole({str(tmp_path / 'logs')!r}):
             print("noise")
             raise RuntimeError("the real problem")

@@ -7,13 +7,13 @@ import pytest
 
 
 def _opts(**kw):
-    from rollouts.engine import EngineOptions
+    from wsg.rollouts.engine import EngineOptions
 
     return EngineOptions(model="some/model", **kw)
 
 
 def test_engine_env_compiled_uses_the_persistent_cache(tmp_path, monkeypatch):
-    from rollouts.engine import compile_cache_root, engine_env
+    from wsg.rollouts.engine import compile_cache_root, engine_env
 
     monkeypatch.setenv("WSG_CACHE", str(tmp_path / "c"))
     eager = engine_env(str(tmp_path / "w"), _opts(enforce_eager=True))
@@ -30,7 +30,7 @@ def test_engine_env_compiled_uses_the_persistent_cache(tmp_path, monkeypatch):
 
 
 def test_first_compile_lock_serialises_only_the_first_start(tmp_path, monkeypatch):
-    from rollouts.engine import compile_cache_root, first_compile_lock
+    from wsg.rollouts.engine import compile_cache_root, first_compile_lock
 
     monkeypatch.setenv("WSG_CACHE", str(tmp_path))
     opts = _opts(enforce_eager=False)
@@ -80,7 +80,7 @@ def test_first_compile_lock_serialises_only_the_first_start(tmp_path, monkeypatc
 
 
 def test_eager_engines_take_no_lock(tmp_path, monkeypatch):
-    from rollouts.engine import compile_cache_root, first_compile_lock
+    from wsg.rollouts.engine import compile_cache_root, first_compile_lock
 
     monkeypatch.setenv("WSG_CACHE", str(tmp_path))
     with first_compile_lock(_opts(enforce_eager=True)):
@@ -95,8 +95,8 @@ def test_compiled_engine_reuses_its_cache_and_matches_eager(tmp_path):
     tokens on the same prompts (fp32)."""
     import ray
 
-    from rollouts.engine import EngineOptions, shutdown_engines, start_engines, wait_ready
-    from sweep.models import resolve_model
+    from wsg.rollouts.engine import EngineOptions, shutdown_engines, start_engines, wait_ready
+    from wsg.sweep.models import resolve_model
 
     path = resolve_model("tiny-qwen3")
     cache = tmp_path / "wsg-cache"
@@ -133,7 +133,7 @@ def test_compiled_engine_reuses_its_cache_and_matches_eager(tmp_path):
 def _hf_greedy(path, prompts, max_new):
     import torch
 
-    from sweep.models import load_causal_lm
+    from wsg.sweep.models import load_causal_lm
 
     model = load_causal_lm(path)
     eos = model.generation_config.eos_token_id

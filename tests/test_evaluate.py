@@ -16,8 +16,8 @@ import pytest
 import torch
 from statsmodels.stats.proportion import proportion_confint
 
-from sweep import rundir
-from sweep.layout import RunLayout
+from wsg.sweep import rundir
+from wsg.sweep.layout import RunLayout
 from test_functional import make_tiny_run
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 def _hf_greedy(adapter_path, prompts, max_new_tokens):
     from peft import PeftModel
 
-    from rollouts.prompts import encode_prompts
-    from sweep.models import load_causal_lm, load_tokenizer
+    from wsg.rollouts.prompts import encode_prompts
+    from wsg.sweep.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer("tiny-qwen3")
     model = load_causal_lm("tiny-qwen3")
@@ -54,9 +54,9 @@ def ray_local():
 
 
 def test_run_eval(tmp_path, ray_local):
-    from analysis.evaluate import model_cache_path, run_eval
-    from analysis.report import build_report
-    from analysis.stats import MCNEMAR_SCHEMA
+    from wsg.analysis.evaluate import model_cache_path, run_eval
+    from wsg.analysis.report import build_report
+    from wsg.analysis.stats import MCNEMAR_SCHEMA
 
     cfg, run = make_tiny_run(tmp_path)
     two = cfg.model_copy(update={"rollouts": cfg.rollouts.model_copy(update={"num_engines": 2})})
@@ -84,7 +84,7 @@ def test_run_eval(tmp_path, ray_local):
     assert [r["completion"] for r in by["sft_copy"]] == [r["completion"] for r in by["sft-s7-lr1e-04@2"]]
 
     # Correctness is the strict reward of the stored completion.
-    from rollouts.reward import score
+    from wsg.rollouts.reward import score
     assert all(r["correct"] == (score(r["completion"], r["gold"]) == 1.0) for r in rows)
 
     # Accuracy and Wilson intervals against statsmodels; McNemar has every pair.

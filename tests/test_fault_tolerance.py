@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep import rundir
-from sweep.config import parse_config
-from sweep.layout import RunLayout
+from wsg.sweep import rundir
+from wsg.sweep.config import parse_config
+from wsg.sweep.layout import RunLayout
 from test_train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +47,8 @@ def test_worker_crash_resumes_to_the_uninterrupted_adapter(tmp_path, tokenizer, 
     import ray
     import torch
 
-    from train.cell import run_cell
-    from sweep.cells import cell_id
+    from wsg.train.cell import run_cell
+    from wsg.sweep.cells import cell_id
 
     cfg = tiny_cfg(max_steps=4, checkpoint_steps=[2, 4], max_failures=2)
     straight = write_run(str(tmp_path / "straight"), tokenizer)
@@ -112,7 +112,7 @@ def test_sigkill_of_wsg_run_then_rerun_completes(tmp_path):
     run = str(tmp_path / "run")
     # a relative --run from another working directory: Tune trials chdir, so
     # the CLI must hand every stage an absolute path
-    cmd = [sys.executable, "-m", "sweep.cli", "run", str(cpath), "--run", "run"]
+    cmd = [sys.executable, "-m", "wsg.sweep.cli", "run", str(cpath), "--run", "run"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     log = open(tmp_path / "first.log", "w")
@@ -148,7 +148,7 @@ def test_node_removed_mid_run_the_grid_completes(tmp_path, tokenizer):
     import ray
     from ray.cluster_utils import Cluster
 
-    from sweep.grid import plan_cells, run_grid
+    from wsg.sweep.grid import plan_cells, run_grid
 
     cfg = _grid_cfg(["sft", "rft", "dft"], max_steps=6, checkpoint_steps=[2, 4, 6], max_failures=3)
     cfg.resources.max_concurrent_cells = 2
@@ -188,7 +188,7 @@ def test_grid_leaves_no_placement_groups_or_actors(tmp_path, tokenizer):
     import ray
     from ray.util.state import list_actors, list_placement_groups
 
-    from sweep.grid import run_grid
+    from wsg.sweep.grid import run_grid
 
     cfg = _grid_cfg(["sft", "dpo"], max_steps=2, checkpoint_steps=[2])
     run = write_run(str(tmp_path / "run"), tokenizer)

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pytest
 from safetensors.numpy import save_file
 
-from analysis.findings import (CONVERGENCE, NOISE_FLOORS, control_kind, convergence, converged_verdict, identify,
+from wsg.analysis.findings import (CONVERGENCE, NOISE_FLOORS, control_kind, convergence, converged_verdict, identify,
                                noise_floors, ratio_ci, run_findings)
-from analysis.adapters import CellRef
-from sweep import rundir
-from sweep.cells import CellKey
-from sweep.layout import RunLayout
+from wsg.analysis.adapters import CellRef
+from wsg.sweep import rundir
+from wsg.sweep.cells import CellKey
+from wsg.sweep.layout import RunLayout
 
 LAYERS, PROJS, D, R, ALPHA = 4, ("q_proj", "v_proj"), 12, 3, 6
 SCALE = ALPHA / R
@@ -81,7 +81,7 @@ STEPS = (6, 12)
 
 @pytest.fixture(scope="module")
 def geo(tmp_path_factory):
-    from analysis.geometry import run_geometry
+    from wsg.analysis.geometry import run_geometry
 
     root = tmp_path_factory.mktemp("findings")
     rng = np.random.default_rng(0)
@@ -220,7 +220,7 @@ def test_ratio_ci_coverage():
 
 
 def test_run_findings_writes_tables(geo):
-    from sweep.config import dump_config, parse_config
+    from wsg.sweep.config import dump_config, parse_config
 
     root, _, _ = geo
     run = str(root / "run")
@@ -243,8 +243,8 @@ def test_run_findings_writes_tables(geo):
 
 
 def test_run_findings_needs_geometry(tmp_path):
-    from sweep.config import parse_config
-    from sweep.errors import WsgError
+    from wsg.sweep.config import parse_config
+    from wsg.sweep.errors import WsgError
 
     with pytest.raises(WsgError, match="geometry stage first"):
         run_findings(parse_config({"name": "t"}), str(tmp_path))

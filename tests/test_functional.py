@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from sweep import rundir
-from sweep.config import dump_config, parse_config
+from wsg.sweep import rundir
+from wsg.sweep.config import dump_config, parse_config
 
 CELLS = (("sft", 42, 1e-4), ("rft", 42, 1e-4), ("dpo", 42, 1e-5), ("sft", 7, 1e-4))
 STEPS = (1, 2)
@@ -41,7 +41,7 @@ def make_tiny_run(root, *, copy_of: str | None = "sft-s7-lr1e-04@2", cells=CELLS
     """A run dir with real peft adapters for cells x STEPS; returns (cfg, run)."""
     from peft import LoraConfig, get_peft_model
 
-    from sweep.models import load_causal_lm
+    from wsg.sweep.models import load_causal_lm
 
     run = str(root / "run")
     extra = {}
@@ -82,16 +82,16 @@ def ray_local():
 def _hf_with_adapter(path):
     from peft import PeftModel
 
-    from sweep.models import load_causal_lm
+    from wsg.sweep.models import load_causal_lm
 
     base = load_causal_lm("tiny-qwen3")
     return base if path is None else PeftModel.from_pretrained(base, path).eval()
 
 
 def test_discovery_and_pairs(tmp_path):
-    from analysis.adapters import list_adapters, reference_pairs
-    from analysis.functional import cka_pair_list, lmc_pair_list
-    from sweep.cells import cell_id, parse_cell_id
+    from wsg.analysis.adapters import list_adapters, reference_pairs
+    from wsg.analysis.functional import cka_pair_list, lmc_pair_list
+    from wsg.sweep.cells import cell_id, parse_cell_id
 
     cfg, run = make_tiny_run(tmp_path)
     ads = list_adapters(cfg, run)
@@ -135,12 +135,12 @@ def _pooled_hidden(model, ids):
 def test_run_functional(tmp_path, ray_local):
     import pyarrow.compute as pc
 
-    from analysis.evaluate import eval_prompts
-    from analysis.functional import run_functional
-    from analysis.lmc import masked_answer_ce
-    from analysis.logit_lens import prediction_depth
-    from rollouts.prompts import encode_prompts
-    from sweep.models import load_tokenizer
+    from wsg.analysis.evaluate import eval_prompts
+    from wsg.analysis.functional import run_functional
+    from wsg.analysis.lmc import masked_answer_ce
+    from wsg.analysis.logit_lens import prediction_depth
+    from wsg.rollouts.prompts import encode_prompts
+    from wsg.sweep.models import load_tokenizer
 
     cfg, run = make_tiny_run(tmp_path)
     summary = run_functional(cfg, run, progress=False)
@@ -190,7 +190,7 @@ def test_run_functional(tmp_path, ray_local):
     # Logit lens: one row per adapter and the base; the base's depth as computed directly.
     by = {r["adapter"]: r for r in lens}
     assert set(by) == {"base", *path, "sft_copy"} | {r["adapter_b"] for r in cka}
-    from analysis.cka import right_pad
+    from wsg.analysis.cka import right_pad
     x, m = right_pad(ids, 0)
     assert by["base"]["mean_depth"] == pytest.approx(prediction_depth(_hf_with_adapter(None), x, m), abs=1e-9)
     assert all(0 <= r["mean_depth"] <= r["n_layers"] == 2 for r in lens)

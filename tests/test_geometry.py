@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from analysis.geometry import (factored_cosine, factored_inner, factored_svd, module_geometry,
+from wsg.analysis.geometry import (factored_cosine, factored_inner, factored_svd, module_geometry,
                                numerical_rank, principal_angles)
-from analysis.geometry_tables import effective_rank
+from wsg.analysis.geometry_tables import effective_rank
 
 # Tiny "model": d_out x d_in per projection (q/o differ from k/v like GQA).
 SHAPES = {"q_proj": (24, 16), "k_proj": (8, 16), "v_proj": (8, 16), "o_proj": (16, 24)}

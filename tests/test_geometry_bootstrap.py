@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
-from analysis import geometry_bootstrap as gb
-from analysis.geometry import read_metadata, run_geometry
+from wsg.analysis import geometry_bootstrap as gb
+from wsg.analysis.geometry import read_metadata, run_geometry
 from test_geometry import uneven, write_adapter
 
 SHAPES = {"q_proj": (20, 16), "v_proj": (8, 16), "o_proj": (16, 20)}

@@ -34,7 +34,7 @@ def test_geometry_cli_writes_tables_and_refuses_mismatched_shapes(tmp_path):
     bad = _adapter(str(tmp_path / "bad"), seed=3, d_out=20)
     out = tmp_path / "geo"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "sweep.cli", "geometry", "--adapter", f"a={a}", "--adapter", f"b={b}",
+    cmd = [sys.executable, "-m", "wsg.sweep.cli", "geometry", "--adapter", f"a={a}", "--adapter", f"b={b}",
            "--out", str(out), "--top-k", "3"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -42,7 +42,7 @@ def test_geometry_cli_writes_tables_and_refuses_mismatched_shapes(tmp_path):
     assert len(g) == 1 and (g[0]["adapter_a"], g[0]["adapter_b"]) == ("a", "b")
     assert -1 <= g[0]["cosine"] <= 1 and pq.read_table(out / "module_pairs.parquet").num_rows == 4
 
-    cmd = [sys.executable, "-m", "sweep.cli", "geometry", "--adapter", f"a={a}", "--adapter", f"bad={bad}",
+    cmd = [sys.executable, "-m", "wsg.sweep.cli", "geometry", "--adapter", f"a={a}", "--adapter", f"bad={bad}",
            "--out", str(tmp_path / "geo2")]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 2

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from analysis.geometry import run_geometry
+from wsg.analysis.geometry import run_geometry
 from test_geometry import uneven, write_adapter
 
 SHAPES = {"q_proj": (64, 48), "k_proj": (32, 48), "v_proj": (32, 48), "o_proj": (48, 64)}

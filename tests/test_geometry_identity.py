@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from analysis.adapters import Adapter, CellRef, cell_refs, describe, list_adapters, reference_pairs
-from analysis.geometry import CACHE_VERSION, run_geometry
-from analysis.geometry_tables import TABLES
-from sweep import rundir
-from sweep.layout import RunLayout
+from wsg.analysis.adapters import Adapter, CellRef, cell_refs, describe, list_adapters, reference_pairs
+from wsg.analysis.geometry import CACHE_VERSION, run_geometry
+from wsg.analysis.geometry_tables import TABLES
+from wsg.sweep import rundir
+from wsg.sweep.layout import RunLayout
 from test_geometry import random_factors, write_adapter
 
 IDENT = ("loss", "init_seed", "data_seed", "lr", "step")

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from analysis.geometry import parse_adapter_args, run_geometry
-from analysis.geometry_io import check_compatible
-from analysis.lora_io import pattern_value, read_adapter_spec
-from sweep.errors import WsgError
+from wsg.analysis.geometry import parse_adapter_args, run_geometry
+from wsg.analysis.geometry_io import check_compatible
+from wsg.analysis.lora_io import pattern_value, read_adapter_spec
+from wsg.sweep.errors import WsgError
 from test_geometry import SHAPES, random_factors, write_adapter
 
 

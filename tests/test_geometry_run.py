@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.linalg
 
-from analysis.geometry import CACHE_VERSION, read_metadata, run_geometry
-from analysis.lora_io import lora_scale
-from analysis.geometry_tables import TABLES, effective_rank
-from sweep.errors import WsgError
+from wsg.analysis.geometry import CACHE_VERSION, read_metadata, run_geometry
+from wsg.analysis.lora_io import lora_scale
+from wsg.analysis.geometry_tables import TABLES, effective_rank
+from wsg.sweep.errors import WsgError
 from test_geometry import SHAPES, random_factors, stored, uneven, write_adapter
 
 TOP_K = 3
@@ -242,8 +242,8 @@ def test_ray_shard_tasks_match_dense_reference(grid, tmp_path, local_ray):
 def test_shards_read_weights_shipped_through_the_object_store(grid, local_ray):
     """On a multi-node cluster a shard may run where the driver's files are not:
     it gets each adapter's bytes from the object store, with identical results."""
-    from analysis import lora_io
-    from analysis.geometry import compute_shard
+    from wsg.analysis import lora_io
+    from wsg.analysis.geometry import compute_shard
 
     folders, _ = grid
     specs = {n: lora_io.read_adapter_spec(n, p) for n, p in sorted(folders.items())}  # names stand for hashes

@@ -1,7 +1,7 @@
 """Grid planning: per-loss LR rules, extra cells, stable ids, resources."""
-from sweep.config import parse_config
-from sweep.cells import CellKey
-from sweep.grid import cell_resources, is_online, plan_cells
+from wsg.sweep.config import parse_config
+from wsg.sweep.cells import CellKey
+from wsg.sweep.grid import cell_resources, is_online, plan_cells
 
 
 def test_dpo_convention_explicit_lrs_and_extra_cells():

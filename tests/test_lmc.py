@@ -12,9 +12,9 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from analysis.lmc import interpolate_lora, masked_answer_ce, masked_answer_nll, write_interpolated_adapter
-from analysis.lora_io import read_lora_factors
-from sweep.errors import WsgError
+from wsg.analysis.lmc import interpolate_lora, masked_answer_ce, masked_answer_nll, write_interpolated_adapter
+from wsg.analysis.lora_io import read_lora_factors
+from wsg.sweep.errors import WsgError
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from analysis.lora_io import content_hash, load_factors, lora_scale, read_adapter_spec, read_lora_factors
+from wsg.analysis.lora_io import content_hash, load_factors, lora_scale, read_adapter_spec, read_lora_factors
 from test_geometry_io import _tiny_peft_adapter
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sweep.errors import WsgError
-from train.losses import (
+from wsg.sweep.errors import WsgError
+from wsg.train.losses import (
     LOSSES,
     check_batch,
     count_units,
@@ -16,7 +16,7 @@ from train.losses import (
     precompute_advantages,
     validate_hyper,
 )
-from train.losses_batch import LossBatch
+from wsg.train.losses_batch import LossBatch
 
 B, T, V = 16, 7, 9  # four prompts × four completions
 

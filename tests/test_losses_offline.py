@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from sweep.errors import WsgError
-from train.losses import get_loss, validate_hyper
-from train.losses_batch import LossBatch
+from wsg.sweep.errors import WsgError
+from wsg.train.losses import get_loss, validate_hyper
+from wsg.train.losses_batch import LossBatch
 
 NAN = float("nan")
 

@@ -8,10 +8,10 @@ import statistics
 import pytest
 import torch
 
-from sweep.errors import WsgError
-from train.losses import get_loss, validate_hyper
-from train.losses_batch import LossBatch
-from train.losses_online import group_advantages, overlong_penalty
+from wsg.sweep.errors import WsgError
+from wsg.train.losses import get_loss, validate_hyper
+from wsg.train.losses_batch import LossBatch
+from wsg.train.losses_online import group_advantages, overlong_penalty
 
 E = math.exp
 

@@ -27,9 +27,9 @@ with warnings.catch_warnings():
     from trl.trainer.sft_trainer import SFTTrainer
     from trl.trainer.utils import nanstd
 
-from train.losses import get_loss
-from train.losses_batch import LossBatch
-from train.losses_online import group_advantages
+from wsg.train.losses import get_loss
+from wsg.train.losses_batch import LossBatch
+from wsg.train.losses_online import group_advantages
 
 assert trl.__version__ == "1.16.0"
 

@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sweep import models
-from sweep.errors import WsgError
-from sweep.models import cache_root, load_causal_lm, load_tokenizer, resolve_model
+from wsg.sweep import models
+from wsg.sweep.errors import WsgError
+from wsg.sweep.models import cache_root, load_causal_lm, load_tokenizer, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

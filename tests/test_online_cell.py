@@ -14,12 +14,12 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from sweep import rundir
-from sweep.config import parse_config
-from sweep.errors import WsgError
-from sweep.layout import RunLayout
-from train.cell import run_cell
-from train.online import PromptSet, validate_online
+from wsg.sweep import rundir
+from wsg.sweep.config import parse_config
+from wsg.sweep.errors import WsgError
+from wsg.sweep.layout import RunLayout
+from wsg.train.cell import run_cell
+from wsg.train.online import PromptSet, validate_online
 
 STEP_METRICS = ("step", "loss", "grad_norm", "lr", "reward_mean", "task_reward_mean", "filtered_group_frac",
                 "response_len_mean", "loss_clip_frac", "entropy", "gen_s", "reward_s", "train_s", "sync_s",
@@ -141,9 +141,9 @@ def test_refuses_what_cannot_run(tmp_path):
 def test_entropy_probe_matches_the_full_model_distribution():
     import torch
 
-    from train.data import collate_sequences
-    from train.online import OnlineObserver
-    from train.steps import CompletionLogprobs, build_policy, sequence_logprobs
+    from wsg.train.data import collate_sequences
+    from wsg.train.online import OnlineObserver
+    from wsg.train.steps import CompletionLogprobs, build_policy, sequence_logprobs
 
     cfg = tiny()
     policy = build_policy(cfg, seed=3)

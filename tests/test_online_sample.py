@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import collate
-from train.losses import LossBatch, count_units, get_loss, normaliser_from_count, precompute_advantages
-from train.online_sample import (
+from wsg.train.data import collate
+from wsg.train.losses import LossBatch, count_units, get_loss, normaliser_from_count, precompute_advantages
+from wsg.train.online_sample import (
     SampledGroup,
     behaviour_tensor,
     build_batch,

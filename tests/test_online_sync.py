@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from sweep.config import parse_config
-from sweep.errors import WsgError
-from rollouts.engine_rules import adapter_mode, vllm_lora_rank
-from rollouts.merge import merged_weights, write_merged
-from train.online_sync import WeightSync
-from train.steps import CompletionLogprobs, build_policy
+from wsg.sweep.config import parse_config
+from wsg.sweep.errors import WsgError
+from wsg.rollouts.engine_rules import adapter_mode, vllm_lora_rank
+from wsg.rollouts.merge import merged_weights, write_merged
+from wsg.train.online_sync import WeightSync
+from wsg.train.steps import CompletionLogprobs, build_policy
 
-# fp32 vLLM vs fp32 transformers agree within 5e-5 (FACTS.md "vLLM"); the bound
+# fp32 vLLM vs fp32 transformers agree within 5e-5 (docs/stack.md "vLLM"); the bound
 # leaves room for summation-order differences over a longer completion.
 MATCH_TOL = 1e-3
 
@@ -78,7 +78,7 @@ def test_merged_weights_equal_peft_merge_and_unload():
     again = merged_weights(policy)
     for k in got:
         assert torch.equal(got[k], again[k])
-    from sweep.models import load_causal_lm
+    from wsg.sweep.models import load_causal_lm
 
     base = load_causal_lm("tiny-qwen3").state_dict()
     moved = [k for k in got if k.endswith("q_proj.weight")]
@@ -136,8 +136,8 @@ def smollm2_cfg():
 
 def trainer_logprobs(policy, prompt, comp, *, adapter: bool) -> list[float]:
     """Teacher-forced log-probs through the trainer's own forward (train/steps.py)."""
-    from train.data import collate_sequences
-    from train.steps import reference_logprobs, sequence_logprobs
+    from wsg.train.data import collate_sequences
+    from wsg.train.steps import reference_logprobs, sequence_logprobs
 
     mod = CompletionLogprobs(policy).eval()
     mb = collate_sequences([prompt + comp], [len(prompt)], pad_id=0)
@@ -149,12 +149,12 @@ def trainer_logprobs(policy, prompt, comp, *, adapter: bool) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["merged", "lora"])
 def test_engine_samples_from_the_current_adapter(tmp_path, strategy):
-    from rollouts.engine import EngineActor
-    from sweep.cells import CellKey
-    from rollouts.engine_rules import online_engine_options
-    from train.online import OnPolicySource, prepare_prompts
-    from train.task import CellTask, placement
-    from train.worker import fit
+    from wsg.rollouts.engine import EngineActor
+    from wsg.sweep.cells import CellKey
+    from wsg.rollouts.engine_rules import online_engine_options
+    from wsg.train.online import OnPolicySource, prepare_prompts
+    from wsg.train.task import CellTask, placement
+    from wsg.train.worker import fit
 
     cfg = smollm2_cfg()
     prompts = prepare_prompts(cfg)
@@ -202,7 +202,7 @@ def test_engine_samples_from_the_current_adapter(tmp_path, strategy):
 def test_receive_files_places_a_version_and_drops_stale_ones(tmp_path):
     from types import SimpleNamespace
 
-    from train.online_sync import on_engine, receive_files
+    from wsg.train.online_sync import on_engine, receive_files
 
     engine = SimpleNamespace(work_dir=str(tmp_path))  # what the engine actor exposes: its own folder
     p1 = on_engine(engine, receive_files, "v1", {"a.bin": b"one", "b.json": b"{}"}, [])

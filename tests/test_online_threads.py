@@ -1,8 +1,8 @@
 """Where an online cell's processes run and how many threads each uses
 (train/task.py `placement`): a CPU engine sits inside its trainer's bundle
 and both use the whole bundle's cores; a GPU engine holds its own."""
-from sweep.config import parse_config
-from train.task import placement
+from wsg.sweep.config import parse_config
+from wsg.train.task import placement
 
 
 def _cfg(**online):

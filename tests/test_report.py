@@ -19,15 +19,15 @@ import pyarrow as pa
 import pytest
 from safetensors.torch import load_file
 
-from sweep import rundir
-from sweep.config import config_hash
+from wsg.sweep import rundir
+from wsg.sweep.config import config_hash
 from test_functional import CELLS, make_tiny_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def write_random_eval(cfg, run, names, *, seed=0):
-    from analysis.stats import PREDICTIONS_SCHEMA, accuracy_table, mcnemar_table
+    from wsg.analysis.stats import PREDICTIONS_SCHEMA, accuracy_table, mcnemar_table
 
     rng = np.random.default_rng(seed)
     n = cfg.analysis.eval_sets[0].n_prompts
@@ -46,9 +46,9 @@ def write_random_eval(cfg, run, names, *, seed=0):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    from analysis.adapters import cell_refs, discover_adapters, list_adapters
-    from analysis.functional import run_functional
-    from analysis.geometry import run_geometry
+    from wsg.analysis.adapters import cell_refs, discover_adapters, list_adapters
+    from wsg.analysis.functional import run_functional
+    from wsg.analysis.geometry import run_geometry
 
     root = tmp_path_factory.mktemp("report")
     # A second LR for sft s42, so the seed/LR panels have both kinds of pairs.
@@ -58,7 +58,7 @@ def full_run(tmp_path_factory):
                  use_ray=False, progress=False, cells=cell_refs(list_adapters(cfg, run)))
     run_functional(cfg, run, progress=False, use_ray=False)
     write_random_eval(cfg, run, sorted(adapters))
-    from analysis.findings import run_findings
+    from wsg.analysis.findings import run_findings
 
     run_findings(cfg, run)
     return cfg, run, adapters
@@ -95,7 +95,7 @@ def open_in_chromium(index: str, tmp) -> tuple[int, int]:
 
 
 def test_full_report(full_run, tmp_path):
-    from analysis.report import build_report
+    from wsg.analysis.report import build_report
 
     cfg, run, adapters = full_run
     index = build_report(run)
@@ -158,7 +158,7 @@ def test_full_report(full_run, tmp_path):
 
 
 def test_partial_and_empty_report(full_run, tmp_path):
-    from analysis.report import TABLES, build_report
+    from wsg.analysis.report import TABLES, build_report
 
     cfg, src, _ = full_run
     run = str(tmp_path / "run")
@@ -190,8 +190,8 @@ def test_partial_and_empty_report(full_run, tmp_path):
 
 
 def test_missing_run_dir(tmp_path):
-    from analysis.report import build_report
-    from sweep.errors import WsgError
+    from wsg.analysis.report import build_report
+    from wsg.sweep.errors import WsgError
 
     with pytest.raises(WsgError, match="does not exist"):
         build_report(str(tmp_path / "nope"))
@@ -201,9 +201,9 @@ def test_floor_next_to_cross_loss_pair():
     """The floor shown next to a cross-loss pair: the reference loss's data-seed
     control at the same step and LR, plus its LR control when the pair's LRs
     differ; per metric the most conservative value. Hand-made rows."""
-    from analysis.findings import identify
-    from analysis.report import _ci, _fmt
-    from analysis.report_findings import global_rows, matching_floor
+    from wsg.analysis.findings import identify
+    from wsg.analysis.report import _ci, _fmt
+    from wsg.analysis.report_findings import global_rows, matching_floor
 
     def floor(a, b, control, cos, orth, top1, u1, step=12):
         return {"loss": "sft", "control": control, "step": step, "adapter_a": a, "adapter_b": b, "cosine": cos,

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rollouts import synthetic
-from rollouts.datasets import Problem, gold_from_raw, load_problems, load_problems_with_report
-from sweep.config import DataCfg, EvalSetCfg
-from sweep.errors import WsgError
+from wsg.rollouts import synthetic
+from wsg.rollouts.datasets import Problem, gold_from_raw, load_problems, load_problems_with_report
+from wsg.sweep.config import DataCfg, EvalSetCfg
+from wsg.sweep.errors import WsgError
 
 _OPERANDS = re.compile(r"\d+")
 

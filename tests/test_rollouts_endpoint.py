@@ -10,10 +10,10 @@ import urllib.request
 
 import pytest
 
-from sweep import rundir
-from sweep.layout import RunLayout
-from sweep.config import parse_config
-from sweep.errors import WsgError
+from wsg.sweep import rundir
+from wsg.sweep.layout import RunLayout
+from wsg.sweep.config import parse_config
+from wsg.sweep.errors import WsgError
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from sweep.models import resolve_model
+    from wsg.sweep.models import resolve_model
 
     path = resolve_model("tiny-qwen3")
     work = tmp_path_factory.mktemp("vllm-serve")
@@ -78,10 +78,10 @@ def _cfg(base, api):
 def test_stage_with_a_vllm_serve_teacher(server, tmp_path, api):
     import ray
 
-    from rollouts import schema
-    from rollouts.reward import score
-    from rollouts.stage import run_rollouts
-    from sweep.models import load_tokenizer
+    from wsg.rollouts import schema
+    from wsg.rollouts.reward import score
+    from wsg.rollouts.stage import run_rollouts
+    from wsg.sweep.models import load_tokenizer
 
     s = run_rollouts(_cfg(server, api), str(tmp_path / "run"), progress=False)
     assert not ray.is_initialized()  # the stage shut down the Ray it started
@@ -99,7 +99,7 @@ def test_stage_with_a_vllm_serve_teacher(server, tmp_path, api):
 
 
 def test_unknown_model_is_a_clear_error(server):
-    from rollouts.endpoint import EndpointClient
+    from wsg.rollouts.endpoint import EndpointClient
 
     c = EndpointClient(base_url=server, model="no-such-model", api="completions", max_retries=0)
     with pytest.raises(WsgError, match=r"HTTP 404.*no-such-model"):
@@ -107,7 +107,7 @@ def test_unknown_model_is_a_clear_error(server):
 
 
 def test_unreachable_endpoint_is_retried_then_reported():
-    from rollouts.endpoint import EndpointClient
+    from wsg.rollouts.endpoint import EndpointClient
 
     port = _free_port()  # nothing listens there
     c = EndpointClient(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=2, backoff_s=0.01,
@@ -149,7 +149,7 @@ def test_a_503_is_retried(tmp_path):
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
     try:
-        from rollouts.endpoint import EndpointClient
+        from wsg.rollouts.endpoint import EndpointClient
 
         c = EndpointClient(base_url=f"http://127.0.0.1:{srv.server_port}/v1", model="m",
                            api="completions", max_retries=2, backoff_s=0.01)

@@ -17,14 +17,14 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def tiny_path():
-    from sweep.models import resolve_model
+    from wsg.sweep.models import resolve_model
 
     return resolve_model("tiny-qwen3")
 
 
 @pytest.fixture(scope="module")
 def engine(ray_session, tiny_path):
-    from rollouts.engine import EngineOptions, shutdown_engines, start_engines, wait_ready
+    from wsg.rollouts.engine import EngineOptions, shutdown_engines, start_engines, wait_ready
 
     opts = EngineOptions(model=tiny_path, dtype="float32", max_model_len=512, enable_lora=True,
                          max_lora_rank=8, cpu_kv_cache_gib=0.25, seed=3)
@@ -36,7 +36,7 @@ def engine(ray_session, tiny_path):
 
 @pytest.fixture(scope="module")
 def hf(tiny_path):
-    from sweep.models import load_causal_lm, load_tokenizer
+    from wsg.sweep.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(tiny_path), load_tokenizer(tiny_path)
 
@@ -63,7 +63,7 @@ def prompts(engine):
 
 
 def test_chat_template_matches_transformers(prompts, hf):
-    from rollouts.prompts import build_messages
+    from wsg.rollouts.prompts import build_messages
 
     _model, tok = hf
     texts, ids = prompts
@@ -121,7 +121,7 @@ def _lora_adapter(tiny_path, out_dir):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from sweep.models import load_causal_lm
+    from wsg.sweep.models import load_causal_lm
 
     base = load_causal_lm(tiny_path)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])

@@ -2,8 +2,8 @@
 hand-worked examples; no Ray, no vLLM."""
 import pytest
 
-from rollouts.stage import QUEUE_DEPTH, first_submissions, pool_size
-from sweep.errors import WsgError
+from wsg.rollouts.stage import QUEUE_DEPTH, first_submissions, pool_size
+from wsg.sweep.errors import WsgError
 
 
 def test_first_submissions_are_breadth_first():

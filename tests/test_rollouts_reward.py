@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from rollouts import reward
-from rollouts.reward import extract_final_answer, is_number, score
+from wsg.rollouts import reward
+from wsg.rollouts.reward import extract_final_answer, is_number, score
 
 
 # Completions that only restate the question: plain math_verify credits some

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rollouts import schema
-from rollouts.schema import make_pairs, reward_summary, select_pairs
+from wsg.rollouts import schema
+from wsg.rollouts.schema import make_pairs, reward_summary, select_pairs
 
 
 def _row(pid, j, reward, rng):

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from sweep import rundir
-from sweep.config import parse_config
-from sweep.errors import WsgError
-from sweep.layout import RunLayout
+from wsg.sweep import rundir
+from wsg.sweep.config import parse_config
+from wsg.sweep.errors import WsgError
+from wsg.sweep.layout import RunLayout
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def first_run(ray_session, tmp_path_factory):
-    from rollouts.stage import run_rollouts
+    from wsg.rollouts.stage import run_rollouts
 
     run = str(tmp_path_factory.mktemp("run"))
     summary = run_rollouts(_cfg(), run, progress=False)
@@ -43,11 +43,11 @@ def first_run(ray_session, tmp_path_factory):
 def test_stage_writes_both_tables(first_run):
     import ray
 
-    from rollouts import schema
-    from rollouts.datasets import load_problems
-    from rollouts.prompts import render_prompts
-    from rollouts.reward import score
-    from sweep.models import load_tokenizer
+    from wsg.rollouts import schema
+    from wsg.rollouts.datasets import load_problems
+    from wsg.rollouts.prompts import render_prompts
+    from wsg.rollouts.reward import score
+    from wsg.sweep.models import load_tokenizer
 
     assert ray.is_initialized()  # the caller's Ray is left running
     run, s = first_run
@@ -82,7 +82,7 @@ def test_stage_writes_both_tables(first_run):
 
 
 def test_rerun_skips_a_finished_stage(first_run):
-    from rollouts.stage import run_rollouts
+    from wsg.rollouts.stage import run_rollouts
 
     run, s = first_run
     path = RunLayout.of(run).rollouts
@@ -93,7 +93,7 @@ def test_rerun_skips_a_finished_stage(first_run):
 
 
 def test_other_settings_on_a_finished_run_are_refused(first_run):
-    from rollouts.stage import run_rollouts
+    from wsg.rollouts.stage import run_rollouts
 
     run, _ = first_run
     with pytest.raises(WsgError, match="other settings"):
@@ -103,7 +103,7 @@ def test_other_settings_on_a_finished_run_are_refused(first_run):
 def test_resume_samples_only_the_missing_shard_identically(first_run, tmp_path):
     import shutil
 
-    from rollouts.stage import run_rollouts
+    from wsg.rollouts.stage import run_rollouts
 
     run, _ = first_run
     copy = str(tmp_path / "copy")
@@ -123,7 +123,7 @@ def test_resume_samples_only_the_missing_shard_identically(first_run, tmp_path):
 
 
 def test_a_model_that_does_not_load_names_the_model(ray_session, tmp_path):
-    from rollouts.stage import run_rollouts
+    from wsg.rollouts.stage import run_rollouts
 
     bad = tmp_path / "broken-model"
     bad.mkdir()
@@ -137,7 +137,7 @@ def test_a_model_that_does_not_load_names_the_model(ray_session, tmp_path):
 
 
 def test_missing_model_folder_fails_before_any_engine(tmp_path):
-    from rollouts.stage import run_rollouts
+    from wsg.rollouts.stage import run_rollouts
 
     cfg = _cfg()
     cfg.model.name = str(tmp_path / "nope")

@@ -7,7 +7,7 @@ import pytest
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
-from analysis.stats import (
+from wsg.analysis.stats import (
     ACCURACY_SCHEMA,
     MCNEMAR_SCHEMA,
     PREDICTIONS_SCHEMA,
@@ -16,7 +16,7 @@ from analysis.stats import (
     mcnemar_table,
     wilson_interval,
 )
-from sweep.errors import WsgError
+from wsg.sweep.errors import WsgError
 
 
 def test_wilson_matches_statsmodels_on_random_inputs():

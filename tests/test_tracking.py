@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sweep.cells import CellKey
-from sweep.config import config_hash, parse_config
-from sweep.errors import ConfigError
-from sweep.tracking import NULL, TrackingCfg, TrackingPaths, cell_params, open_cell, run_params, track_run
+from wsg.sweep.cells import CellKey
+from wsg.sweep.config import config_hash, parse_config
+from wsg.sweep.errors import ConfigError
+from wsg.sweep.tracking import NULL, TrackingCfg, TrackingPaths, cell_params, open_cell, run_params, track_run
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -129,8 +129,8 @@ def test_config_section_validates():
 def test_disabled_tracking_imports_no_tracker(tmp_path):
     code = textwrap.dedent(f"""
         import sys
-        from sweep.cells import CellKey
-        from sweep.tracking import NULL, TrackingCfg, TrackingPaths, open_cell, track_run
+        from wsg.sweep.cells import CellKey
+        from wsg.sweep.tracking import NULL, TrackingCfg, TrackingPaths, open_cell, track_run
         p = TrackingPaths({str(tmp_path / 's.json')!r}, {str(tmp_path / 'tb')!r}, {str(tmp_path / 'wb')!r})
         t = open_cell(TrackingCfg(), experiment="e", run={str(tmp_path)!r}, key=CellKey("sft", 1, 1, 1e-4),
                       params={{}}, paths=p)
@@ -204,8 +204,8 @@ def test_mlflow_cells_grouped_by_loss_with_params_metrics_summary(mlflow_uri, tm
 
 _KILLED = """
 import os, sys
-from sweep.cells import CellKey
-from sweep.tracking import TrackingCfg, TrackingPaths, open_cell
+from wsg.sweep.cells import CellKey
+from wsg.sweep.tracking import TrackingCfg, TrackingPaths, open_cell
 args = {args}
 tr = open_cell(TrackingCfg.model_validate(args["tracking"]), experiment="trk", run=args["run"],
                key=CellKey("sft", 7, 8, 1e-4), params=args["params"], paths=TrackingPaths(**args["paths"]))
@@ -486,7 +486,7 @@ def test_object_store_run_writes_locally_then_uploads(tmp_path, monkeypatch):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sweep.trackers import copy_local
+    from wsg.sweep.trackers import copy_local
     from tests._cluster import S3Server
 
     s3 = S3Server(tmp_path / "s3").start()

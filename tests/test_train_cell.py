@@ -16,13 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sweep import rundir
-from sweep.errors import WsgError
+from wsg.sweep import rundir
+from wsg.sweep.errors import WsgError
 from test_train_fixtures import ray_local, tiny_cfg, tokenizer, write_run  # noqa: F401 (fixtures)
-from train.cell import run_cell
-from train.losses import loss_names
-from sweep.cells import cell_id
-from sweep.layout import RunLayout
+from wsg.train.cell import run_cell
+from wsg.train.losses import loss_names
+from wsg.sweep.cells import cell_id
+from wsg.sweep.layout import RunLayout
 
 LR, SEED = 1e-3, 42
 TWO = dict(num_workers=2, per_device_batch=2, grad_accum=1, effective_batch=4, max_steps=4, checkpoint_steps=[2, 4],
@@ -55,7 +55,7 @@ def trained(tmp_path_factory, tokenizer, ray_local):
 def test_every_offline_loss_trains_and_writes_reloadable_adapters(trained, loss):
     from peft import PeftModel
 
-    from sweep.models import load_causal_lm
+    from wsg.sweep.models import load_causal_lm
 
     run, summaries = trained
     s = summaries[loss]

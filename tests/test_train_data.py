@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from rollouts.schema import rollouts_table
-from sweep import rundir
-from sweep.errors import WsgError
+from wsg.rollouts.schema import rollouts_table
+from wsg.sweep import rundir
+from wsg.sweep.errors import WsgError
 from test_train_fixtures import make_rollouts, tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
-from sweep.cells import cell_id, parse_cell_id
-from sweep.layout import RunLayout
-from train.data import build_train_set, collate, micro_batches_per_rank, plan_step, split_by_length, step_items
+from wsg.sweep.cells import cell_id, parse_cell_id
+from wsg.sweep.layout import RunLayout
+from wsg.train.data import build_train_set, collate, micro_batches_per_rank, plan_step, split_by_length, step_items
 
 
 def test_cell_id_format_and_round_trip():
@@ -126,7 +126,7 @@ def test_step_plan_partitions_the_global_batch(tmp_path, tokenizer, loss, worker
 
 @pytest.fixture(scope="module")
 def policy():
-    from train.steps import build_policy
+    from wsg.train.steps import build_policy
     torch.manual_seed(0)
     pol = build_policy(tiny_cfg(), seed=3)
     # Make the adapter non-zero (fresh LoRA B is 0), as after training.
@@ -152,7 +152,7 @@ def _dense(model, ts, seq_rows) -> torch.Tensor:
 
 @pytest.mark.parametrize("overhead", [0, 64, 10**9])  # many forwards ... one padded forward
 def test_completion_logprobs_equal_dense_full_vocab_reference(tmp_path, tokenizer, policy, overhead):
-    from train.steps import CompletionLogprobs, sequence_logprobs
+    from wsg.train.steps import CompletionLogprobs, sequence_logprobs
 
     run = write_run(str(tmp_path), tokenizer, n_prompts=8)
     ts = build_train_set(tiny_cfg(max_seq_len=512), run, loss="dpo", tokenizer=tokenizer)
@@ -192,8 +192,8 @@ def test_length_split_is_the_cheapest_contiguous_partition():
 
 
 def test_reference_logprobs_are_the_base_model(tmp_path, tokenizer, policy):
-    from sweep.models import load_causal_lm
-    from train.steps import CompletionLogprobs, reference_logprobs, sequence_logprobs
+    from wsg.sweep.models import load_causal_lm
+    from wsg.train.steps import CompletionLogprobs, reference_logprobs, sequence_logprobs
 
     run = write_run(str(tmp_path), tokenizer)
     ts = build_train_set(tiny_cfg(max_seq_len=512), run, loss="sft", tokenizer=tokenizer)
@@ -212,8 +212,8 @@ def test_reference_logprobs_are_the_base_model(tmp_path, tokenizer, policy):
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, tokenizer, loss):
     """One optimizer step over a batch split in 3 micro-batches equals the
     same step over the whole batch at once (one normaliser per step)."""
-    from train.losses import get_loss, validate_hyper
-    from train.steps import PolicyTrainer, build_policy, train_step
+    from wsg.train.losses import get_loss, validate_hyper
+    from wsg.train.steps import PolicyTrainer, build_policy, train_step
 
     run = write_run(str(tmp_path), tokenizer, n_prompts=8)
     cfg = tiny_cfg(max_seq_len=512)
@@ -244,8 +244,8 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, tokenizer, loss
 def test_gradient_checkpointing_gives_the_same_step(tmp_path, tokenizer, loss):
     """train.gradient_checkpointing recomputes activations in the backward:
     the same loss, grad norm and updated LoRA weights as without it."""
-    from train.losses import get_loss, validate_hyper
-    from train.steps import PolicyTrainer, build_policy, train_step
+    from wsg.train.losses import get_loss, validate_hyper
+    from wsg.train.steps import PolicyTrainer, build_policy, train_step
 
     run = write_run(str(tmp_path), tokenizer, n_prompts=8)
     outs, weights = [], []
@@ -270,7 +270,7 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, tokenizer, loss):
 
 
 def test_metrics_table_has_a_column_per_metric():
-    from train.checkpoint import metrics_table
+    from wsg.train.checkpoint import metrics_table
 
     t = metrics_table([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "loss_x": 0.5}])
     df = t.to_pandas()

@@ -1,15 +1,15 @@
 """Shared helpers of the train tests: a tiny run directory with rollouts and
-pairs tables of the real schema (interfaces.md), tokenized for tiny-qwen3,
+pairs tables of the real schema (docs/design.md), tokenized for tiny-qwen3,
 and a Ray instance for the session's train tests."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sweep import rundir
-from rollouts.schema import pairs_table, rollouts_table
-from sweep.config import parse_config
-from sweep.layout import RunLayout
+from wsg.sweep import rundir
+from wsg.rollouts.schema import pairs_table, rollouts_table
+from wsg.sweep.config import parse_config
+from wsg.sweep.layout import RunLayout
 
 def tiny_cfg(**train):
     """tiny-qwen3, LoRA r=4, few steps, seq ≤ 64."""
@@ -62,7 +62,7 @@ def write_run(run: str, tokenizer, **kw) -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from sweep.models import load_tokenizer
+    from wsg.sweep.models import load_tokenizer
 
     return load_tokenizer("tiny-qwen3")
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from rollouts.schema import pairs_table
-from sweep import rundir
-from sweep.errors import WsgError
-from sweep.layout import RunLayout
+from wsg.rollouts.schema import pairs_table
+from wsg.sweep import rundir
+from wsg.sweep.errors import WsgError
+from wsg.sweep.layout import RunLayout
 from test_train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
-from train.cell import run_cell
-from train.steps import build_policy
+from wsg.train.cell import run_cell
+from wsg.train.steps import build_policy
 
 
 @pytest.fixture(autouse=True)

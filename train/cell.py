@@ -21,13 +21,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sweep import rundir
-from sweep.cells import CellKey
-from sweep.config import ExperimentConfig, config_hash
-from sweep.errors import WsgError
-from sweep.layout import RunLayout
-from train.losses import get_loss, validate_hyper
-from train.task import CellTask, PromptSet, placement
+from wsg.sweep import rundir
+from wsg.sweep.cells import CellKey
+from wsg.sweep.config import ExperimentConfig, config_hash
+from wsg.sweep.errors import WsgError
+from wsg.sweep.layout import RunLayout
+from wsg.train.losses import get_loss, validate_hyper
+from wsg.train.task import CellTask, PromptSet, placement
 
 # Keys of train: that do not change a cell's trajectory (resume may change them).
 _RUNTIME_TRAIN_KEYS = ("max_failures", "cpus_per_worker", "gpus_per_worker", "resume_every")
@@ -36,7 +36,7 @@ _RUNTIME_TRAIN_KEYS = ("max_failures", "cpus_per_worker", "gpus_per_worker", "re
 def validate_cell(cfg: ExperimentConfig, run: str, key: CellKey, *, tokenizer=None):
     """Refuse bad input before any worker starts; return the cell's data
     (a TrainSet or a PromptSet)."""
-    from sweep.models import load_tokenizer
+    from wsg.sweep.models import load_tokenizer
 
     spec = get_loss(key.loss, cfg.loss_cfg(key.loss).variant)
     validate_hyper(key.loss, spec.variant, cfg.loss_cfg(key.loss).hyper)
@@ -48,10 +48,10 @@ def validate_cell(cfg: ExperimentConfig, run: str, key: CellKey, *, tokenizer=No
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     if not spec.online:
-        from train.data import build_train_set
+        from wsg.train.data import build_train_set
 
         return build_train_set(cfg, run, loss=key.loss, tokenizer=tokenizer)
-    from train.online import prepare_prompts, validate_online
+    from wsg.train.online import prepare_prompts, validate_online
 
     prompts = prepare_prompts(cfg, tokenizer)
     validate_online(cfg, prompts)
@@ -128,8 +128,8 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    from sweep.session import session
-    from train.worker import train_loop_per_worker
+    from wsg.sweep.session import session
+    from wsg.train.worker import train_loop_per_worker
 
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise WsgError(f"learning rate must be a finite number > 0, got lr={lr!r}")
@@ -164,7 +164,7 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     place = placement(cfg, online=spec.online)
     sync = None
     if spec.online:
-        from rollouts.engine_rules import adapter_mode
+        from wsg.rollouts.engine_rules import adapter_mode
 
         sync = adapter_mode(cfg.online.sync, gpus=cfg.online.engine_gpus, field="online.sync")
 

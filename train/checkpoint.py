@@ -23,7 +23,7 @@ import tempfile
 import pyarrow as pa
 import torch
 
-from sweep import rundir
+from wsg.sweep import rundir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 STATE_FILE = "trainer_state.json"
@@ -43,7 +43,7 @@ def publish_adapter(trainer, dest: str, *, rank: int, card=None) -> str:
     run, RunLayout.cell(...).step(n)); with a `sweep.adapter_card.AdapterCard`
     the folder is made portable (the base model's hub id) and gets its model
     card. The weights file is never touched."""
-    from sweep.adapter_card import CARD_FILE, make_portable
+    from wsg.sweep.adapter_card import CARD_FILE, make_portable
 
     with tempfile.TemporaryDirectory(prefix="wsg-adapter-") as tmp:
         export_adapter(trainer, tmp, rank=rank)

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sweep import rundir
-from sweep.config import ExperimentConfig
-from sweep.errors import WsgError
-from sweep.layout import RunLayout
+from wsg.sweep import rundir
+from wsg.sweep.config import ExperimentConfig
+from wsg.sweep.errors import WsgError
+from wsg.sweep.layout import RunLayout
 
 ROLLOUT_COLUMNS = ("prompt_id", "sample_idx", "prompt_text", "completion", "reward", "prompt_token_ids",
                    "completion_token_ids", "finish_reason")
@@ -123,7 +123,7 @@ def _sequences(cfg: ExperimentConfig, table, tokenizer) -> tuple[list, list, str
 def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) -> TrainSet:
     """Read the run's rollouts (and pairs), tokenize for the policy, pick the
     items `loss` trains on, and refuse unusable input with a WsgError."""
-    from train.losses import get_loss, precompute_advantages, validate_hyper
+    from wsg.train.losses import get_loss, precompute_advantages, validate_hyper
 
     lcfg = cfg.loss_cfg(loss)
     spec = get_loss(loss, lcfg.variant)
@@ -174,7 +174,7 @@ def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) ->
     else:
         rows = np.flatnonzero(keep)
         if spec.unit == "positive_sequences":
-            from train.losses_batch import is_positive
+            from wsg.train.losses_batch import is_positive
             pos = is_positive(torch.from_numpy(rewards), hyper["positive_threshold"]).numpy()
             n_pos_all = int(pos.sum())
             rows = rows[pos[rows]]

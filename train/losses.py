@@ -1,5 +1,5 @@
 """The loss registry: config name → function, the data it consumes, and the
-unit its one normaliser counts (DESIGN.md "Losses", docs/losses.md).
+unit its one normaliser counts (docs/design.md "Losses", docs/losses.md).
 
 How a trainer uses it, per optimizer step over a global batch split into
 micro-batches (and ranks):
@@ -28,9 +28,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from sweep.errors import WsgError
-from train.losses_batch import LossBatch, is_positive
-from train.losses_offline import (
+from wsg.sweep.errors import WsgError
+from wsg.train.losses_batch import LossBatch, is_positive
+from wsg.train.losses_offline import (
     dft_loss,
     dpo_loss,
     ipo_loss,
@@ -44,7 +44,7 @@ from train.losses_offline import (
     sft_loss,
     simpo_loss,
 )
-from train.losses_online import group_advantages, online_dapo_loss, online_grpo_loss, overlong_penalty
+from wsg.train.losses_online import group_advantages, online_dapo_loss, online_grpo_loss, overlong_penalty
 
 __all__ = [
     "LOSSES",

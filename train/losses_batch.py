@@ -1,7 +1,7 @@
 """The data every loss reads (`LossBatch`) and the helpers the losses share.
 
 A loss never sees a model: it reads per-token log-probs of the completion
-tokens plus whatever fields it declares (DESIGN.md "Losses"). Keeping the
+tokens plus whatever fields it declares (docs/design.md "Losses"). Keeping the
 losses pure over tensors lets them be tested against independent references
 on random inputs, and lets one trainer serve every loss.
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from sweep.errors import WsgError
+from wsg.sweep.errors import WsgError
 
 #: The optional fields a loss may declare in `LossSpec.needs`.
 OPTIONAL_FIELDS = (

@@ -1,5 +1,5 @@
 """Offline losses over fixed rollouts: SFT, RFT, DFT, RIFT, Offline GRPO and
-the DPO family (DESIGN.md "Losses"; seed paper 2606.23740 §2 "Methods").
+the DPO family (docs/design.md "Losses"; seed paper 2606.23740 §2 "Methods").
 
 Every function has the one signature
     loss_fn(batch, *, normaliser, **hyper) -> (loss, metrics)
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sweep.errors import WsgError
-from train.losses_batch import (
+from wsg.sweep.errors import WsgError
+from wsg.train.losses_batch import (
     LossBatch,
     check_normaliser,
     group_all,

@@ -26,15 +26,15 @@ import time
 import numpy as np
 import torch
 
-from sweep.config import ExperimentConfig
-from sweep.errors import WsgError
-from train.data import StepBatch, collate
-from train.online_sample import SampledGroup, behaviour_tensor, build_batch, collect_groups, micro_batches, stream_indices
-from train.online_sync import (
+from wsg.sweep.config import ExperimentConfig
+from wsg.sweep.errors import WsgError
+from wsg.train.data import StepBatch, collate
+from wsg.train.online_sample import SampledGroup, behaviour_tensor, build_batch, collect_groups, micro_batches, stream_indices
+from wsg.train.online_sync import (
     WeightSync, call_engine, node_id, on_engine, quiet_reload_logs, receive_files,
 )
-from rollouts.engine_rules import adapter_mode, online_engine_options, vllm_lora_rank
-from train.task import CellTask, PromptSet
+from wsg.rollouts.engine_rules import adapter_mode, online_engine_options, vllm_lora_rank
+from wsg.train.task import CellTask, PromptSet
 
 
 # --------------------------------------------------------------------------- driver side
@@ -42,9 +42,9 @@ from train.task import CellTask, PromptSet
 def prepare_prompts(cfg: ExperimentConfig, tokenizer=None) -> PromptSet:
     """The cell's prompts with the same chat template the rollout engines
     apply (rollouts/prompts.py), and their gold answers."""
-    from rollouts.datasets import load_problems
-    from rollouts.prompts import encode_prompts, render_prompts
-    from sweep.models import load_tokenizer
+    from wsg.rollouts.datasets import load_problems
+    from wsg.rollouts.prompts import encode_prompts, render_prompts
+    from wsg.sweep.models import load_tokenizer
 
     problems = load_problems(cfg.data)
     tok = tokenizer or load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
@@ -132,7 +132,7 @@ class OnPolicySource:
     `EngineActor` as `engine` instead."""
 
     def __init__(self, task: CellTask, prompts: PromptSet, *, device, engine=None):
-        from train.losses import get_loss, validate_hyper
+        from wsg.train.losses import get_loss, validate_hyper
 
         self.task, self.cfg, self.prompts, self.device = task, task.cfg, prompts, torch.device(device)
         lcfg = self.cfg.loss_cfg(task.key.loss)
@@ -152,7 +152,7 @@ class OnPolicySource:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from rollouts.engine import remote_engine
+        from wsg.rollouts.engine import remote_engine
 
         p, o = self.task.placement, self.cfg.online
         opts = online_engine_options(self.cfg, self.task.sync, threads=p.engine_threads)
@@ -170,8 +170,8 @@ class OnPolicySource:
 
     def ready(self, policy) -> None:
         """Wait for the engine and push the policy (a resumed adapter, or the fresh one = the base model)."""
-        from rollouts.engine import wait_ready
-        from sweep.models import load_tokenizer
+        from wsg.rollouts.engine import wait_ready
+        from wsg.sweep.models import load_tokenizer
 
         tok = load_tokenizer(self.cfg.model.name, trust_remote_code=self.cfg.model.trust_remote_code)
         self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0)
@@ -203,7 +203,7 @@ class OnPolicySource:
         if self._own_engine and self.engine is not None:
             import ray
 
-            from rollouts.engine import shutdown_engines
+            from wsg.rollouts.engine import shutdown_engines
 
             if self._in_bundle:  # its files are ours (removed below): no clean vLLM shutdown to wait for
                 ray.kill(self.engine)
@@ -220,7 +220,7 @@ class OnPolicySource:
     # -- one step ----------------------------------------------------------------
     def _sample_round(self, step: int, clock: dict):
         """The function collect_groups calls: n fresh prompts → their groups."""
-        from rollouts.reward import score_batch
+        from wsg.rollouts.reward import score_batch
 
         o, seed, data = self.cfg.online, self.task.key.data_seed, self.prompts
 
@@ -254,7 +254,7 @@ class OnPolicySource:
 
     def batch(self, step: int) -> StepBatch:
         """Sample, reward and batch step `step` (0-based) from the current policy."""
-        from train.losses import precompute_advantages
+        from wsg.train.losses import precompute_advantages
 
         o, t, spec = self.cfg.online, self.cfg.train, self.spec
         clock = {"gen_s": 0.0, "reward_s": 0.0, "gen_tokens": 0, "rounds": 0}
@@ -275,7 +275,7 @@ class OnPolicySource:
                    "trained_groups": len(groups), "sample_rounds": cs.rounds, "gen_s": clock["gen_s"],
                    "reward_s": clock["reward_s"], "gen_tokens": clock["gen_tokens"],
                    "gen_tok_per_s": clock["gen_tokens"] / max(clock["gen_s"], 1e-9), "prompt_cursor": self.cursor}
-        from sweep import telemetry
+        from wsg.sweep import telemetry
 
         telemetry.rollout_throughput(metrics["gen_tok_per_s"], stage="online")
         return StepBatch(mbs, OnlineObserver(self.policy), metrics)

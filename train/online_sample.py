@@ -14,9 +14,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sweep.errors import WsgError
-from train.data import TrainSet
-from train.losses_online import overlong_penalty
+from wsg.sweep.errors import WsgError
+from wsg.train.data import TrainSet
+from wsg.train.losses_online import overlong_penalty
 
 
 # --------------------------------------------------------------------------- prompt order

@@ -15,7 +15,7 @@ Two strategies (cfg.online.sync, docs/online.md):
   holds a LoRA layer (the whole attention block, so vLLM's fused q/k/v
   projection always receives all of its parts) and loaded into the engine
   in place; the engine then runs at base-model speed. On CPU vLLM's LoRA
-  path is 7-12x slower than the base model (FACTS.md "vLLM"), so "auto"
+  path is 7-12x slower than the base model (docs/stack.md "vLLM"), so "auto"
   means merged on CPU and lora on GPU.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Callable
 
 import torch
 
-from rollouts.merge import write_merged
-from sweep.errors import WsgError
+from wsg.rollouts.merge import write_merged
+from wsg.sweep.errors import WsgError
 
 # vLLM's in-place reload warns once per untouched layer on every merged sync.
 QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",

@@ -6,9 +6,9 @@ runs (train/worker.py), offline or online.
 - `CompletionLogprobs` / `sequence_logprobs`: per-token log π of completion
   tokens only. The base transformer runs once; the LM head (vocab 49k on
   SmolLM2, a large share of the step) runs on completion positions only
-  (FACTS.md "Training": 1.8x TRL's SFTTrainer with length buckets).
+  (docs/stack.md "Training": 1.8x TRL's SFTTrainer with length buckets).
 - `reference_logprobs`: π_ref = the same model with the adapter disabled,
-  under no_grad: no second copy of the model (DESIGN.md, DPO row).
+  under no_grad: no second copy of the model (docs/design.md, DPO row).
 - `PolicyTrainer`: AdamW on the LoRA parameters, cosine schedule with
   warmup, grad-norm clipping, gradient accumulation, and either DDP
   (ray.train.torch.prepare_model) or DeepSpeed ZeRO as the backend.
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from sweep.config import ExperimentConfig
+from wsg.sweep.config import ExperimentConfig
 
 
 def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
@@ -38,7 +38,7 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
 
 def build_policy(cfg: ExperimentConfig, *, seed: int, device: torch.device | str = "cpu"):
     """The base model with a fresh LoRA adapter; same seed → same adapter init."""
-    from sweep.models import load_causal_lm
+    from wsg.sweep.models import load_causal_lm
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     base = load_causal_lm(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
@@ -224,7 +224,7 @@ def _deepspeed_engine(module, optimizer, scheduler, *, stage: int, micro: int, g
 
     if get_accelerator().device_name() == "cpu":
         # The shm comm op serves only inference all-reduce; skipping it avoids a
-        # ~1 min JIT build on first use (FACTS.md "Training"). The torch AdamW
+        # ~1 min JIT build on first use (docs/stack.md "Training"). The torch AdamW
         # passed in avoids DeepSpeed's own Adam ops (another 2-3 min build).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     config = {
@@ -256,7 +256,7 @@ def allreduce_sum(values: list[float], world: int) -> list[float]:
 
 def loss_batch(mb, logprobs: torch.Tensor, ref: torch.Tensor | None = None):
     """The LossBatch of micro-batch `mb` with these policy (and ref) log-probs."""
-    from train.losses import LossBatch
+    from wsg.train.losses import LossBatch
 
     return LossBatch(logprobs=logprobs, mask=mb.mask, rewards=mb.rewards, group_ids=mb.group_ids, ref_logprobs=ref,
                      behaviour_logprobs=mb.behaviour_logprobs, pair_index=mb.pair_index, advantages=mb.advantages)
@@ -275,7 +275,7 @@ def train_step(trainer: PolicyTrainer, spec, hyper: dict, micro_batches: list, *
     `observer` (the on-policy source's): `.forward()` is a context around
     the policy forward, `.after(mb, logprobs)` sees each micro-batch's
     log-probs, `.metrics()` adds to the returned row."""
-    from train.losses import count_units, normaliser_from_count, required_fields
+    from wsg.train.losses import count_units, normaliser_from_count, required_fields
 
     needs_ref = "ref_logprobs" in required_fields(spec, hyper)
     local = sum(count_units(spec, loss_batch(mb, torch.zeros(mb.mask.shape)), hyper) for mb in micro_batches)
@@ -317,7 +317,7 @@ def train_step(trainer: PolicyTrainer, spec, hyper: dict, micro_batches: list, *
 
 def configure_threads(cpus: float) -> int:
     """Give torch exactly the CPUs Ray granted this worker: more threads than
-    cores collapse throughput when the box is shared (FACTS.md "Training")."""
+    cores collapse throughput when the box is shared (docs/stack.md "Training")."""
     n = max(1, int(cpus))
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)

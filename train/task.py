@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from sweep.cells import CellKey
-from sweep.config import ExperimentConfig
+from wsg.sweep.cells import CellKey
+from wsg.sweep.config import ExperimentConfig
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ import time
 
 import torch
 
-from sweep import rundir, telemetry, tracking
-from sweep.errors import WsgError
-from sweep.layout import RunLayout
-from train import checkpoint as ck
-from sweep.adapter_card import AdapterCard
-from train.task import CellTask
+from wsg.sweep import rundir, telemetry, tracking
+from wsg.sweep.errors import WsgError
+from wsg.sweep.layout import RunLayout
+from wsg.train import checkpoint as ck
+from wsg.sweep.adapter_card import AdapterCard
+from wsg.train.task import CellTask
 
 
 def _non_finite(out: dict) -> str | None:
@@ -60,7 +60,7 @@ def _setup_env(use_gpu: bool) -> None:
     else:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        from sweep.models import cache_root
+        from wsg.sweep.models import cache_root
 
         os.environ["TORCH_EXTENSIONS_DIR"] = str(cache_root() / "torch_extensions")  # DeepSpeed op builds, cached
 
@@ -82,10 +82,10 @@ def make_source(task: CellTask, *, rank: int, world: int, device):
 
     data = ray.get(task.data) if isinstance(task.data, ray.ObjectRef) else task.data
     if task.online:
-        from train.online import OnPolicySource
+        from wsg.train.online import OnPolicySource
 
         return OnPolicySource(task, data, device=device)
-    from train.data import RolloutSource
+    from wsg.train.data import RolloutSource
 
     return RolloutSource(task, data, rank=rank, world=world)
 
@@ -95,7 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from train.steps import configure_threads
+    from wsg.train.steps import configure_threads
 
     task: CellTask = config["task"]
     entered = time.time()
@@ -131,8 +131,8 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
     (bench/cell_overhead.py): loop entry, setup done, the steps, checkpoints."""
     import ray
 
-    from train.losses import get_loss, validate_hyper
-    from train.steps import PolicyTrainer, build_policy, resolve_autocast, train_step, warmup_steps
+    from wsg.train.losses import get_loss, validate_hyper
+    from wsg.train.steps import PolicyTrainer, build_policy, resolve_autocast, train_step, warmup_steps
 
     cfg, key, t = task.cfg, task.key, task.cfg.train
     cl = RunLayout(task.run).cell(key.id)
