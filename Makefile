@@ -13,7 +13,7 @@ run: setup
 
 # Creates/updates the same .venv and runs the whole test suite (slow tests included).
 test: setup-test
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=40
 
 # The fast subset, for development.
 test-fast: setup-test
