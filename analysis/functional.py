@@ -126,6 +126,7 @@ class _Host:
                                    trust_remote_code=trust_remote_code).to(self.device)
         self.peft = None
         self.current = None
+        self.current_config = None  # the config of an adapter given in memory (`with_state`)
         self.count = 0
 
     def model(self, adapter_path: str | None):
@@ -146,7 +147,28 @@ class _Host:
             self.peft.set_adapter(name)
             self.peft.delete_adapter(self.current)
         self.current = name
+        self.current_config = None
         return self.peft.eval()
+
+    def with_state(self, config: dict, tensors: dict, folder: str):
+        """The model serving an adapter given in memory (an LMC point). When the
+        loaded adapter has the same config, the tensors go into its modules
+        through peft's own state-dict load (what load_adapter does after
+        injecting new modules), so the points of a path, and of every path of
+        one rank, share one set of LoRA modules."""
+        from peft import set_peft_model_state_dict
+
+        if self.peft is not None and self.current_config == config:
+            self.peft.base_model.enable_adapter_layers()
+            res = set_peft_model_state_dict(self.peft, tensors, adapter_name=self.current)
+            if res.unexpected_keys:
+                raise WsgError(f"LMC adapter tensors do not fit the loaded LoRA modules: {res.unexpected_keys[:3]}")
+            return self.peft.eval()
+        from wsg.analysis.lmc import save_adapter
+
+        model = self.model(save_adapter(config, tensors, folder))
+        self.current_config = config
+        return model
 
 
 def _prompt_ids(host: _Host, prompts: list[str], max_length: int) -> list[list[int]]:
@@ -176,17 +198,17 @@ def _hidden_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
 
 def _lmc_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
     from wsg.analysis.adapters import local_copy
-    from wsg.analysis.lmc import masked_answer_nll, write_interpolated_adapter
+    from wsg.analysis.lmc import interpolated_adapter, masked_answer_nll, read_pair
 
-    pa_, pb_ = local_copy(unit["uri_a"]), local_copy(unit["uri_b"])
+    pair = read_pair(local_copy(unit["uri_a"]), local_copy(unit["uri_b"]))
     prompts = _prompt_ids(host, items["lmc_prompts"], items["max_length"])
     answers = [host.tok(a, add_special_tokens=False)["input_ids"] for a in items["lmc_answers"]]
     pairs = list(zip(prompts, answers))
     rows = []
     with tempfile.TemporaryDirectory(prefix="wsg-lmc-") as tmp:
         for k, alpha in enumerate(unit["alphas"]):
-            folder = write_interpolated_adapter(pa_, pb_, alpha, f"{tmp}/{k}")
-            nll, ntok = masked_answer_nll(host.model(folder), host.tok, pairs, batch_size=BATCH_SIZE)
+            model = host.with_state(*interpolated_adapter(pair, alpha), f"{tmp}/{k}")
+            nll, ntok = masked_answer_nll(model, host.tok, pairs, batch_size=BATCH_SIZE)
             rows.append({"adapter_a": unit["a"], "adapter_b": unit["b"], "alpha": float(alpha),
                          "ce": float(nll.sum() / ntok.sum()), "n_items": len(pairs), "n_tokens": int(ntok.sum())})
     table = pa.Table.from_pylist(rows, schema=LMC_SCHEMA.with_metadata({"fingerprint": unit["fingerprint"]}))
@@ -305,7 +327,7 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
 
     from wsg.analysis.cka import layerwise_cka
 
-    adapters = list_adapters(cfg, run)
+    adapters = list_adapters(cfg, run, models=True)  # analysis.model_steps: a model per adapter
     if not adapters:
         raise WsgError(f"{run} has no complete adapters to analyse; run the grid first (`wsg run`)")
     items = _items(cfg)

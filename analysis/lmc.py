@@ -84,17 +84,13 @@ def interpolate_lora(factors_a: Mapping, factors_b: Mapping, alpha: float) -> di
     return out
 
 
-def write_interpolated_adapter(adapter_dir_a: str, adapter_dir_b: str, alpha: float, out_dir: str) -> str:
-    """Write the PEFT adapter for α·ΔW_a + (1−α)·ΔW_b to out_dir; return out_dir.
-
-    Its config is a's with r = r_a + r_b, lora_alpha = r and use_rslora off,
-    so PEFT's scaling is exactly 1 and the factors carry the weights.
-    """
+def read_pair(adapter_dir_a: str, adapter_dir_b: str) -> tuple:
+    """Both adapters' specs and factors, checked for interpolation once
+    (`interpolated_adapter` then serves every α of the path)."""
     spec_a, fa = read_lora_factors(adapter_dir_a)
     spec_b, fb = read_lora_factors(adapter_dir_b)
     for spec in (spec_a, spec_b):
         _check_plain_lora(spec.config, spec.path)
-    cfg_a, cfg_b = spec_a.config, spec_b.config
     if set(fa) != set(fb):
         only_a = sorted(set(fa) - set(fb))
         only_b = sorted(set(fb) - set(fa))
@@ -102,18 +98,38 @@ def write_interpolated_adapter(adapter_dir_a: str, adapter_dir_b: str, alpha: fl
             f"adapters {adapter_dir_a} and {adapter_dir_b} adapt different modules (only in a: {only_a[:3]}, "
             f"only in b: {only_b[:3]}); interpolate adapters trained with the same target_modules"
         )
+    return spec_a, fa, spec_b, fb
+
+
+def interpolated_adapter(pair: tuple, alpha: float) -> tuple[dict, dict]:
+    """(adapter_config, safetensors tensors) of the PEFT adapter for
+    α·ΔW_a + (1−α)·ΔW_b, from `read_pair`. Its config is a's with
+    r = r_a + r_b, lora_alpha = r and use_rslora off, so PEFT's scaling is
+    exactly 1 and the factors carry the weights."""
+    spec_a, fa, spec_b, fb = pair
     merged = interpolate_lora(fa, fb, alpha)
-    r = int(cfg_a["r"]) + int(cfg_b["r"])
-    config = copy.deepcopy(cfg_a)
+    r = int(spec_a.config["r"]) + int(spec_b.config["r"])
+    config = copy.deepcopy(spec_a.config)
     config.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern={}, alpha_pattern={})
     tensors = {}
     for name, (b_cat, a_cat, _) in merged.items():  # a's safetensors keys
         tensors[spec_a.modules[name].prefix + _A_SUFFIX] = a_cat
         tensors[spec_a.modules[name].prefix + _B_SUFFIX] = b_cat
+    return config, tensors
+
+
+def save_adapter(config: dict, tensors: dict, out_dir: str, marker: dict | None = None) -> str:
     rundir.write_bytes(rundir.join(out_dir, WEIGHTS_FILE), st_save(tensors, metadata={"format": "pt"}))
     rundir.write_json(rundir.join(out_dir, CONFIG_FILE), config)
-    rundir.mark_complete(out_dir, {"alpha": float(alpha), "adapter_a": str(adapter_dir_a), "adapter_b": str(adapter_dir_b)})
+    rundir.mark_complete(out_dir, marker or {})
     return out_dir
+
+
+def write_interpolated_adapter(adapter_dir_a: str, adapter_dir_b: str, alpha: float, out_dir: str) -> str:
+    """Write the PEFT adapter for α·ΔW_a + (1−α)·ΔW_b to out_dir; return out_dir."""
+    config, tensors = interpolated_adapter(read_pair(adapter_dir_a, adapter_dir_b), alpha)
+    return save_adapter(config, tensors, out_dir,
+                        {"alpha": float(alpha), "adapter_a": str(adapter_dir_a), "adapter_b": str(adapter_dir_b)})
 
 
 def _tokenize_items(tokenizer, items: Sequence[tuple]) -> list[tuple[list[int], list[int]]]:

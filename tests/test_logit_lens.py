@@ -112,3 +112,18 @@ def test_errors():
         prediction_depth(tiny_qwen3(layers=1), torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), batch_size=0)
     with pytest.raises(ValueError, match="empty"):
         prediction_depth(tiny_qwen3(layers=1), torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_layer_depths_equal_every_layers_readout(left, model_and_loop_depths):
+    """The early-stopping readout gives, position by position, the depths of
+    the full [L+1, n] top-1 table."""
+    from wsg.analysis.logit_lens import layer_depths, layer_top1
+
+    model, _ = model_and_loop_depths
+    ids, mask = _padded(SEQS, left)
+    fast = layer_depths(model, ids, mask, batch_size=2)
+    full = [depths_from_top1(t) for t in layer_top1(model, ids, mask, batch_size=3)]
+    assert [len(x) for x in fast] == [len(s) for s in SEQS]
+    for f, g in zip(fast, full):
+        np.testing.assert_array_equal(f, g)
