@@ -4,6 +4,7 @@ and cluster.yaml install (requirements/*.txt)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -43,8 +44,12 @@ def installed(tmp_path_factory):
     a fresh venv that sees this environment's packages only through a .pth line
     (so neither the checkout nor its editable install is importable there)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                             "runs", ".cache", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp / "dist"), str(ROOT)], check=True, capture_output=True, timeout=600)
+                    "-w", str(tmp / "dist"), str(src)], check=True, capture_output=True, timeout=600)
     wheels = list((tmp / "dist").glob("wsg-*.whl"))
     assert len(wheels) == 1, wheels
     env_dir = tmp / "venv"
