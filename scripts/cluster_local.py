@@ -1,7 +1,7 @@
 """Write a local-provider cluster file for `ray up` from cluster.yaml.
 
 cluster.yaml describes the AWS GPU cluster (docs/cluster.md). To try the same
-cluster path on one machine (the slow tests in tests/test_cluster_up.py do),
+cluster path on one machine (the slow tests in tests/cluster/test_cluster_up.py do),
 this script derives a `provider: local` file from it instead of keeping a
 second copy: the head and worker start commands, the head's resources, the
 file mounts and the rsync filters all come from cluster.yaml, and only what

@@ -48,7 +48,7 @@ if [ $want_test = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 if [ $want_test = 1 ]; then
-  # The cluster tests (tests/test_cluster_up.py) start the OS's SSH server for
+  # The cluster tests (tests/cluster/test_cluster_up.py) start the OS's SSH server for
   # `ray up` on loopback; Ray syncs file mounts with rsync and reaches an SSH
   # port other than 22 through nc.
   missing=""

@@ -15,7 +15,7 @@ micro-batches (and ranks):
 
 Every loss returns Σ(per-unit terms of its micro-batch) / normaliser, so the
 accumulated gradient equals the whole batch's gradient however the batch is
-split (tests/test_losses.py checks this for every loss). Group-relative
+split (tests/train/test_losses.py checks this for every loss). Group-relative
 losses compute advantages from `rewards`/`group_ids` inside the micro-batch,
 which needs whole groups per micro-batch; when a group is split, precompute
 `LossBatch.advantages` with `precompute_advantages` over the whole group.

@@ -4,7 +4,7 @@ training batch built from the kept groups (docs/online.md).
 
 Nothing here touches a model or an engine: `collect_groups` takes the
 engine call as a function, so the refill logic is tested on plain numbers
-(tests/test_online_sample.py) and driven by the real engine in train/online.py.
+(tests/train/test_online_sample.py) and driven by the real engine in train/online.py.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 After every optimizer step the engine must sample from the *new* policy.
 Sampling silently from the base model (an adapter never attached, or a
 cached adapter name reused for new weights) is a known bug class of RL
-frameworks (verl, OpenRLHF); tests/test_online_sync.py guards it by
+frameworks (verl, OpenRLHF); tests/train/test_online_sync.py guards it by
 comparing the engine's teacher-forced log-probs with the trainer's.
 
 Two strategies (cfg.online.sync, docs/online.md):

@@ -54,7 +54,7 @@ def attach_lora(base, lc, *, seed: int, device: torch.device | str = "cpu", grad
     base.config.use_cache = False
     if gradient_checkpointing:
         # Non-reentrant: the frozen embeddings' outputs need no requires_grad hook,
-        # and the gradient equals the plain one (tests/test_train_data.py).
+        # and the gradient equals the plain one (tests/train/test_train_data.py).
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     alpha = int(lc.alpha) if float(lc.alpha).is_integer() else float(lc.alpha)
     lora = LoraConfig(r=lc.r, lora_alpha=alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),

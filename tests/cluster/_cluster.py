@@ -1,4 +1,4 @@
-"""Services and clients for the cluster tests (tests/test_cluster_up.py).
+"""Services and clients for the cluster tests (tests/cluster/test_cluster_up.py).
 
 Everything here starts real programs (the OS's sshd, moto's S3 server, Ray
 nodes, headless Chromium) and ends each by its own pid. Ray nodes live in PID
@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SSHD = "/usr/sbin/sshd"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

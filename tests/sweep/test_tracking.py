@@ -28,7 +28,7 @@ from wsg.sweep.errors import ConfigError
 from wsg.sweep.tracking import NULL, TrackingCfg, TrackingPaths, cell_params, open_cell, run_params, track_run
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

@@ -16,7 +16,7 @@ import torch
 from wsg.sweep.cells import CellKey
 from wsg.sweep.config import config_hash
 from wsg.sweep.layout import RunLayout
-from tests.test_train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401  (fixture)
+from train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401  (fixture)
 from wsg.sweep.adapter_card import CARD_FILE, CONFIG_FILE, AdapterCard, add_accuracy, base_model_id, make_portable, read_card
 
 WEIGHTS = "adapter_model.safetensors"
@@ -174,5 +174,5 @@ def test_copied_adapter_loads_in_vllm(trained, portable, tokenizer, tmp_path):  
     finally:
         engine.shutdown()
     print(f"\nvLLM LoRA vs peft: max |diff| {np.abs(got - want).max():.2e}; base vs adapter {np.abs(base - want).max():.3f}")
-    assert np.abs(got - want).max() < 2e-3  # vLLM's CPU kernels vs torch (tests/test_rollouts_engine.py)
+    assert np.abs(got - want).max() < 2e-3  # vLLM's CPU kernels vs torch (tests/rollouts/test_rollouts_engine.py)
     assert np.abs(got - base).max() > 10 * 2e-3

@@ -7,7 +7,7 @@ import yaml
 from wsg.sweep.config import (ExperimentConfig, config_hash, dump_config, load_config, parse_config)
 from wsg.sweep.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 def test_there_are_shipped_configs():

@@ -27,7 +27,7 @@ from wsg.sweep import models
 from wsg.sweep.errors import WsgError
 from wsg.sweep.models import cache_root, load_causal_lm, load_tokenizer, resolve_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 # SmolLM2's ChatML template with its default system prompt, written out by hand.

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _adapter(folder, *, d_out=24, d_in=16, r=4, layers=2, seed=0):

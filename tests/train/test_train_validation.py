@@ -7,7 +7,7 @@ from wsg.rollouts.schema import pairs_table
 from wsg.sweep import rundir
 from wsg.sweep.errors import WsgError
 from wsg.sweep.layout import RunLayout
-from test_train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
+from train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
 from wsg.train.cell import run_cell
 from wsg.train.steps import build_policy
 
@@ -16,7 +16,7 @@ from wsg.train.steps import build_policy
 def no_ray():
     import ray
 
-    if ray.is_initialized():  # left up by an earlier module (tests/test_train_fixtures.py)
+    if ray.is_initialized():  # left up by an earlier module (tests/train_fixtures.py)
         ray.shutdown()
     yield
     assert not ray.is_initialized(), "validation must fail before Ray starts"
