@@ -35,9 +35,10 @@ def _readout_modules(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return norm, head
 
 
-def layer_top1(model, input_ids, attention_mask, *, batch_size: int = 8) -> list[np.ndarray]:
-    """Per sequence, the [L+1, n_tokens] top-1 token of every layer's readout
-    at each real (non-pad) position. Padded inputs may be left or right padded."""
+def _forward_batches(model, input_ids, attention_mask, batch_size: int):
+    """Yields (row indices, offsets of their real positions, the model's output
+    with every layer's hidden states, the real-position mask, the readout
+    modules) per batch of the unpadded rows, in inference mode."""
     if batch_size < 1:
         raise LogitLensError(f"batch_size must be >= 1, got {batch_size}")
     seqs = unpad(input_ids, attention_mask)
@@ -45,7 +46,6 @@ def layer_top1(model, input_ids, attention_mask, *, batch_size: int = 8) -> list
         raise LogitLensError("prediction depth needs at least one sequence and no empty row")
     norm, head = _readout_modules(model)
     device = next(model.parameters()).device
-    result: list[np.ndarray | None] = [None] * len(seqs)
     was_training = model.training
     model.eval()
     try:
@@ -56,20 +56,25 @@ def layer_top1(model, input_ids, attention_mask, *, batch_size: int = 8) -> list
                 ids, mask = right_pad([seqs[i] for i in idx], 0)
                 ids, mask = ids.to(device), mask.to(device)
                 out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-                hs = out.hidden_states
-                real = mask.bool()
-                tops = []
-                for layer in range(len(hs) - 1):
-                    tops.append(head(norm(hs[layer][real])).argmax(-1))
-                # Layer L's readout is the model's own output: transformers
-                # reports the last hidden state after the final norm already.
-                tops.append(out.logits[real].argmax(-1))
-                top = torch.stack(tops).cpu().numpy()  # [L+1, tokens in batch, row-major]
                 offsets = np.cumsum([0] + [len(seqs[i]) for i in idx])
-                for k, i in enumerate(idx):
-                    result[i] = top[:, offsets[k] : offsets[k + 1]]
+                yield idx, offsets, out, mask.bool(), norm, head
     finally:
         model.train(was_training)
+
+
+def layer_top1(model, input_ids, attention_mask, *, batch_size: int = 8) -> list[np.ndarray]:
+    """Per sequence, the [L+1, n_tokens] top-1 token of every layer's readout
+    at each real (non-pad) position. Padded inputs may be left or right padded."""
+    result: list[np.ndarray | None] = [None] * len(input_ids)
+    for idx, offsets, out, real, norm, head in _forward_batches(model, input_ids, attention_mask, batch_size):
+        hs = out.hidden_states
+        tops = [head(norm(hs[layer][real])).argmax(-1) for layer in range(len(hs) - 1)]
+        # Layer L's readout is the model's own output: transformers reports
+        # the last hidden state after the final norm already.
+        tops.append(out.logits[real].argmax(-1))
+        top = torch.stack(tops).cpu().numpy()  # [L+1, tokens in batch, row-major]
+        for k, i in enumerate(idx):
+            result[i] = top[:, offsets[k] : offsets[k + 1]]
     return result
 
 
@@ -88,40 +93,21 @@ def layer_depths(model, input_ids, attention_mask, *, batch_size: int = 8) -> li
     each position's readouts stopping at the first layer whose top-1 differs
     from the final one. Depths sit near L (seed §3.6: 35.3-36.0 of 36), so
     this projects a few layers per position to the vocabulary instead of L."""
-    if batch_size < 1:
-        raise LogitLensError(f"batch_size must be >= 1, got {batch_size}")
-    seqs = unpad(input_ids, attention_mask)
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise LogitLensError("prediction depth needs at least one sequence and no empty row")
-    norm, head = _readout_modules(model)
-    device = next(model.parameters()).device
-    result: list[np.ndarray | None] = [None] * len(seqs)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(seqs), batch_size):
-                idx = list(range(start, min(start + batch_size, len(seqs))))
-                ids, mask = right_pad([seqs[i] for i in idx], 0)
-                ids, mask = ids.to(device), mask.to(device)
-                out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-                hs, real = out.hidden_states, mask.bool()
-                final = out.logits[real].argmax(-1)
-                n_layers = len(hs) - 1
-                settled = torch.ones_like(final)  # layers from the end whose top-1 is the final one
-                alive = torch.arange(final.shape[0], device=device)
-                for layer in range(n_layers - 1, -1, -1):
-                    if alive.numel() == 0:
-                        break
-                    same = head(norm(hs[layer][real][alive])).argmax(-1) == final[alive]
-                    alive = alive[same]
-                    settled[alive] += 1
-                depth = ((n_layers + 1) - settled).cpu().numpy()
-                offsets = np.cumsum([0] + [len(seqs[i]) for i in idx])
-                for k, i in enumerate(idx):
-                    result[i] = depth[offsets[k] : offsets[k + 1]]
-    finally:
-        model.train(was_training)
+    result: list[np.ndarray | None] = [None] * len(input_ids)
+    for idx, offsets, out, real, norm, head in _forward_batches(model, input_ids, attention_mask, batch_size):
+        hs = out.hidden_states
+        final = out.logits[real].argmax(-1)
+        n_layers = len(hs) - 1
+        settled = torch.ones_like(final)  # layers from the end whose top-1 is the final one
+        alive = torch.arange(final.shape[0], device=final.device)
+        for layer in range(n_layers - 1, -1, -1):
+            if alive.numel() == 0:
+                break
+            alive = alive[head(norm(hs[layer][real][alive])).argmax(-1) == final[alive]]
+            settled[alive] += 1
+        depth = ((n_layers + 1) - settled).cpu().numpy()
+        for k, i in enumerate(idx):
+            result[i] = depth[offsets[k] : offsets[k + 1]]
     return result
 
 
