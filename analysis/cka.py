@@ -12,6 +12,7 @@ representations rather than of information content.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
@@ -76,6 +77,19 @@ def layerwise_cka(hs_a: Sequence, hs_b: Sequence) -> np.ndarray:
             f"layerwise_cka needs the same number of layers on both sides, got {len(hs_a)} and {len(hs_b)}"
         )
     return np.array([linear_cka(a, b) for a, b in zip(hs_a, hs_b)], dtype=np.float64)
+
+
+@contextmanager
+def inference(model):
+    """Eval mode without autograd for the block; the model's mode is restored
+    after (every readout of analysis/: CKA, LMC, logit lens)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,22 +170,17 @@ def collect_hidden_states(
     # Length-sorted batches waste less compute on padding; rows go back in order.
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     pooled: list[np.ndarray] | None = None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                ids, mask = right_pad([seqs[i] for i in idx], pad)
-                ids, mask = ids.to(device), mask.to(device)
-                out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-                blocks = out.hidden_states[1:]  # [0] is the embedding output
-                if pooled is None:
-                    pooled = [np.zeros((len(seqs), h.shape[-1]), np.float64) for h in blocks]
-                m = mask.to(torch.float64).unsqueeze(-1)
-                for layer, h in enumerate(blocks):
-                    mean = (h.to(torch.float64) * m).sum(1) / m.sum(1)
-                    pooled[layer][idx] = mean.cpu().numpy()
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = right_pad([seqs[i] for i in idx], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+            blocks = out.hidden_states[1:]  # [0] is the embedding output
+            if pooled is None:
+                pooled = [np.zeros((len(seqs), h.shape[-1]), np.float64) for h in blocks]
+            m = mask.to(torch.float64).unsqueeze(-1)
+            for layer, h in enumerate(blocks):
+                mean = (h.to(torch.float64) * m).sum(1) / m.sum(1)
+                pooled[layer][idx] = mean.cpu().numpy()
     return pooled

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from wsg.analysis.cka import pad_token_id, right_pad
+from wsg.analysis.cka import inference, pad_token_id, right_pad
 from wsg.analysis.lora_io import CONFIG_FILE, WEIGHTS_FILE, read_lora_factors
 from wsg.sweep import rundir
 from wsg.sweep.errors import WsgError
@@ -169,29 +169,24 @@ def masked_answer_nll(model, tokenizer, items: Sequence[tuple], *, batch_size: i
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     nll = np.zeros(len(pairs), np.float64)
     ntok = np.array([len(a) for _, a in pairs], np.int64)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                ids, mask = right_pad([pairs[i][0] + pairs[i][1] for i in idx], pad)
-                # Logits at position t predict token t+1; only the positions
-                # that predict answer tokens are projected to the vocabulary
-                # (the LM head is a large share of the cost, docs/stack.md).
-                lo = min(len(pairs[i][0]) for i in idx) - 1
-                hi = max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx) - 1
-                keep = torch.arange(lo, hi, device=device)
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
-                            logits_to_keep=keep)
-                logp = torch.log_softmax(out.logits.float(), dim=-1)
-                for row, i in enumerate(idx):
-                    p, a = pairs[i]
-                    pos = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=device) - lo
-                    tgt = torch.as_tensor(a, device=device)
-                    nll[i] = -logp[row, pos, tgt].double().sum().item()
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = right_pad([pairs[i][0] + pairs[i][1] for i in idx], pad)
+            # Logits at position t predict token t+1; only the positions
+            # that predict answer tokens are projected to the vocabulary
+            # (the LM head is a large share of the cost, docs/stack.md).
+            lo = min(len(pairs[i][0]) for i in idx) - 1
+            hi = max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx) - 1
+            keep = torch.arange(lo, hi, device=device)
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                        logits_to_keep=keep)
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            for row, i in enumerate(idx):
+                p, a = pairs[i]
+                pos = torch.arange(len(p) - 1, len(p) + len(a) - 1, device=device) - lo
+                tgt = torch.as_tensor(a, device=device)
+                nll[i] = -logp[row, pos, tgt].double().sum().item()
     return nll, ntok
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from wsg.analysis.cka import right_pad, unpad
+from wsg.analysis.cka import inference, right_pad, unpad
 from wsg.sweep.errors import WsgError
 
 
@@ -46,20 +46,15 @@ def _forward_batches(model, input_ids, attention_mask, batch_size: int):
         raise LogitLensError("prediction depth needs at least one sequence and no empty row")
     norm, head = _readout_modules(model)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(seqs), batch_size):
-                idx = list(range(start, min(start + batch_size, len(seqs))))
-                # Right padding: transformers numbers positions 0..T−1 regardless of the mask.
-                ids, mask = right_pad([seqs[i] for i in idx], 0)
-                ids, mask = ids.to(device), mask.to(device)
-                out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-                offsets = np.cumsum([0] + [len(seqs[i]) for i in idx])
-                yield idx, offsets, out, mask.bool(), norm, head
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for start in range(0, len(seqs), batch_size):
+            idx = list(range(start, min(start + batch_size, len(seqs))))
+            # Right padding: transformers numbers positions 0..T−1 regardless of the mask.
+            ids, mask = right_pad([seqs[i] for i in idx], 0)
+            ids, mask = ids.to(device), mask.to(device)
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+            offsets = np.cumsum([0] + [len(seqs[i]) for i in idx])
+            yield idx, offsets, out, mask.bool(), norm, head
 
 
 def layer_top1(model, input_ids, attention_mask, *, batch_size: int = 8) -> list[np.ndarray]:

@@ -114,21 +114,22 @@ def matching_floor(floor_rows: list[dict], a: Ident, b: Ident, ref_loss: str) ->
     return out
 
 
+def _metric_cells(r: dict, fmt, ci) -> dict:
+    """A global_pairs / noise_floors row's metrics as report cells, CIs beside."""
+    cells = {f"{label} [CI]": ci(r[col], r.get(f"{col}_ci_low"), r.get(f"{col}_ci_high"))
+             for label, col in (("cosine", "cosine"), ("orth b off a", "orth_frac_b_off_a"),
+                                ("orth a off b", "orth_frac_a_off_b"),
+                                ("median top-1 angle", "median_top1_angle_deg"))}
+    return {**cells, "mean u1": fmt(r["mean_u1_abs_dot"]), "mean v1": fmt(r["mean_v1_abs_dot"])}
+
+
 def global_rows(rows: list[dict], floor_rows, ref_loss: str, fmt, ci) -> tuple[list[dict], list[str], str]:
     """Rows for the global-pairs table: each metric with its CI and, for a
     cross-loss pair, the matching floor (same reference loss, same step)."""
     out = []
     for r in rows:
         a, b = row_ident(r, "_a"), row_ident(r, "_b")
-        row = {"adapter_a": r["adapter_a"], "adapter_b": r["adapter_b"],
-               "cosine [CI]": ci(r["cosine"], r.get("cosine_ci_low"), r.get("cosine_ci_high")),
-               "orth b off a [CI]": ci(r["orth_frac_b_off_a"], r.get("orth_frac_b_off_a_ci_low"),
-                                       r.get("orth_frac_b_off_a_ci_high")),
-               "orth a off b [CI]": ci(r["orth_frac_a_off_b"], r.get("orth_frac_a_off_b_ci_low"),
-                                       r.get("orth_frac_a_off_b_ci_high")),
-               "median top-1 angle [CI]": ci(r["median_top1_angle_deg"], r.get("median_top1_angle_deg_ci_low"),
-                                             r.get("median_top1_angle_deg_ci_high")),
-               "mean u1": fmt(r["mean_u1_abs_dot"]), "mean v1": fmt(r["mean_v1_abs_dot"])}
+        row = {"adapter_a": r["adapter_a"], "adapter_b": r["adapter_b"], **_metric_cells(r, fmt, ci)}
         if floor_rows is None:
             f = {"missing": "no floors written"}
         elif a is None or b is None:
@@ -159,15 +160,7 @@ def floor_rows_for_table(rows: list[dict], fmt, ci) -> tuple[list[dict], list[st
     for r in rows:
         ratio = r["norm_b"] / r["norm_a"] if r.get("norm_a") and r.get("norm_b") is not None else None
         out.append({"loss": r["loss"], "control": r["control"], "step": r["step"], "adapter_a": r["adapter_a"],
-                    "adapter_b": r["adapter_b"], "cosine [CI]": ci(r["cosine"], r.get("cosine_ci_low"),
-                                                                   r.get("cosine_ci_high")),
-                    "orth b off a [CI]": ci(r["orth_frac_b_off_a"], r.get("orth_frac_b_off_a_ci_low"),
-                                            r.get("orth_frac_b_off_a_ci_high")),
-                    "orth a off b [CI]": ci(r["orth_frac_a_off_b"], r.get("orth_frac_a_off_b_ci_low"),
-                                            r.get("orth_frac_a_off_b_ci_high")),
-                    "median top-1 angle [CI]": ci(r["median_top1_angle_deg"], r.get("median_top1_angle_deg_ci_low"),
-                                                  r.get("median_top1_angle_deg_ci_high")),
-                    "mean u1": fmt(r["mean_u1_abs_dot"]), "mean v1": fmt(r["mean_v1_abs_dot"]),
+                    "adapter_b": r["adapter_b"], **_metric_cells(r, fmt, ci),
                     "‖ΔW_b‖/‖ΔW_a‖": fmt(ratio)})
     return out, list(out[0]) if out else ["loss"]
 
