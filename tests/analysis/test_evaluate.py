@@ -44,16 +44,7 @@ def _hf_greedy(adapter_path, prompts, max_new_tokens):
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_run_eval(tmp_path, ray_local):
+def test_run_eval(tmp_path, ray_module):
     from wsg.analysis.evaluate import model_cache_path, run_eval
     from wsg.analysis.report import build_report
     from wsg.analysis.stats import MCNEMAR_SCHEMA

@@ -70,15 +70,6 @@ def make_tiny_run(root, *, copy_of: str | None = "sft-s7-lr1e-04@2", cells=CELLS
     return cfg, run
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _hf_with_adapter(path):
     from peft import PeftModel
 
@@ -132,7 +123,7 @@ def _pooled_hidden(model, ids):
     return [h[0].double().mean(0).numpy() for h in out.hidden_states[1:]]
 
 
-def test_run_functional(tmp_path, ray_local):
+def test_run_functional(tmp_path, ray_module):
     import pyarrow.compute as pc
 
     from wsg.analysis.evaluate import eval_prompts

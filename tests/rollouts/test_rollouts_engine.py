@@ -7,15 +7,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_path():
     from wsg.sweep.models import resolve_model
 
@@ -23,7 +14,7 @@ def tiny_path():
 
 
 @pytest.fixture(scope="module")
-def engine(ray_session, tiny_path):
+def engine(ray_module, tiny_path):
     from wsg.rollouts.engine import EngineOptions, shutdown_engines, start_engines, wait_ready
 
     opts = EngineOptions(model=tiny_path, dtype="float32", max_model_len=512, enable_lora=True,

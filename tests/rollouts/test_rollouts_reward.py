@@ -96,16 +96,7 @@ def test_reward_is_binary_on_mixed_inputs():
 
 
 # ------------------------------------------------------------ Ray time bound
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_score_many_matches_score(ray_local):
+def test_score_many_matches_score(ray_module):
     comps = ["\\boxed{9}", "5 + 4", "5 + 4 = 9", "\\boxed{8}", "The answer is 3."] * 7
     golds = ["9", "9", "9", "9", "3"] * 7
     got, stats = reward.score_many(comps, golds, chunk_size=4, timeout_s=30)
@@ -113,7 +104,7 @@ def test_score_many_matches_score(ray_local):
     assert stats == {"n_timeouts": 0, "n_chunks": 9}
 
 
-def test_score_many_kills_a_hanging_scorer(ray_local):
+def test_score_many_kills_a_hanging_scorer(ray_module):
     # A pathological completion must not hang the stage: the scorer below
     # never returns on "HANG" (like a sympy blow-up would); the others score.
     def scorer(c, g):

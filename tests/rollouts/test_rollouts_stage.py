@@ -23,16 +23,7 @@ def _cfg(**rollouts):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def first_run(ray_session, tmp_path_factory):
+def first_run(ray_module, tmp_path_factory):
     from wsg.rollouts.stage import run_rollouts
 
     run = str(tmp_path_factory.mktemp("run"))
@@ -122,7 +113,7 @@ def test_resume_samples_only_the_missing_shard_identically(first_run, tmp_path):
     assert [r["completion_token_ids"] for r in new] == [r["completion_token_ids"] for r in old]
 
 
-def test_a_model_that_does_not_load_names_the_model(ray_session, tmp_path):
+def test_a_model_that_does_not_load_names_the_model(ray_module, tmp_path):
     from wsg.rollouts.stage import run_rollouts
 
     bad = tmp_path / "broken-model"

@@ -16,7 +16,7 @@ import torch
 from wsg.sweep.cells import CellKey
 from wsg.sweep.config import config_hash
 from wsg.sweep.layout import RunLayout
-from train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401  (fixture)
+from train_fixtures import tiny_cfg, write_run
 from wsg.sweep.adapter_card import CARD_FILE, CONFIG_FILE, AdapterCard, add_accuracy, base_model_id, make_portable, read_card
 
 WEIGHTS = "adapter_model.safetensors"

@@ -24,7 +24,7 @@ import yaml
 from wsg.sweep import rundir
 from wsg.sweep.config import parse_config
 from wsg.sweep.layout import RunLayout
-from train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
+from train_fixtures import tiny_cfg, write_run
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

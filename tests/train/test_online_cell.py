@@ -38,21 +38,12 @@ def tiny(losses=None, **online):
         "grid": {"losses": ["online_grpo", "online_dapo"]}, "analysis": {"reference_loss": "online_grpo"}})
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _adapter_ok(path: str) -> bool:
     return rundir.is_complete(path) and {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(path))
 
 
 @pytest.mark.slow
-def test_grpo_cell_stops_resumes_and_completes(ray_local, tmp_path):
+def test_grpo_cell_stops_resumes_and_completes(ray_module, tmp_path):
     # with a KL term to the base model, so the reference forward runs too
     cfg, run = tiny(losses={"online_grpo": {"hyper": {"kl_coef": 0.01}}}), str(tmp_path / "run")
     first = run_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3, stop_after=1)
@@ -102,7 +93,7 @@ def _kill_our_engine_after_step(cdir: str, step: int, done: threading.Event, kil
 
 
 @pytest.mark.slow
-def test_dapo_cell_with_lora_sync_survives_an_engine_kill(ray_local, tmp_path):
+def test_dapo_cell_with_lora_sync_survives_an_engine_kill(ray_module, tmp_path):
     cfg, run = tiny(sync="lora"), str(tmp_path / "run")
     cfg = parse_config({**cfg.model_dump(mode="json"), "train": {**cfg.train.model_dump(mode="json"),
                                                                  "resume_every": 1}})

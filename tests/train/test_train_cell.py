@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from wsg.sweep import rundir
 from wsg.sweep.errors import WsgError
-from train_fixtures import ray_local, tiny_cfg, tokenizer, write_run  # noqa: F401 (fixtures)
+from train_fixtures import tiny_cfg, write_run
 from wsg.train.cell import run_cell
 from wsg.train.losses import loss_names
 from wsg.sweep.cells import cell_id

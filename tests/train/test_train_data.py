@@ -9,7 +9,7 @@ import torch
 from wsg.rollouts.schema import rollouts_table
 from wsg.sweep import rundir
 from wsg.sweep.errors import WsgError
-from train_fixtures import make_rollouts, tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
+from train_fixtures import make_rollouts, tiny_cfg, write_run
 from wsg.sweep.cells import cell_id, parse_cell_id
 from wsg.sweep.layout import RunLayout
 from wsg.train.data import build_train_set, collate, micro_batches_per_rank, plan_step, split_by_length, step_items

@@ -7,7 +7,7 @@ from wsg.rollouts.schema import pairs_table
 from wsg.sweep import rundir
 from wsg.sweep.errors import WsgError
 from wsg.sweep.layout import RunLayout
-from train_fixtures import tiny_cfg, tokenizer, write_run  # noqa: F401 (fixture)
+from train_fixtures import tiny_cfg, write_run
 from wsg.train.cell import run_cell
 from wsg.train.steps import build_policy
 
