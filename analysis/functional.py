@@ -128,6 +128,10 @@ class _Host:
         self.current = None
         self.current_config = None  # the config of an adapter given in memory (`with_state`)
         self.count = 0
+        # LMC path ends served before: (side, adapter hash, the other side's rank) -> (nll, ntok).
+        # α = 1 of (a, b) is a's ΔW with b's columns scaled by exactly 0: the same
+        # numbers for every b of that rank (the reference loss's a, in every pair).
+        self.ends = {}
 
     def model(self, adapter_path: str | None):
         """The model with `adapter_path` applied (the base when None)."""
@@ -204,11 +208,18 @@ def _lmc_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
     prompts = _prompt_ids(host, items["lmc_prompts"], items["max_length"])
     answers = [host.tok(a, add_special_tokens=False)["input_ids"] for a in items["lmc_answers"]]
     pairs = list(zip(prompts, answers))
+    ranks = (int(pair[0].config["r"]), int(pair[2].config["r"]))
     rows = []
     with tempfile.TemporaryDirectory(prefix="wsg-lmc-") as tmp:
         for k, alpha in enumerate(unit["alphas"]):
-            model = host.with_state(*interpolated_adapter(pair, alpha), f"{tmp}/{k}")
-            nll, ntok = masked_answer_nll(model, host.tok, pairs, batch_size=BATCH_SIZE)
+            end = {1.0: ("a", unit["hash_a"], ranks[1]), 0.0: ("b", unit["hash_b"], ranks[0])}.get(float(alpha))
+            if end is not None and end in host.ends:
+                nll, ntok = host.ends[end]
+            else:
+                model = host.with_state(*interpolated_adapter(pair, alpha), f"{tmp}/{k}")
+                nll, ntok = masked_answer_nll(model, host.tok, pairs, batch_size=BATCH_SIZE)
+                if end is not None:
+                    host.ends[end] = (nll, ntok)
             rows.append({"adapter_a": unit["a"], "adapter_b": unit["b"], "alpha": float(alpha),
                          "ce": float(nll.sum() / ntok.sum()), "n_items": len(pairs), "n_tokens": int(ntok.sum())})
     table = pa.Table.from_pylist(rows, schema=LMC_SCHEMA.with_metadata({"fingerprint": unit["fingerprint"]}))
@@ -264,7 +275,7 @@ def _units(cfg, adapters: list[Adapter], items: dict) -> list[dict]:
     alphas = [float(x) for x in cfg.analysis.lmc_alphas]
     for a, b in lmc_pair_list(cfg, adapters):
         units.append({"kind": "lmc", "a": a, "b": b, "id": f"lmc:{a}:{b}", "uri_a": by[a].uri, "uri_b": by[b].uri,
-                      "alphas": alphas, "cost": len(alphas) * len(items["lmc_prompts"]),
+                      "hash_a": hashes[a], "hash_b": hashes[b], "alphas": alphas, "cost": len(alphas) * len(items["lmc_prompts"]),
                       "fingerprint": _fingerprint({**common, "items": l_items, "alphas": alphas,
                                                    "a": hashes[a], "b": hashes[b]})})
     return units
