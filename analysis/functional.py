@@ -25,7 +25,9 @@ import hashlib
 import io
 import json
 import tempfile
+from dataclasses import dataclass
 from itertools import combinations
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -90,10 +92,67 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _part_path(run: str, unit: dict) -> str:
-    if unit["kind"] == "hidden":
-        return rundir.join(analysis_dir(run), "parts", "hidden", f"{unit['name']}.npz")
-    return rundir.join(analysis_dir(run), "parts", "lmc", f"{unit['a']}__{unit['b']}.parquet")
+@dataclass(frozen=True)
+class Items:
+    """The eval items every unit reads (the first eval set's, as vLLM sees them)."""
+
+    dataset: str
+    cka_prompts: list[str]
+    lmc_prompts: list[str]
+    lmc_answers: list[str]
+    max_length: int
+
+
+@dataclass(frozen=True)
+class HiddenUnit:
+    """CKA hidden states and logit-lens depth of one adapter (uri None: the base)."""
+
+    name: str
+    uri: Optional[str]
+    fingerprint: str
+    cost: int
+
+    @property
+    def id(self) -> str:
+        return f"hidden:{self.name}"
+
+
+@dataclass(frozen=True)
+class LmcUnit:
+    """The LMC path between adapters a and b at every α."""
+
+    a: str
+    b: str
+    uri_a: str
+    uri_b: str
+    hash_a: str
+    hash_b: str
+    alphas: list[float]
+    fingerprint: str
+    cost: int
+
+    @property
+    def id(self) -> str:
+        return f"lmc:{self.a}:{self.b}"
+
+
+@dataclass(frozen=True)
+class FunctionalTask:
+    """What one Ray task (or the in-process run) computes."""
+
+    model: str
+    dtype: str
+    trust_remote_code: bool
+    run: str
+    items: Items
+    units: list
+    in_ray: bool = False
+
+
+def _part_path(run: str, unit) -> str:
+    if isinstance(unit, HiddenUnit):
+        return rundir.join(analysis_dir(run), "parts", "hidden", f"{unit.name}.npz")
+    return rundir.join(analysis_dir(run), "parts", "lmc", f"{unit.a}__{unit.b}.parquet")
 
 
 def _read_part(path: str):
@@ -104,11 +163,11 @@ def _read_part(path: str):
     return {"table": t, "fingerprint": (t.schema.metadata or {}).get(b"fingerprint", b"").decode()}
 
 
-def _part_valid(run: str, unit: dict) -> bool:
+def _part_valid(run: str, unit) -> bool:
     path = _part_path(run, unit)
     if not rundir.exists(path):
         return False
-    return str(_read_part(path)["fingerprint"]) == unit["fingerprint"]
+    return str(_read_part(path)["fingerprint"]) == unit.fingerprint
 
 
 # --- the Ray task --------------------------------------------------------------
@@ -183,36 +242,36 @@ def _prompt_ids(host: _Host, prompts: list[str], max_length: int) -> list[list[i
     return [ids[:max_length] for ids in encode_prompts(host.tok, prompts)]
 
 
-def _hidden_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
+def _hidden_unit(host: _Host, unit: HiddenUnit, items: Items, run: str) -> None:
     from wsg.analysis.adapters import local_copy
     from wsg.analysis.cka import collect_hidden_states, pad_token_id, right_pad
     from wsg.analysis.logit_lens import prediction_depth
 
-    model = host.model(None if unit["uri"] is None else local_copy(unit["uri"]))
-    ids, mask = right_pad(_prompt_ids(host, items["cka_prompts"], items["max_length"]), pad_token_id(host.tok))
+    model = host.model(None if unit.uri is None else local_copy(unit.uri))
+    ids, mask = right_pad(_prompt_ids(host, items.cka_prompts, items.max_length), pad_token_id(host.tok))
     hs = collect_hidden_states(model, host.tok, input_ids=ids, attention_mask=mask,
-                               max_length=items["max_length"], batch_size=BATCH_SIZE)
+                               max_length=items.max_length, batch_size=BATCH_SIZE)
     depth = prediction_depth(model, ids, mask, batch_size=BATCH_SIZE)
     buf = io.BytesIO()
     # float32 on disk halves the parts; CKA itself is computed in float64.
     np.savez(buf, hidden=np.stack(hs).astype(np.float32), depth=np.float64(depth),
-             fingerprint=np.str_(unit["fingerprint"]))
+             fingerprint=np.str_(unit.fingerprint))
     rundir.write_bytes(_part_path(run, unit), buf.getvalue())
 
 
-def _lmc_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
+def _lmc_unit(host: _Host, unit: LmcUnit, items: Items, run: str) -> None:
     from wsg.analysis.adapters import local_copy
     from wsg.analysis.lmc import interpolated_adapter, masked_answer_nll, read_pair
 
-    pair = read_pair(local_copy(unit["uri_a"]), local_copy(unit["uri_b"]))
-    prompts = _prompt_ids(host, items["lmc_prompts"], items["max_length"])
-    answers = [host.tok(a, add_special_tokens=False)["input_ids"] for a in items["lmc_answers"]]
+    pair = read_pair(local_copy(unit.uri_a), local_copy(unit.uri_b))
+    prompts = _prompt_ids(host, items.lmc_prompts, items.max_length)
+    answers = [host.tok(a, add_special_tokens=False)["input_ids"] for a in items.lmc_answers]
     pairs = list(zip(prompts, answers))
     ranks = (int(pair[0].config["r"]), int(pair[2].config["r"]))
     rows = []
     with tempfile.TemporaryDirectory(prefix="wsg-lmc-") as tmp:
-        for k, alpha in enumerate(unit["alphas"]):
-            end = {1.0: ("a", unit["hash_a"], ranks[1]), 0.0: ("b", unit["hash_b"], ranks[0])}.get(float(alpha))
+        for k, alpha in enumerate(unit.alphas):
+            end = {1.0: ("a", unit.hash_a, ranks[1]), 0.0: ("b", unit.hash_b, ranks[0])}.get(float(alpha))
             if end is not None and end in host.ends:
                 nll, ntok = host.ends[end]
             else:
@@ -220,32 +279,32 @@ def _lmc_unit(host: _Host, unit: dict, items: dict, run: str) -> None:
                 nll, ntok = masked_answer_nll(model, host.tok, pairs, batch_size=BATCH_SIZE)
                 if end is not None:
                     host.ends[end] = (nll, ntok)
-            rows.append({"adapter_a": unit["a"], "adapter_b": unit["b"], "alpha": float(alpha),
+            rows.append({"adapter_a": unit.a, "adapter_b": unit.b, "alpha": float(alpha),
                          "ce": float(nll.sum() / ntok.sum()), "n_items": len(pairs), "n_tokens": int(ntok.sum())})
-    table = pa.Table.from_pylist(rows, schema=LMC_SCHEMA.with_metadata({"fingerprint": unit["fingerprint"]}))
+    table = pa.Table.from_pylist(rows, schema=LMC_SCHEMA.with_metadata({"fingerprint": unit.fingerprint}))
     rundir.write_table(_part_path(run, unit), table)
 
 
-def functional_worker(spec: dict) -> list[str]:
+def functional_worker(spec: FunctionalTask) -> list[str]:
     """Body of one Ray task: load the base once, run the units in order."""
-    if spec.get("in_ray"):
+    if spec.in_ray:
         import ray
         import torch
 
         # As many torch threads as CPUs Ray gave the task: more collapse when
         # tasks share the box (docs/stack.md "Training").
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    host = _Host(spec["model"], spec["dtype"], spec["trust_remote_code"])
+    host = _Host(spec.model, spec.dtype, spec.trust_remote_code)
     done = []
     # The base unit first, before any adapter wraps the model.
-    for unit in sorted(spec["units"], key=lambda u: u.get("name") != BASE):
-        (_hidden_unit if unit["kind"] == "hidden" else _lmc_unit)(host, unit, spec["items"], spec["run"])
-        done.append(unit["id"])
+    for unit in sorted(spec.units, key=lambda u: not (isinstance(u, HiddenUnit) and u.name == BASE)):
+        (_hidden_unit if isinstance(unit, HiddenUnit) else _lmc_unit)(host, unit, spec.items, spec.run)
+        done.append(unit.id)
     return done
 
 
 # --- the driver ----------------------------------------------------------------
-def _items(cfg) -> dict:
+def _items(cfg) -> Items:
     from wsg.analysis.evaluate import eval_prompts
 
     es = cfg.analysis.eval_sets[0]
@@ -253,41 +312,40 @@ def _items(cfg) -> dict:
     n_cka, n_lmc = min(cfg.analysis.cka_prompts, len(prompts)), min(cfg.analysis.lmc_items, len(prompts))
     if n_cka < 2:
         raise WsgError(f"analysis.eval_sets[0] ({es.name}) has {len(prompts)} problem(s); CKA needs at least 2")
-    return {"dataset": es.name, "cka_prompts": prompts[:n_cka], "lmc_prompts": prompts[:n_lmc],
-            # Seed §3.5: the gold answer as it is asked for, boxed, right after the prompt.
-            "lmc_answers": [f"\\boxed{{{p.answer}}}" for p in problems[:n_lmc]],
-            "max_length": cfg.model.max_model_len}
+    return Items(dataset=es.name, cka_prompts=prompts[:n_cka], lmc_prompts=prompts[:n_lmc],
+                 # Seed §3.5: the gold answer as it is asked for, boxed, right after the prompt.
+                 lmc_answers=[f"\\boxed{{{p.answer}}}" for p in problems[:n_lmc]],
+                 max_length=cfg.model.max_model_len)
 
 
-def _units(cfg, adapters: list[Adapter], items: dict) -> list[dict]:
+def _units(cfg, adapters: list[Adapter], items: Items) -> list:
     by = {a.name: a for a in adapters}
     hashes = {a.name: content_hash(a.path) for a in adapters}
     common = {"model": cfg.model.name, "dtype": cfg.model.dtype}
-    h_items = _fingerprint({"p": items["cka_prompts"], "max_length": items["max_length"]})
-    l_items = _fingerprint({"p": items["lmc_prompts"], "a": items["lmc_answers"], "max_length": items["max_length"]})
+    h_items = _fingerprint({"p": items.cka_prompts, "max_length": items.max_length})
+    l_items = _fingerprint({"p": items.lmc_prompts, "a": items.lmc_answers, "max_length": items.max_length})
     needed = {n for p in cka_pair_list(cfg, adapters) for n in p}
     units = []
     for name in [BASE] + [a.name for a in adapters]:
         if name in needed:
-            units.append({"kind": "hidden", "name": name, "id": f"hidden:{name}",
-                          "uri": None if name == BASE else by[name].uri, "cost": len(items["cka_prompts"]),
-                          "fingerprint": _fingerprint({**common, "items": h_items, "adapter": hashes.get(name)})})
+            units.append(HiddenUnit(name=name, uri=None if name == BASE else by[name].uri, cost=len(items.cka_prompts),
+                                    fingerprint=_fingerprint({**common, "items": h_items, "adapter": hashes.get(name)})))
     alphas = [float(x) for x in cfg.analysis.lmc_alphas]
     for a, b in lmc_pair_list(cfg, adapters):
-        units.append({"kind": "lmc", "a": a, "b": b, "id": f"lmc:{a}:{b}", "uri_a": by[a].uri, "uri_b": by[b].uri,
-                      "hash_a": hashes[a], "hash_b": hashes[b], "alphas": alphas, "cost": len(alphas) * len(items["lmc_prompts"]),
-                      "fingerprint": _fingerprint({**common, "items": l_items, "alphas": alphas,
-                                                   "a": hashes[a], "b": hashes[b]})})
+        units.append(LmcUnit(a=a, b=b, uri_a=by[a].uri, uri_b=by[b].uri, hash_a=hashes[a], hash_b=hashes[b],
+                             alphas=alphas, cost=len(alphas) * len(items.lmc_prompts),
+                             fingerprint=_fingerprint({**common, "items": l_items, "alphas": alphas,
+                                                       "a": hashes[a], "b": hashes[b]})))
     return units
 
 
-def _shards(units: list[dict], n: int) -> list[list[dict]]:
+def _shards(units: list, n: int) -> list[list]:
     """Greedy longest-processing-time split of the units over n tasks."""
     shards, load = [[] for _ in range(n)], [0] * n
-    for u in sorted(units, key=lambda u: -u["cost"]):
+    for u in sorted(units, key=lambda u: -u.cost):
         k = load.index(min(load))
         shards[k].append(u)
-        load[k] += u["cost"]
+        load[k] += u.cost
     return [s for s in shards if s]
 
 
@@ -307,7 +365,25 @@ def _task_memory(cfg) -> int:
     return 2 * size
 
 
-def _run_tasks(cfg, run: str, todo: list[dict], items: dict, progress: bool) -> None:
+def _parts_present(run: str) -> set[str]:
+    """`hidden/<name>.npz` and `lmc/<a>__<b>.parquet` files in the run's parts."""
+    return {f"{kind}/{n}" for kind in ("hidden", "lmc")
+            for n in rundir.listdir(rundir.join(analysis_dir(run), "parts", kind))}
+
+
+def _parts_written(run: str, todo: list, before: set[str]) -> int:
+    """How many of `todo` have a part file that was not there at the start
+    (units write their part when done: per-unit progress while tasks run)."""
+    new = _parts_present(run) - before
+    return sum(1 for u in todo if _part_key(u) in new)
+
+
+def _part_key(unit) -> str:
+    path = _part_path("", unit)
+    return "/".join(path.rsplit("/", 2)[-2:])
+
+
+def _run_tasks(cfg, run: str, todo: list, items: Items, progress: bool) -> None:
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -317,16 +393,19 @@ def _run_tasks(cfg, run: str, todo: list[dict], items: dict, progress: bool) -> 
         # Never more than the cluster has: an infeasible request would wait forever.
         opts["memory"] = min(mem, int(ray.cluster_resources().get("memory", mem)))
     task = ray.remote(**opts)(functional_worker)
-    refs = []
-    for shard in _shards(todo, min(slots, len(todo))):
-        refs.append(task.remote({"model": cfg.model.name, "dtype": cfg.model.dtype,
-                                 "trust_remote_code": cfg.model.trust_remote_code, "run": run,
-                                 "items": items, "units": shard, "in_ray": True}))
-    pending = list(refs)
+    before = _parts_present(run)
+    pending = [task.remote(FunctionalTask(model=cfg.model.name, dtype=cfg.model.dtype,
+                                          trust_remote_code=cfg.model.trust_remote_code, run=run, items=items,
+                                          units=shard, in_ray=True))
+               for shard in _shards(todo, min(slots, len(todo)))]
+    finished = 0
     with console.progress(len(todo) if progress else 0, "functional units") as bar:
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            bar.advance(len(ray.get(ready[0])))
+            ready, pending = ray.wait(pending, num_returns=1, timeout=3.0)
+            finished += sum(len(ray.get(r)) for r in ready)
+            done = max(finished, _parts_written(run, todo, before) if progress else 0)
+            if done > bar.done:
+                bar.advance(done - bar.done)
 
 
 def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True) -> dict:
@@ -347,8 +426,8 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
     if progress:
         console.say(f"  [functional] {len(units)} units, {len(units) - len(todo)} cached")
     if todo and not use_ray:
-        functional_worker({"model": cfg.model.name, "dtype": cfg.model.dtype, "run": run, "items": items,
-                           "trust_remote_code": cfg.model.trust_remote_code, "units": todo})
+        functional_worker(FunctionalTask(model=cfg.model.name, dtype=cfg.model.dtype, run=run, items=items,
+                                         trust_remote_code=cfg.model.trust_remote_code, units=todo))
     elif todo:
         from wsg.sweep.session import connect
 
@@ -359,16 +438,16 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
             if owned:
                 ray.shutdown()
 
-    parts = {u["id"]: _read_part(_part_path(run, u)) for u in units}
-    hidden = {u["name"]: parts[u["id"]] for u in units if u["kind"] == "hidden"}
+    parts = {u.id: _read_part(_part_path(run, u)) for u in units}
+    hidden = {u.name: parts[u.id] for u in units if isinstance(u, HiddenUnit)}
     cka_rows = []
     for a, b in cka_pair_list(cfg, adapters):
         vals = layerwise_cka(list(hidden[a]["hidden"]), list(hidden[b]["hidden"]))
         cka_rows += [{"adapter_a": a, "adapter_b": b, "layer": k, "cka": float(v),
-                      "n_prompts": len(items["cka_prompts"])} for k, v in enumerate(vals)]
+                      "n_prompts": len(items.cka_prompts)} for k, v in enumerate(vals)]
     lens_rows = [{"adapter": n, "mean_depth": float(h["depth"]), "n_layers": int(h["hidden"].shape[0]),
-                  "n_prompts": len(items["cka_prompts"])} for n, h in hidden.items()]
-    lmc = [parts[u["id"]]["table"] for u in units if u["kind"] == "lmc"]
+                  "n_prompts": len(items.cka_prompts)} for n, h in hidden.items()]
+    lmc = [parts[u.id]["table"] for u in units if isinstance(u, LmcUnit)]
     lmc_table = pa.concat_tables(lmc).replace_schema_metadata(None) if lmc else LMC_SCHEMA.empty_table()
     out = analysis_dir(run)
     rundir.write_table(rundir.join(out, "lmc.parquet"), lmc_table.cast(LMC_SCHEMA))
