@@ -67,6 +67,12 @@ class CellLayout:
         return rundir.join(self.root, "metrics.parquet")
 
     @property
+    def placement_group(self) -> str:
+        """placement_group.json: the Ray placement group the cell's current
+        Ray Train attempt runs in (train/cell.py frees it if the run fails)."""
+        return rundir.join(self.root, "placement_group.json")
+
+    @property
     def tracking(self) -> str:
         """tracking.json: the ids of the cell's tracked runs (a resume continues them)."""
         return rundir.join(self.root, "tracking.json")

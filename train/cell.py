@@ -184,6 +184,7 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
         try:
             trainer.fit()
         except TrainingFailedError as err:  # worker/controller errors after max_failures retries
+            free_placement_group(cl.placement_group)
             raise WsgError(_failure_message(key.id, err)) from err
     t_done = time.time()
 
@@ -204,6 +205,28 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
         rundir.mark_complete(cl.root, summary)
         _delete(layout.train_state(key.id))  # resume state is useless once the cell is whole
     return summary
+
+
+def free_placement_group(record: str) -> bool:
+    """Remove the placement group named in a cell's placement_group.json if
+    Ray still holds it (Ray Train leaves it behind when its controller fails
+    on an error it does not retry; the group then keeps its CPUs, and a cell
+    that needs them, e.g. an online cell's two on one node, waits forever).
+    True if one was removed."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    if not rundir.exists(record):
+        return False
+    try:
+        pg = PlacementGroup(PlacementGroupID(bytes.fromhex(rundir.read_json(record)["id"])))
+        if not ray.is_initialized() or placement_group_table(pg).get("state") in (None, "REMOVED"):
+            return False
+        remove_placement_group(pg)
+        return True
+    except Exception:  # noqa: BLE001  (best effort: the cell's own error is what the user needs)
+        return False
 
 
 def _rollouts_hash(layout: RunLayout) -> str | None:

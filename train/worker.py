@@ -90,6 +90,18 @@ def make_source(task: CellTask, *, rank: int, world: int, device):
     return RolloutSource(task, data, rank=rank, world=world)
 
 
+def _record_placement_group(task: CellTask) -> None:
+    """Which placement group this attempt's workers hold: when a Ray Train
+    controller fails on an error it does not retry (e.g. an actor lost with
+    a node), it can leave its worker group's placement group behind, holding
+    CPUs until the driver exits; train/cell.py frees it from this record."""
+    import ray
+
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        rundir.write_json(RunLayout(task.run).cell(task.key.id).placement_group, {"id": pg.id.hex()})
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of `TorchTrainer`: config = {"task": CellTask}."""
     import ray.train
@@ -101,6 +113,8 @@ def train_loop_per_worker(config: dict) -> None:
     entered = time.time()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:
+        _record_placement_group(task)
     _setup_env(task.placement.use_gpu)
     configure_threads(task.placement.trainer_threads)
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -61,6 +61,8 @@ def test_every_offline_loss_trains_and_writes_reloadable_adapters(trained, loss)
     s = summaries[loss]
     cid = cell_id(loss, SEED, LR)
     assert s["state"] == "complete" and s["step"] == 4 and rundir.is_complete(RunLayout.of(run).cell(cid).root)
+    # The attempt's placement group is on record (train/cell.py frees it if a run fails).
+    assert len(rundir.read_json(RunLayout.of(run).cell(cid).placement_group)["id"]) == 36
     metrics = rundir.read_table(RunLayout.of(run).cell(cid).metrics).to_pandas()
     assert metrics.step.tolist() == [1, 2, 3, 4]
     assert np.isfinite(metrics[["loss", "grad_norm", "lr", "tokens_per_s"]].to_numpy()).all()
@@ -137,3 +139,22 @@ def test_diverging_loss_stops_the_cell_naming_the_step(tmp_path, tokenizer, ray_
     assert not rundir.is_complete(cdir) and not rundir.exists(RunLayout.of(run).cell(cell_id("sft", SEED, 1e30)).step(2))
     steps = rundir.read_table(rundir.join(cdir, "metrics.parquet")).column("step").to_pylist()
     assert steps == [1, 2]
+
+
+def test_a_failed_runs_placement_group_is_freed(tmp_path, ray_local):
+    """A placement group named in placement_group.json that Ray still holds is
+    removed (Ray Train leaves one behind when its controller fails on an
+    error it does not retry); a removed or missing one is left alone."""
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from wsg.train.cell import free_placement_group
+
+    record = str(tmp_path / "placement_group.json")
+    assert not free_placement_group(record)  # no record
+    pg = placement_group([{"CPU": 1}])
+    ray_local.get(pg.ready(), timeout=60)
+    rundir.write_json(record, {"id": pg.id.hex()})
+    assert placement_group_table(pg)["state"] == "CREATED"
+    assert free_placement_group(record)
+    assert placement_group_table(pg)["state"] == "REMOVED"
+    assert not free_placement_group(record)
