@@ -17,7 +17,7 @@ from wsg.sweep.cells import CellKey
 from wsg.sweep.config import ExperimentConfig
 from wsg.sweep.errors import WsgError
 from wsg.sweep.layout import RunLayout
-from wsg.sweep.session import TRIAL_SLOT
+from wsg.sweep.session import TRIAL_SLOT, placement_groups, remove_placement_groups
 from wsg.train.cell import Prepared, prepare, run_cell
 from wsg.train.losses import get_loss
 from wsg.train.task import placement
@@ -185,8 +185,16 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
                                         trial_name_creator=lambda t: _trial_name(t),
                                         trial_dirname_creator=lambda t: _trial_name(t)),
             run_config=run_config)
-    with console.GridWatch(layout, [c.id for c in todo]):
-        results = tuner.fit()
+    held_before = placement_groups()
+    try:
+        with console.GridWatch(layout, [c.id for c in todo]):
+            results = tuner.fit()
+    finally:
+        # No cell runs any more: a placement group the grid made that Ray still
+        # holds was left by a failed Ray Train run; free its CPUs for eval.
+        freed = remove_placement_groups(placement_groups() - held_before)
+        if freed:
+            console.say(f"  [grid] freed {freed} placement group(s) left by failed cell attempts")
     failed = [c.id for c in cells if not rundir.is_complete(layout.cell(c.id).root)]
     n_err = sum(1 for r in results if r.error is not None)
     if failed:

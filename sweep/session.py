@@ -72,3 +72,38 @@ def session(address: str | None = None, *, log_to_driver: bool = True) -> Iterat
     finally:
         if started:
             ray.shutdown()
+
+
+def placement_groups() -> set[str]:
+    """Ids (hex) of the placement groups Ray holds now (state CREATED or
+    pending), or an empty set without a Ray session."""
+    import ray
+
+    if not ray.is_initialized():
+        return set()
+    from ray.util.placement_group import placement_group_table
+
+    return {pid for pid, info in placement_group_table().items() if info.get("state") not in ("REMOVED", None)}
+
+
+def remove_placement_groups(ids) -> int:
+    """Remove these placement groups (hex ids) if Ray still holds them; the
+    number removed. Ray Train leaves its worker group's group behind when its
+    controller fails on an error it does not retry (an actor lost with a
+    node); the group is owned by the driver's job and holds its CPUs until
+    the driver exits."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    n = 0
+    for pid in ids:
+        try:
+            pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pid)))
+            if ray.is_initialized() and placement_group_table(pg).get("state") not in ("REMOVED", None):
+                remove_placement_group(pg)
+                n += 1
+        except Exception:  # noqa: BLE001  (best effort: never fail a stage for the cleanup)
+            continue
+    return n
+

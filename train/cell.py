@@ -211,22 +211,14 @@ def free_placement_group(record: str) -> bool:
     """Remove the placement group named in a cell's placement_group.json if
     Ray still holds it (Ray Train leaves it behind when its controller fails
     on an error it does not retry; the group then keeps its CPUs, and a cell
-    that needs them, e.g. an online cell's two on one node, waits forever).
-    True if one was removed."""
-    import ray
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    that needs them, e.g. an online cell's two on one node, waits). The grid
+    also frees, when it ends, every group it made that is still held (for a
+    run that failed before its worker wrote the record). True if removed."""
+    from wsg.sweep.session import remove_placement_groups
 
     if not rundir.exists(record):
         return False
-    try:
-        pg = PlacementGroup(PlacementGroupID(bytes.fromhex(rundir.read_json(record)["id"])))
-        if not ray.is_initialized() or placement_group_table(pg).get("state") in (None, "REMOVED"):
-            return False
-        remove_placement_group(pg)
-        return True
-    except Exception:  # noqa: BLE001  (best effort: the cell's own error is what the user needs)
-        return False
+    return remove_placement_groups([rundir.read_json(record)["id"]]) == 1
 
 
 def _rollouts_hash(layout: RunLayout) -> str | None:

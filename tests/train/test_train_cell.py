@@ -147,14 +147,20 @@ def test_a_failed_runs_placement_group_is_freed(tmp_path, ray_local):
     error it does not retry); a removed or missing one is left alone."""
     from ray.util.placement_group import placement_group, placement_group_table
 
+    from wsg.sweep.session import placement_groups, remove_placement_groups
     from wsg.train.cell import free_placement_group
 
     record = str(tmp_path / "placement_group.json")
     assert not free_placement_group(record)  # no record
+    before = placement_groups()
     pg = placement_group([{"CPU": 1}])
     ray_local.get(pg.ready(), timeout=60)
     rundir.write_json(record, {"id": pg.id.hex()})
-    assert placement_group_table(pg)["state"] == "CREATED"
+    assert placement_group_table(pg)["state"] == "CREATED" and placement_groups() - before == {pg.id.hex()}
     assert free_placement_group(record)
-    assert placement_group_table(pg)["state"] == "REMOVED"
+    assert placement_group_table(pg)["state"] == "REMOVED" and placement_groups() == before
     assert not free_placement_group(record)
+    # What the grid does when it ends: groups it made that are still held go.
+    other = placement_group([{"CPU": 1}])
+    ray_local.get(other.ready(), timeout=60)
+    assert remove_placement_groups(placement_groups() - before) == 1 and placement_groups() == before
