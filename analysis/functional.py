@@ -110,11 +110,11 @@ class HiddenUnit:
     name: str
     uri: Optional[str]
     fingerprint: str
-    cost: int
+    cost: int  # CKA prompts: the work, for balancing tasks
 
     @property
     def id(self) -> str:
-        return f"hidden:{self.name}"
+        return "hidden:" + self.name
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class LmcUnit:
     hash_b: str
     alphas: list[float]
     fingerprint: str
-    cost: int
+    cost: int  # alphas x items
 
     @property
     def id(self) -> str:
