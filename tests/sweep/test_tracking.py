@@ -487,7 +487,7 @@ def test_object_store_run_writes_locally_then_uploads(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from wsg.sweep.trackers import copy_local
-    from tests._cluster import S3Server
+    from _cluster import S3Server
 
     s3 = S3Server(tmp_path / "s3").start()
     try:

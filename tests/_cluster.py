@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SSHD = "/usr/sbin/sshd"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
