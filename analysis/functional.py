@@ -149,10 +149,15 @@ class FunctionalTask:
     in_ray: bool = False
 
 
-def _part_path(run: str, unit) -> str:
+def _part_key(unit) -> str:
+    """`hidden/<name>.npz` or `lmc/<a>__<b>.parquet`: the unit's file under parts/."""
     if isinstance(unit, HiddenUnit):
-        return rundir.join(analysis_dir(run), "parts", "hidden", f"{unit.name}.npz")
-    return rundir.join(analysis_dir(run), "parts", "lmc", f"{unit.a}__{unit.b}.parquet")
+        return f"hidden/{unit.name}.npz"
+    return f"lmc/{unit.a}__{unit.b}.parquet"
+
+
+def _part_path(run: str, unit) -> str:
+    return rundir.join(analysis_dir(run), "parts", *_part_key(unit).split("/"))
 
 
 def _read_part(path: str):
@@ -376,11 +381,6 @@ def _parts_written(run: str, todo: list, before: set[str]) -> int:
     (units write their part when done: per-unit progress while tasks run)."""
     new = _parts_present(run) - before
     return sum(1 for u in todo if _part_key(u) in new)
-
-
-def _part_key(unit) -> str:
-    path = _part_path("", unit)
-    return "/".join(path.rsplit("/", 2)[-2:])
 
 
 def _run_tasks(cfg, run: str, todo: list, items: Items, progress: bool) -> None:
