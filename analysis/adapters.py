@@ -15,7 +15,10 @@ tables, issue 13 item 4).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -117,14 +120,33 @@ def describe(name: str) -> dict:
 
 def local_copy(uri: str) -> str:
     """A local folder with the adapter's files (object-store runs are copied
-    once into the user cache, keyed by the URI)."""
+    once into the user cache, keyed by the URI).
+
+    Several workers of one node may copy the same adapter at once (the
+    functional stage's units): each downloads into its own temporary folder
+    and renames it into place whole, so no reader ever sees a folder whose
+    marker is there before its weights."""
     if rundir.is_local(uri):
         return rundir.resolve(uri)[1]
     from wsg.sweep.models import cache_root
 
     dest = cache_root() / "adapters" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not rundir.is_complete(str(dest)):
-        rundir.download_dir(uri, str(dest))
+    if rundir.is_complete(str(dest)):
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=dest.parent)
+    try:
+        rundir.download_dir(uri, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if dest.exists() and not rundir.is_complete(str(dest)):
+            shutil.rmtree(dest, ignore_errors=True)  # a copy from before downloads were atomic
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another worker's copy landed first: the same bytes
+            if not rundir.is_complete(str(dest)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
 
 

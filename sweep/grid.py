@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import traceback
 
-from wsg.sweep import console, rundir, telemetry
+from wsg.sweep import console, rundir, telemetry, tracking
 from wsg.sweep.cells import CellKey
 from wsg.sweep.config import ExperimentConfig
 from wsg.sweep.errors import WsgError
@@ -159,6 +159,8 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     for c in todo:
         if c.loss not in prepared:
             prepared[c.loss] = prepare(cfg, layout.root, c)
+    # The tracked runs the cells file under, made here once (sweep/tracking.py).
+    tracking.open_groups(cfg, run=layout.root, groups=sorted({c.loss for c in todo}))
     # One grid_search over whole cells keeps (loss, seed, lr) tied together;
     # the config and run travel as constant parameters, so Tune's progress
     # table shows only the cell.

@@ -147,12 +147,14 @@ def upload_dir(local_dir: str, dest_uri: str, files: Iterable[str] | None = None
 
 
 def download_dir(src_uri: str, local_dir: str) -> str:
-    """Copy a folder's files (non-recursive) to a local folder; return it."""
+    """Copy a folder's files (non-recursive) to a local folder; return it.
+    The completion marker, if the folder has one, is written last: "_COMPLETE"
+    sorts before the files it vouches for."""
     os.makedirs(local_dir, exist_ok=True)
     if is_local(src_uri):
         fs, path = resolve(src_uri)
         src_uri = path
-    for name in listdir(src_uri):
+    for name in sorted(listdir(src_uri), key=lambda n: n == COMPLETE_MARKER):
         data = read_bytes(join(src_uri, name))
         with open(os.path.join(local_dir, name), "wb") as f:
             f.write(data)

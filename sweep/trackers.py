@@ -9,6 +9,7 @@ error (docs/tracking.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -142,13 +143,9 @@ class Mlflow:
     name = "mlflow"
 
     def __init__(self, cfg, s: Subject):
-        for k, v in _MLFLOW_ENV.items():
-            os.environ.setdefault(k, v)
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
-        self.c, self.s = MlflowClient(tracking_uri=cfg.uri), s
-        self.exp_id = self._experiment(cfg.experiment or s.experiment)
+        self._connect(cfg, s)
         saved = s.state.get("mlflow") or {}
         self.run_id, self.last_step = None, 0
         if saved.get("uri") == cfg.uri and saved.get("run_id"):
@@ -171,6 +168,28 @@ class Mlflow:
         self._params(s.params)  # only those not there yet: a resume re-logs none
         s.state["mlflow"] = {"uri": cfg.uri, "experiment_id": self.exp_id, "run_id": self.run_id}
 
+    def _connect(self, cfg, s: Subject) -> None:
+        for k, v in _MLFLOW_ENV.items():
+            os.environ.setdefault(k, v)
+        from mlflow.tracking import MlflowClient
+
+        self.c, self.s = MlflowClient(tracking_uri=cfg.uri), s
+        self.exp_id = self._experiment(cfg.experiment or s.experiment)
+
+    @classmethod
+    def make_containers(cls, cfg, s: Subject, groups: list[str]) -> None:
+        """The run's root run and one run per loss, made by the grid's driver
+        (one process) before its cells start, so the cells only find them.
+        Cells that each made one in parallel could not agree: MLflow has no
+        atomic create-if-absent, and a start time taken by the client may sort
+        a later run first, so a loss could end up under a deleted root."""
+        self = cls.__new__(cls)
+        self._connect(cfg, s)
+        root = self._container("run", s.run_name, None)
+        for group in groups:
+            self.s = dataclasses.replace(s, group=group)
+            self._container("loss", group, root)
+
     def _experiment(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
 
@@ -191,8 +210,9 @@ class Mlflow:
 
     def _container(self, role: str, name: str, parent: str | None) -> str:
         """The run of this wsg run (role "run") or of one loss ("loss"), made
-        once. Cells start in parallel processes: each may create one, then
-        all agree on the oldest and the others delete their own."""
+        once: found when the grid's driver made it (make_containers), else
+        made here (a cell trained on its own); should two appear at once, the
+        oldest is kept and the other deleted by its maker."""
         filt = f"tags.`wsg.role` = '{role}' and tags.`wsg.run_key` = '{self.s.run_key}'"
         if role == "loss":
             filt += f" and tags.`wsg.loss` = '{self.s.group}'"

@@ -222,6 +222,22 @@ def open_cell(tracking: TrackingCfg | None, *, experiment: str, run: str, key, p
     return _open(tracking, subject, paths, f"cell {key.id}")
 
 
+def open_groups(cfg, *, run: str, groups: list[str]) -> None:
+    """Before a grid's cells start: the tracked runs they file under (in
+    MLflow the run's root and one run per loss), made once by this one
+    process. `cfg`: the ExperimentConfig; `run`: the run folder/URI exactly
+    as the cells get it. A failure only logs: the cells then make them."""
+    from wsg.sweep.config import config_hash
+
+    if cfg.tracking is None or cfg.tracking.mlflow is None:
+        return
+    subject = Subject("cell", "", "", run, cfg.name, {"config_hash": config_hash(cfg)})
+    try:
+        Mlflow.make_containers(cfg.tracking.mlflow, subject, list(groups))
+    except Exception as exc:  # noqa: BLE001 - a tracker must never break training
+        log.warning("tracking: mlflow: cannot make the run's parent runs (%s); the cells make them", exc)
+
+
 def track_run(tracking: TrackingCfg | None, *, experiment: str, run: str, params: dict,
               artifacts: dict[str, str], paths: TrackingPaths, summary: dict | None = None) -> list[str]:
     """The run-level tracked run: params, `artifacts` ({name: file or folder

@@ -139,3 +139,42 @@ def test_config_that_does_not_match_weights_is_refused(tmp_path):
 def test_bad_top_k_is_refused(tmp_path):
     with pytest.raises(WsgError, match="top-k"):
         run_geometry({"x": _grid(tmp_path)}, str(tmp_path / "o"), top_k=0, use_ray=False, progress=False)
+
+
+def test_object_store_adapter_copies_are_whole_under_concurrent_readers(tmp_path, monkeypatch):
+    """Functional units on one node copy the same s3:// adapter at once (the
+    cluster test's failure: a reader saw the marker before the weights). Every
+    reader gets a folder with every file, byte for byte, and no temp is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from _cluster import S3Server
+    from wsg.analysis.adapters import local_copy
+    from wsg.sweep import rundir
+
+    rng = np.random.default_rng(3)
+    folder = write_adapter(str(tmp_path / "a"), random_factors(rng, 4), r=4, alpha=8)
+    (tmp_path / "a" / "big.bin").write_bytes(rng.bytes(4 << 20))  # a slow file widens the race
+    want = {n: (tmp_path / "a" / n).read_bytes() for n in os.listdir(folder)}
+    s3 = S3Server(tmp_path / "s3").start()
+    try:
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("WSG_CACHE", str(tmp_path / "cache"))
+        s3.make_bucket("wsg")
+        uri = "s3://wsg/run/cells/sft-s1-lr1e-04/step_2"
+        rundir.upload_dir(folder, uri)
+
+        def read(_):
+            got = local_copy(uri)
+            return got, {n: open(os.path.join(got, n), "rb").read() for n in want}
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(read, range(6)))
+        assert len({d for d, _ in results}) == 1
+        assert all(files == want for _, files in results)
+        cache = tmp_path / "cache" / "adapters"
+        assert sorted(os.listdir(cache)) == [os.path.basename(results[0][0])]  # no temp folder left
+        assert sorted(os.listdir(results[0][0])) == sorted([*want, rundir.COMPLETE_MARKER])
+        assert read_adapter_spec("a", results[0][0]).modules.keys() == read_adapter_spec("a", folder).modules.keys()
+    finally:
+        s3.stop()

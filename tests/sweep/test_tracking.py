@@ -25,7 +25,8 @@ import pytest
 from wsg.sweep.cells import CellKey
 from wsg.sweep.config import config_hash, parse_config
 from wsg.sweep.errors import ConfigError
-from wsg.sweep.tracking import NULL, TrackingCfg, TrackingPaths, cell_params, open_cell, run_params, track_run
+from wsg.sweep.tracking import (NULL, TrackingCfg, TrackingPaths, cell_params, open_cell, open_groups, run_params,
+                                track_run)
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -148,11 +149,15 @@ def test_disabled_tracking_imports_no_tracker(tmp_path):
 def test_mlflow_cells_grouped_by_loss_with_params_metrics_summary(mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cfg = _cfg()
     tracking = TrackingCfg.model_validate({"mlflow": {"uri": mlflow_uri, "experiment": "trk-grid"}})
+    cfg = _cfg().model_copy(update={"tracking": tracking})
     run = tmp_path / "trk-run"
     keys = [CellKey(loss, s, s, lr) for loss, lr in (("sft", 1e-4), ("dpo", 1e-5)) for s in (42, 43)]
     rows = {k.id: _rows(sum(map(ord, k.id)), range(1, 6)) for k in keys}
+    # The grid's driver makes the root and loss runs once before its cells
+    # start (in parallel cells could not agree on them: CI saw a loss run
+    # filed under a root that a slower cell then deleted).
+    open_groups(cfg, run=str(run), groups=["dpo", "sft"])
 
     def one(k: CellKey) -> str:  # cells start in parallel, as on Ray
         tr = open_cell(tracking, experiment=cfg.name, run=str(run), key=k, params=cell_params(cfg, k),
@@ -178,7 +183,11 @@ def test_mlflow_cells_grouped_by_loss_with_params_metrics_summary(mlflow_uri, tm
     parents = {r.data.tags["wsg.loss"]: r for r in by_role["loss"]}
     assert sorted(parents) == ["dpo", "sft"] and len(by_role["loss"]) == 2
     assert all(p.data.tags["mlflow.parentRunId"] == root for p in parents.values())
+    assert all(p.data.tags["wsg.config_hash"] == config_hash(cfg) for p in [*parents.values(), by_role["run"][0]])
     assert len(by_role["cell"]) == 4
+    # The cells found their parents: none made a duplicate it had to delete.
+    from mlflow.entities import ViewType
+    assert c.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY) == []
     for k in keys:
         r = c.get_run(ids[k.id])
         assert r.info.run_name == k.id and r.info.status == "FINISHED"
