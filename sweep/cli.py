@@ -132,8 +132,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "train":
         pipeline.check_cell_args(args.loss, args.lr)  # before any Ray start-up
     run = pipeline.prepare_run(cfg, run)
-    with pipeline.open_console(run, verbose=args.verbose):
-        pipeline.ensure_ray(address)
+    with pipeline.open_console(run, verbose=args.verbose), pipeline.ray_while_quiet(address):
         if args.cmd == "rollouts":
             out = pipeline.run_rollouts(cfg, run)
         elif args.cmd == "train":

@@ -5,9 +5,11 @@ is complete (its `_COMPLETE` markers) and resumes what is not, so the same
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import datetime
+from typing import Iterator
 
 from wsg.analysis.adapters import cell_refs, list_adapters
 from wsg.analysis.evaluate import run_eval
@@ -67,9 +69,26 @@ def load_run_config(run: str) -> ExperimentConfig:
     return parse_config(yaml.safe_load(rundir.read_text(cpath)), cpath)
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Join a cluster when an address is given, else start a local instance with the dashboard."""
-    connect(address, dashboard=True)
+def ensure_ray(address: str | None = None) -> bool:
+    """Join a cluster when an address is given, else start a local instance
+    with the dashboard; True when this call started (or joined) Ray."""
+    return connect(address, dashboard=True)
+
+
+@contextlib.contextmanager
+def ray_while_quiet(address: str | None) -> Iterator[None]:
+    """`ensure_ray` for a block inside a RunConsole: the Ray this block
+    started is shut down before the console gives the terminal back, so the
+    worker log lines Ray forwards at shutdown land in the log, not after the
+    user's prompt."""
+    started = ensure_ray(address)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 # --- stages -------------------------------------------------------------------
@@ -169,12 +188,13 @@ def _brief(name: str, s: dict) -> str:
 def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = None, verbose: bool = False) -> int:
     run = prepare_run(cfg, run)
     layout = RunLayout(run)
-    with open_console(run, verbose=verbose) as con:
+    with contextlib.ExitStack() as stack:
+        con = stack.enter_context(open_console(run, verbose=verbose))
         say(f"wsg: run directory {run} (config hash {config_hash(cfg)})")
         if con.log_path:
             say(f"wsg: third-party output (Ray, vLLM, transformers) goes to {layout.logs}/wsg.log; "
                 "--verbose shows it here")
-        ensure_ray(address)
+        stack.enter_context(ray_while_quiet(address))
         if (url := dashboard_url()):
             say(f"wsg: Ray dashboard at http://{url}")
         t0 = time.time()

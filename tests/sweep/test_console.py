@@ -81,3 +81,29 @@ def test_grid_watch_counts_cells_and_reads_running_progress(tmp_path):
     assert lines[0].startswith("  cells: 1/3 done, 1 running, 1 failed")
     assert "dpo-s42-lr1e-05" in lines[1] and "3/12" in lines[1] and "0.6900" in lines[1]
     assert os.path.exists(layout.cell(ids[1]).progress)
+
+
+def test_ray_worker_lines_land_in_the_log_even_at_shutdown(tmp_path):
+    """A real local Ray under the console: a task's print is forwarded by Ray
+    to the driver, also the last one before the run ends (it used to reach
+    the terminal after wsg had given it back); `ray_while_quiet` shuts down
+    the Ray it started while the console still holds the terminal."""
+    logs = tmp_path / "logs"
+    out = _run(f"""
+        import ray
+        from wsg.sweep.console import RunConsole, say
+        from wsg.sweep.pipeline import ray_while_quiet
+        with RunConsole({str(logs)!r}), ray_while_quiet(None):
+            @ray.remote
+            def loud(i):
+                print(f"worker line {{i}}", flush=True)
+                return i
+            assert ray.get([loud.remote(i) for i in range(4)]) == list(range(4))
+            say("wsg: finished")
+        print("ray up after:", ray.is_initialized())
+    """, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["wsg: finished", "ray up after: False"]
+    assert "worker line" not in out.stderr
+    log = (logs / "wsg.log").read_text()
+    assert sum(f"worker line {i}" in log for i in range(4)) >= 1  # Ray dedups repeated lines
