@@ -9,7 +9,6 @@ import contextlib
 import os
 import time
 from datetime import datetime
-from typing import Iterator
 
 from wsg.analysis.adapters import cell_refs, list_adapters
 from wsg.analysis.evaluate import run_eval
@@ -25,7 +24,7 @@ from wsg.sweep.console import RunConsole, say
 from wsg.sweep.errors import WsgError
 from wsg.sweep.grid import run_grid, run_one_cell
 from wsg.sweep.layout import STAGES, RunLayout
-from wsg.sweep.session import connect, dashboard_url
+from wsg.sweep.session import connect, dashboard_url, session
 from wsg.train.losses import loss_names
 
 
@@ -69,26 +68,17 @@ def load_run_config(run: str) -> ExperimentConfig:
     return parse_config(yaml.safe_load(rundir.read_text(cpath)), cpath)
 
 
-def ensure_ray(address: str | None = None) -> bool:
-    """Join a cluster when an address is given, else start a local instance
-    with the dashboard; True when this call started (or joined) Ray."""
-    return connect(address, dashboard=True)
+def ensure_ray(address: str | None = None) -> None:
+    """Join a cluster when an address is given, else start a local instance with the dashboard."""
+    connect(address, dashboard=True)
 
 
-@contextlib.contextmanager
-def ray_while_quiet(address: str | None) -> Iterator[None]:
+def ray_while_quiet(address: str | None) -> contextlib.AbstractContextManager[bool]:
     """`ensure_ray` for a block inside a RunConsole: the Ray this block
     started is shut down before the console gives the terminal back, so the
     worker log lines Ray forwards at shutdown land in the log, not after the
     user's prompt."""
-    started = ensure_ray(address)
-    try:
-        yield
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    return session(address, dashboard=True)
 
 
 # --- stages -------------------------------------------------------------------

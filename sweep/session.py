@@ -62,11 +62,11 @@ def dashboard_url() -> str | None:
 
 
 @contextlib.contextmanager
-def session(address: str | None = None, *, log_to_driver: bool = True) -> Iterator[bool]:
+def session(address: str | None = None, *, dashboard: bool = False, log_to_driver: bool = True) -> Iterator[bool]:
     """`connect` for the length of a block; shuts down only what it started."""
     import ray
 
-    started = connect(address, log_to_driver=log_to_driver)
+    started = connect(address, dashboard=dashboard, log_to_driver=log_to_driver)
     try:
         yield started
     finally:
