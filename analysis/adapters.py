@@ -8,7 +8,7 @@ LMC, CKA, logit lens), so the report can join them. The base model is `base`.
 
 Cell ids (`<loss>-s<seed>-lr<lr>`, or `<loss>-i<init>-d<data>-lr<lr>` for
 control cells whose LoRA-init and data-order seeds differ) are read by
-`sweep.cells.CellKey.parse`, the one parser. `CellRef` is what the analysis
+`core.cells.CellKey.parse`, the one parser. `CellRef` is what the analysis
 tables say about an adapter's cell (the identity columns of the geometry
 tables, issue 13 item 4).
 """
@@ -22,10 +22,11 @@ import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
-from wsg.sweep import rundir
-from wsg.sweep.cells import CellKey
-from wsg.sweep.errors import WsgError
-from wsg.sweep.layout import RunLayout
+from ..core import rundir
+from ..core.cells import CellKey
+from ..core.errors import WsgError
+from ..core.layout import RunLayout
+from ..core.models import cache_root
 
 BASE = "base"
 SEP = "@"
@@ -51,7 +52,7 @@ class CellRef:
 class Adapter:
     """One analysed adapter: `path` is a local folder, `uri` where it lives.
     `seed` is the grid seed (= init_seed); init_seed and data_seed default to
-    it (sweep.cells.CellKey.of)."""
+    it (core.cells.CellKey.of)."""
 
     name: str
     path: str
@@ -128,7 +129,6 @@ def local_copy(uri: str) -> str:
     marker is there before its weights."""
     if rundir.is_local(uri):
         return rundir.resolve(uri)[1]
-    from wsg.sweep.models import cache_root
 
     dest = cache_root() / "adapters" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if rundir.is_complete(str(dest)):

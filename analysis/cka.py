@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from wsg.sweep.errors import WsgError
+from ..core.errors import WsgError
 
 
 class CkaInputError(WsgError, ValueError):

@@ -27,9 +27,21 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 
-from wsg.analysis.findings import (F64, I64, STR, Ident, PairIndex, identify, layer_sq_norms, matching_controls, ratio_ci,
-                               relevant_controls, row_ident, rows_of)
-from wsg.sweep.cells import CellKey
+from ..core.cells import CellKey
+from .findings import (
+    F64,
+    I64,
+    STR,
+    Ident,
+    PairIndex,
+    identify,
+    layer_sq_norms,
+    matching_controls,
+    ratio_ci,
+    relevant_controls,
+    row_ident,
+    rows_of,
+)
 
 RULE = ("not_measured if a needed cell/table is absent; fails if the CI lies on the other side of the test; "
         "holds if the CI lies on the claim's side and the effect is beyond the noise floor; else inconclusive "
@@ -342,42 +354,4 @@ def _control_need(loss: str, kind: str, lr: float, ratio: float) -> str:
     return f"needs a control cell of {loss} at a second {kind.replace('_', ' ')} at lr {lr:g} (grid.controls.{kind}s)"
 
 
-def claims_table(tables: dict, *, reference_loss: str = "sft", lr_scales: Optional[dict] = None) -> pa.Table:
-    """The claims table from a run's tables (pa.Table or row lists, any may be
-    None): global_pairs, layer_pairs, adapter_modules, mcnemar, lmc, cka,
-    convergence. lr_scales: loss -> losses.<name>.lr_scale of the config."""
-    from wsg.analysis.claims_defs import CLAIMS  # the definitions import this module's rule and Ctx
-
-    ctx = Ctx(tables, reference_loss, lr_scales)
-    out = []
-    for spec in CLAIMS:
-        now, prev = spec.measure(ctx, 0), spec.measure(ctx, 1)
-        for label in now:
-            out.append(_row(ctx, spec, label, now[label], prev.get(label)))
-    return pa.Table.from_pylist(out, schema=CLAIMS_SCHEMA)
-
-
-def _row(ctx: Ctx, spec, label: str, m: Measure, p: Optional[Measure]) -> dict:
-    verdict, why = judge(m, spec.test, spec.floor_mode)
-    notes = [why] if why else []
-    notes += m.notes
-    vp = judge(p, spec.test, spec.floor_mode)[0] if p is not None and not p.missing else None
-    if vp and verdict != "not_measured" and vp != verdict:
-        notes.append(f"verdict at the previous step {p.step} was {vp}: not settled")
-    conv = None
-    if ctx.has_conv and m.cells:
-        cells = {identify(n).cell_id for n in m.cells if identify(n)}
-        if all(c in ctx.conv for c in cells):
-            conv = all(ctx.conv[c] for c in cells)
-            if not conv:
-                notes.append("not converged: " + ", ".join(sorted(c for c in cells if not ctx.conv[c])))
-    return {"claim": spec.id + (f"[{label}]" if label else ""), "statement": spec.statement,
-            "paper_value": spec.paper_value, "test": spec.test.text(), "step": m.step, "value": m.value,
-            "ci_low": m.ci_low, "ci_high": m.ci_high, "noise_floor": m.floor if spec.floor_mode else None,
-            "floor_kind": m.floor_what if spec.floor_mode else "", "verdict": verdict, "cells": m.cells,
-            "cells_converged": conv, "prev_step": p.step if p is not None and not p.missing else None,
-            "value_prev": p.value if p is not None and not p.missing else None, "verdict_prev": vp,
-            "note": "; ".join(x for x in notes if x)}
-
-
-__all__ = ["claims_table", "judge", "Test", "Measure", "Ctx", "paired_diff_ci", "lmc_barrier", "RULE"]
+__all__ = ["judge", "Test", "Measure", "Ctx", "paired_diff_ci", "lmc_barrier", "RULE"]

@@ -14,9 +14,23 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Callable, Optional
 
-from wsg.analysis.claims import (ACC_MARGIN, LATE_BLOCKS, PAPER_OFFLINE, RATIO_TOL, REWARD_WEIGHTED, TOL, Ctx, Measure,
-                             Test, above, band, below, lmc_barrier, paired_diff_ci)
-from wsg.analysis.findings import ratio_ci, same_lr
+from .claims import (
+    ACC_MARGIN,
+    LATE_BLOCKS,
+    PAPER_OFFLINE,
+    RATIO_TOL,
+    REWARD_WEIGHTED,
+    TOL,
+    Ctx,
+    Measure,
+    Test,
+    above,
+    band,
+    below,
+    lmc_barrier,
+    paired_diff_ci,
+)
+from .findings import ratio_ci, same_lr
 
 _ABSENT = {"lmc": "analysis/lmc.parquet is absent: written by the functional stage (`wsg functional --run RUN`)",
            "cka": "analysis/cka.parquet is absent: written by the functional stage (`wsg functional --run RUN`)",

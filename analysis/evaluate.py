@@ -35,13 +35,27 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from wsg.analysis.adapters import BASE, Adapter, list_adapters
-from wsg.analysis.lora_io import content_hash
-from wsg.analysis.stats import PREDICTIONS_SCHEMA, accuracy_table, mcnemar_table
-from wsg.rollouts.engine import EngineActor, EngineOptions, shutdown_engines, wait_ready
-from wsg.sweep import console, rundir
-from wsg.sweep.errors import WsgError
-from wsg.sweep.layout import RunLayout
+from ..core import console, rundir
+from ..core.adapter_card import add_accuracy
+from ..core.errors import WsgError
+from ..core.layout import RunLayout
+from ..core.models import load_causal_lm, load_tokenizer, resolve_model
+from ..core.session import connect
+from ..rollouts.datasets import load_problems
+from ..rollouts.engine import EngineActor, EngineOptions, shutdown_engines, wait_ready
+from ..rollouts.engine_rules import (
+    adapter_mode,
+    eager_unless_gpu,
+    rollout_engine_options,
+    vllm_lora_rank,
+)
+from ..rollouts.merge import merged_weights, write_tensors
+from ..rollouts.prompts import render_prompts
+from ..rollouts.reward import extract_final_answer, score_many
+from ..rollouts.stage import pool_size
+from .adapters import BASE, Adapter, list_adapters, local_copy
+from .lora_io import content_hash
+from .stats import PREDICTIONS_SCHEMA, accuracy_table, mcnemar_table
 
 # vLLM accepts these LoRA ranks only (max_lora_rank).
 
@@ -49,9 +63,6 @@ from wsg.sweep.layout import RunLayout
 def eval_prompts(cfg, eval_set) -> tuple[list, list[str]]:
     """(problems, chat-templated prompts) of one eval set, formatted exactly as
     the rollouts are (data.instruction, data.system_prompt)."""
-    from wsg.rollouts.datasets import load_problems
-    from wsg.rollouts.prompts import render_prompts
-    from wsg.sweep.models import load_tokenizer
 
     problems = list(load_problems(eval_set))
     if not problems:
@@ -78,8 +89,6 @@ class EvalEngine(EngineActor):
         import torch
         from peft import PeftModel
 
-        from wsg.rollouts.merge import merged_weights, write_tensors
-        from wsg.sweep.models import load_causal_lm
 
         if self._hf is None:
             self._hf = load_causal_lm(self.opts.model, dtype=torch.float32,
@@ -95,7 +104,6 @@ class EvalEngine(EngineActor):
     def serve(self, adapter: dict | None, mode: str) -> tuple | None:
         """Make the engine serve `adapter` ({name, uri, lora_id}) or the base;
         returns the LoRA request tuple to pass to generate (None if merged)."""
-        from wsg.analysis.adapters import local_copy
 
         if adapter is None:
             if self._weights != self.opts.model:
@@ -141,8 +149,6 @@ def _cached(run: str, name: str, fingerprint: str) -> pa.Table | None:
 
 def _score(completions: list[str], golds: list[str], timeout_s: float,
            num_cpus: float) -> tuple[list[bool], list[str | None]]:
-    from wsg.rollouts.reward import extract_final_answer, score_many
-
     rewards, _info = score_many(completions, golds, timeout_s=timeout_s, num_cpus=num_cpus)
     return [r > 0.5 for r in rewards], [extract_final_answer(c)[0] for c in completions]
 
@@ -152,9 +158,6 @@ def _start_engines(cfg, mode: str, adapters: list[Adapter], n_models: int) -> li
     `cpus_per_engine`, `gpus_per_engine`), never more engines than models."""
     import ray
 
-    from wsg.rollouts.engine_rules import eager_unless_gpu, rollout_engine_options, vllm_lora_rank
-    from wsg.rollouts.stage import pool_size
-    from wsg.sweep.models import resolve_model
 
     ro = cfg.rollouts
     n, g = pool_size(ro.num_engines, cpus_per_engine=ro.cpus_per_engine, gpus_per_engine=ro.gpus_per_engine,
@@ -204,7 +207,6 @@ def _evaluate_model(cfg, engine, name: str, adapter: dict | None, mode: str, set
 
 def _cards_with_accuracy(adapters: list[Adapter], acc: pa.Table) -> None:
     """Each run adapter's model card learns its pass@1 per eval set."""
-    from wsg.sweep.adapter_card import add_accuracy
 
     by: dict[str, dict] = {}
     for r in acc.to_pylist():
@@ -232,13 +234,10 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
                     "eval set(s)")
     mode, n_engines = None, 0
     if todo:
-        from wsg.sweep.session import connect
-
         owned = connect(cfg.resources.ray_address, log_to_driver=progress)
         engines: list = []
         try:
             gpus = ray.cluster_resources().get("GPU", 0)
-            from wsg.rollouts.engine_rules import adapter_mode
 
             mode = adapter_mode(cfg.analysis.eval_mode, gpus=gpus, field="analysis.eval_mode")
             sets = [(es, *eval_prompts(cfg, es)) for es in cfg.analysis.eval_sets]

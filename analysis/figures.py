@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from wsg.analysis.adapters import BASE, describe  # noqa: E402
+from .adapters import BASE, describe  # noqa: E402
+from .findings import CONV_MIN_COS
 
 DPI = 110
 
@@ -342,7 +343,6 @@ def convergence_curves(rows: list[dict], path: str) -> Optional[str]:
     Cells flagged not converged (docs/findings.md) are drawn dashed."""
     if not rows:
         return None
-    from wsg.analysis.findings import CONV_MIN_COS
 
     cells = sorted({r["cell"] for r in rows})
     fig, axes = _panels(2, width=5.6, height=4.2)

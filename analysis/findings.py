@@ -15,11 +15,10 @@ and the seed paper's claims as checks (analysis/claims.py).
 Cells are read from the identity columns of the geometry tables (loss,
 init_seed, data_seed, lr, step; null for adapters given by path); tables
 written before those columns existed are read by parsing the adapter names
-(`<cell_id>@<step>`, sweep.cells.CellKey).
+(`<cell_id>@<step>`, core.cells.CellKey).
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ from typing import Iterable, Optional
 import numpy as np
 import pyarrow as pa
 
-from wsg.sweep.cells import CellKey
-from wsg.sweep.errors import WsgError
+from ..core.cells import CellKey
+from ..core.errors import WsgError
 
 F64, I64, STR = pa.float64(), pa.int64(), pa.string()
 
@@ -338,63 +337,3 @@ def _seed_partner(idents: dict[str, Ident], me: Ident) -> Optional[str]:
              and i.init_seed != me.init_seed]
     cands.sort(key=lambda i: (i.data_seed != me.data_seed, i.init_seed, i.data_seed))
     return cands[0].name if cands else None
-
-
-# --- the run-level entry point -------------------------------------------------------
-def _metadata(config_hash: str, extra: dict) -> dict:
-    md = {b"wsg.config_hash": (config_hash or "").encode(),
-          b"wsg.bootstrap": json.dumps({"n_resamples": BOOT_N, "seed": BOOT_SEED, "unit": "layer",
-                                        "level": 0.95}).encode(),
-          b"wsg.convergence_criterion": json.dumps({"min_cos": CONV_MIN_COS, "max_norm_growth": CONV_MAX_GROWTH,
-                                                    "max_step_frac": CONV_MAX_STEP_FRAC}).encode()}
-    md.update({k.encode(): json.dumps(v).encode() for k, v in extra.items()})
-    return md
-
-
-def _read(path: str) -> Optional[pa.Table]:
-    from wsg.sweep import rundir
-
-    return rundir.read_table(path) if rundir.exists(path) else None
-
-
-def run_findings(cfg, run: str) -> dict:
-    """Read the run's geometry, eval and functional tables; write
-    geometry/noise_floors, geometry/convergence and geometry/claims (.parquet);
-    return a summary. Needs geometry/global_pairs and adapter_modules; the
-    eval and functional tables are optional (claims needing them read
-    not_measured)."""
-    from wsg.analysis import claims as C
-    from wsg.sweep import rundir
-    from wsg.sweep.config import config_hash
-    from wsg.sweep.layout import RunLayout
-
-    lay = RunLayout.of(run)
-    geo = {k: _read(lay.geometry_table(k)) for k in ("adapter_modules", "layer_pairs", "global_pairs")}
-    missing = [k for k in ("adapter_modules", "global_pairs") if geo[k] is None]
-    if missing:
-        raise WsgError(f"findings need {', '.join(lay.relative(lay.geometry_table(k)) for k in missing)}: "
-                       "run the geometry stage first (`wsg geometry --run RUN`)")
-    tables = dict(geo)
-    mp = lay.geometry_table("module_pairs")
-    if rundir.exists(mp):  # per-module u1/v1 dots: their layer-bootstrap CIs
-        tables["module_pairs"] = rundir.read_table(mp, columns=["adapter_a", "adapter_b", "layer", "u1_abs_dot",
-                                                                "v1_abs_dot"])
-    tables.update({k: _read(lay.eval_table(k)) for k in ("accuracy", "mcnemar")})
-    tables.update({k: _read(lay.functional_table(k)) for k in ("lmc", "cka")})
-    floors = noise_floors(geo["global_pairs"], geo["adapter_modules"])
-    conv = convergence(geo["adapter_modules"], geo["global_pairs"])
-    tables.update(noise_floors=floors, convergence=conv)
-    losses = set(cfg.grid.losses) | {c.loss for c in cfg.grid.extra_cells}
-    claims = C.claims_table(tables, reference_loss=cfg.analysis.reference_loss,
-                            lr_scales={x: cfg.loss_cfg(x).lr_scale for x in losses})
-    md = _metadata(config_hash(cfg), {"wsg.claims_rule": C.RULE})
-    out = {"noise_floors": floors, "convergence": conv, "claims": claims}
-    for name, table in out.items():
-        rundir.write_table(lay.geometry_table(name), table.replace_schema_metadata(md))
-    cells = {r["cell"]: r["converged"] for r in conv.to_pylist()}
-    verdicts = defaultdict(int)
-    for v in claims.column("verdict").to_pylist():
-        verdicts[v] += 1
-    return {"noise_floor_pairs": floors.num_rows, "cells": len(cells),
-            "converged_cells": sum(1 for v in cells.values() if v), "claims": dict(verdicts),
-            "tables": {k: lay.geometry_table(k) for k in out}}

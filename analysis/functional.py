@@ -32,10 +32,17 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from wsg.analysis.adapters import BASE, Adapter, list_adapters, reference_pairs
-from wsg.analysis.lora_io import content_hash
-from wsg.sweep import console, rundir
-from wsg.sweep.errors import WsgError
+from ..core import console, rundir
+from ..core.errors import WsgError
+from ..core.models import load_causal_lm, load_tokenizer, resolve_model
+from ..core.session import connect
+from ..rollouts.prompts import encode_prompts
+from .adapters import BASE, Adapter, list_adapters, local_copy, reference_pairs
+from .cka import collect_hidden_states, layerwise_cka, pad_token_id, right_pad
+from .evaluate import eval_prompts
+from .lmc import interpolated_adapter, masked_answer_nll, read_pair, save_adapter
+from .logit_lens import prediction_depth
+from .lora_io import content_hash
 
 LMC_SCHEMA = pa.schema([("adapter_a", pa.string()), ("adapter_b", pa.string()), ("alpha", pa.float64()),
                         ("ce", pa.float64()), ("n_items", pa.int64()), ("n_tokens", pa.int64())])
@@ -182,7 +189,6 @@ class _Host:
     def __init__(self, model_name: str, dtype: str, trust_remote_code: bool):
         import torch
 
-        from wsg.sweep.models import load_causal_lm, load_tokenizer
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tok = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
@@ -232,7 +238,6 @@ class _Host:
             if res.unexpected_keys:
                 raise WsgError(f"LMC adapter tensors do not fit the loaded LoRA modules: {res.unexpected_keys[:3]}")
             return self.peft.eval()
-        from wsg.analysis.lmc import save_adapter
 
         model = self.model(save_adapter(config, tensors, folder))
         self.current_config = config
@@ -242,16 +247,11 @@ class _Host:
 def _prompt_ids(host: _Host, prompts: list[str], max_length: int) -> list[list[int]]:
     # Token ids exactly as the vLLM engines see these texts (no special tokens
     # added: the chat template already wrote any BOS), truncated.
-    from wsg.rollouts.prompts import encode_prompts
 
     return [ids[:max_length] for ids in encode_prompts(host.tok, prompts)]
 
 
 def _hidden_unit(host: _Host, unit: HiddenUnit, items: Items, run: str) -> None:
-    from wsg.analysis.adapters import local_copy
-    from wsg.analysis.cka import collect_hidden_states, pad_token_id, right_pad
-    from wsg.analysis.logit_lens import prediction_depth
-
     model = host.model(None if unit.uri is None else local_copy(unit.uri))
     ids, mask = right_pad(_prompt_ids(host, items.cka_prompts, items.max_length), pad_token_id(host.tok))
     hs = collect_hidden_states(model, host.tok, input_ids=ids, attention_mask=mask,
@@ -265,9 +265,6 @@ def _hidden_unit(host: _Host, unit: HiddenUnit, items: Items, run: str) -> None:
 
 
 def _lmc_unit(host: _Host, unit: LmcUnit, items: Items, run: str) -> None:
-    from wsg.analysis.adapters import local_copy
-    from wsg.analysis.lmc import interpolated_adapter, masked_answer_nll, read_pair
-
     pair = read_pair(local_copy(unit.uri_a), local_copy(unit.uri_b))
     prompts = _prompt_ids(host, items.lmc_prompts, items.max_length)
     answers = [host.tok(a, add_special_tokens=False)["input_ids"] for a in items.lmc_answers]
@@ -310,8 +307,6 @@ def functional_worker(spec: FunctionalTask) -> list[str]:
 
 # --- the driver ----------------------------------------------------------------
 def _items(cfg) -> Items:
-    from wsg.analysis.evaluate import eval_prompts
-
     es = cfg.analysis.eval_sets[0]
     problems, prompts = eval_prompts(cfg, es)
     n_cka, n_lmc = min(cfg.analysis.cka_prompts, len(prompts)), min(cfg.analysis.lmc_items, len(prompts))
@@ -360,7 +355,6 @@ def _task_memory(cfg) -> int:
     no more tasks at once than the box holds. 0 (no request) for a hub id."""
     import os
 
-    from wsg.sweep.models import resolve_model
 
     path = resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     if not os.path.isdir(path):
@@ -415,7 +409,6 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
     `run_geometry(use_ray=False)` does: for debugging and small tests."""
     import ray
 
-    from wsg.analysis.cka import layerwise_cka
 
     adapters = list_adapters(cfg, run, models=True)  # analysis.model_steps: a model per adapter
     if not adapters:
@@ -429,8 +422,6 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
         functional_worker(FunctionalTask(model=cfg.model.name, dtype=cfg.model.dtype, run=run, items=items,
                                          trust_remote_code=cfg.model.trust_remote_code, units=todo))
     elif todo:
-        from wsg.sweep.session import connect
-
         owned = connect(cfg.resources.ray_address, log_to_driver=progress)
         try:
             _run_tasks(cfg, run, todo, items, progress)

@@ -17,16 +17,23 @@ from typing import Mapping, Optional
 import numpy as np
 import pyarrow as pa
 
-from wsg.analysis import geometry_bootstrap as gb
-from wsg.analysis import geometry_io as gio
-from wsg.analysis import geometry_tables as gt
-from wsg.analysis import lora_io
-from wsg.analysis.geometry_io import parse_adapter_args  # noqa: F401  (public API)
-from wsg.analysis.geometry_math import (NonFiniteFactors, factored_cosine, factored_inner,  # noqa: F401  (public API)
-                                    factored_svd, module_geometry, numerical_rank, principal_angles)
-from wsg.analysis.geometry_tables import effective_rank  # noqa: F401  (public API)
-from wsg.sweep import rundir
-from wsg.sweep.errors import WsgError
+from ..core import rundir, telemetry
+from ..core.errors import WsgError
+from . import geometry_bootstrap as gb
+from . import geometry_io as gio
+from . import geometry_tables as gt
+from . import lora_io
+from .geometry_io import parse_adapter_args  # noqa: F401  (public API)
+from .geometry_math import (  # noqa: F401  (public API)
+    NonFiniteFactors,
+    factored_cosine,
+    factored_inner,
+    factored_svd,
+    module_geometry,
+    numerical_rank,
+    principal_angles,
+)
+from .geometry_tables import effective_rank  # noqa: F401  (public API)
 
 CACHE_VERSION = "geometry-v2"  # v2: float64 inner products (v1 cached float32-exact ones)
 
@@ -153,8 +160,9 @@ def _run_in_process(jobs: list[dict], bar) -> list:
     """Shards on a thread pool, one torch thread each (BLAS and LAPACK release
     the GIL). One process-wide pool of 2+ torch threads per op collapses when
     anything else runs on the box (docs/benchmarks.geometry.md); the caller's setting is restored."""
-    import torch
     from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    import torch
 
     workers = max(1, min(len(os.sched_getaffinity(0)), len(jobs)))
     prev = torch.get_num_threads()
@@ -181,7 +189,6 @@ def _read_bytes(path: str) -> bytes:
 def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
     from tqdm import tqdm
 
-    from wsg.sweep import telemetry
 
     bar = tqdm(total=len(jobs), desc="geometry shards", unit="shard", disable=not progress)
     try:

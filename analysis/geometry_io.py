@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from wsg.analysis.lora_io import CONFIG_FILE, WEIGHTS_FILE, AdapterSpec
-from wsg.sweep.errors import WsgError
+from ..core.errors import WsgError
+from .lora_io import CONFIG_FILE, WEIGHTS_FILE, AdapterSpec
 
 
 def parse_adapter_args(items: list[str]) -> dict[str, str]:

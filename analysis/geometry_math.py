@@ -183,7 +183,6 @@ def module_geometry(factors, *, top_k: int = 10, pairs=None, device=None):
     Returns (sigma: list of (r_i,) arrays, results: {(i, j): (inner,
     angles_deg, u1_abs_dot, v1_abs_dot)}).
     """
-    import torch
 
     n = len(factors)
     ranks = [int(f[0].shape[1]) for f in factors]

@@ -26,7 +26,7 @@ from typing import Mapping, Optional
 import numpy as np
 import pyarrow as pa
 
-from wsg.analysis import geometry_bootstrap as gb
+from . import geometry_bootstrap as gb
 
 F64 = pa.float64()
 LIST_F64 = pa.list_(pa.float64())

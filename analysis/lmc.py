@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from wsg.analysis.cka import inference, pad_token_id, right_pad
-from wsg.analysis.lora_io import CONFIG_FILE, WEIGHTS_FILE, read_lora_factors
-from wsg.sweep import rundir
-from wsg.sweep.errors import WsgError
+from ..core import rundir
+from ..core.errors import WsgError
+from .cka import inference, pad_token_id, right_pad
+from .lora_io import CONFIG_FILE, WEIGHTS_FILE, read_lora_factors
 
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"

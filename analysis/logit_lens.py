@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from wsg.analysis.cka import inference, right_pad, unpad
-from wsg.sweep.errors import WsgError
+from ..core.errors import WsgError
+from .cka import inference, right_pad, unpad
 
 
 class LogitLensError(WsgError, ValueError):

@@ -30,8 +30,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from wsg.sweep import rundir
-from wsg.sweep.errors import WsgError
+from ..core import rundir
+from ..core.errors import WsgError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

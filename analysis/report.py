@@ -17,13 +17,16 @@ import tempfile
 from collections import defaultdict
 from datetime import datetime, timezone
 
-from wsg.analysis import figures as F
-from wsg.analysis import report_findings as RF
-from wsg.analysis.adapters import BASE, describe, reference_pairs, Adapter
-from wsg.sweep import rundir
+from ..core import rundir
+from ..core.config import config_hash, parse_config
+from ..core.errors import WsgError
+from ..core.layout import RunLayout
+from . import figures as F
+from . import report_findings as RF
+from .adapters import BASE, Adapter, describe, reference_pairs
 
 _FINDINGS = ("the findings step that follows geometry (`wsg geometry --run RUN`; "
-             "analysis.findings.run_findings, docs/findings.md)")
+             "analysis.findings_run.run_findings, docs/findings.md)")
 # key -> (path in the run, what writes it)
 TABLES = {
     "accuracy": ("eval/accuracy.parquet", "the eval stage (`wsg eval --run RUN`)"),
@@ -65,12 +68,11 @@ def _read(run: str, key: str):
 
 def _run_config(run: str) -> tuple[str, dict]:
     """(config hash, the resolved config as a dict); ('unknown', {}) if absent."""
-    path = rundir.config_path(run)
+    path = RunLayout.of(run).config
     if not rundir.exists(path):
         return "unknown (no config.yaml)", {}
     import yaml
 
-    from wsg.sweep.errors import WsgError
 
     text = rundir.read_text(path)
     first = text.splitlines()[0] if text else ""
@@ -78,8 +80,6 @@ def _run_config(run: str) -> tuple[str, dict]:
     try:
         data = yaml.safe_load(text) or {}
         if h is None:
-            from wsg.sweep.config import config_hash, parse_config
-
             h = config_hash(parse_config(data, path))
     except (yaml.YAMLError, WsgError) as err:
         # The report degrades, it does not fail: say why the hash is unknown.
@@ -316,10 +316,8 @@ def build_report(run: str) -> str:
     """Build `<run>/report/index.html` (and figures/) from the run's tables;
     return its path. Works with any subset of the tables."""
     if not rundir.exists(run):
-        from wsg.sweep.errors import WsgError
-
         raise WsgError(f"run directory {run} does not exist; pass the folder given to `wsg run --run`")
-    dest = rundir.report_dir(run)
+    dest = RunLayout.of(run).report_dir
     with tempfile.TemporaryDirectory(prefix="wsg-report-") as tmp:
         _render(run, tmp)
         # Figures first, the page last: a reader never sees a page whose

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import html
 
-from wsg.analysis.findings import (Ident, control_kind, identify, matching_controls, relevant_controls, row_ident)
+from .findings import (
+    Ident,
+    control_kind,
+    identify,
+    matching_controls,
+    relevant_controls,
+    row_ident,
+)
 
 VERDICTS = ("holds", "fails", "inconclusive", "not_measured")
 _FLOOR_NOT_WRITTEN = ("geometry/noise_floors.parquet has not been written for this run (the findings step after "
-                      "geometry, analysis.findings.run_findings)")
+                      "geometry, analysis.findings_run.run_findings)")
 
 
 def _esc(x) -> str:

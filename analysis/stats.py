@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats as sps
 
-from wsg.sweep.errors import WsgError
+from ..core.errors import WsgError
 
 # One row per (model, item): what the evaluation stage writes to
 # <run>/eval/predictions.parquet. `model` is a cell id or "base"; `step` is the

@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 
 def make_cfg(steps: int):
-    from wsg.sweep.config import default_config_path, load_config, parse_config
+    from wsg.core.config import default_config_path
+    from wsg.sweep.config import load_config, parse_config
 
     d = load_config(default_config_path()).model_dump(mode="json")
     d["rollouts"].update(backend="scripted", scripted_error_rate=0.5)
@@ -51,8 +52,7 @@ def _sum(rows: list[dict], key: str) -> float:
 
 def measure(cfg, run: str, loss: str) -> dict:
     import pyarrow.parquet as pq
-
-    from wsg.sweep.layout import RunLayout
+    from wsg.core.layout import RunLayout
     from wsg.train.cell import run_cell
 
     t0 = time.time()
@@ -82,8 +82,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
+    from wsg.core.session import session
     from wsg.rollouts.stage import run_rollouts
-    from wsg.sweep.session import session
 
     cfg = make_cfg(args.steps)
     run = tempfile.mkdtemp(prefix="wsg-bench-cell-", dir=args.workdir)

@@ -23,7 +23,7 @@
 
 Needs torch with CUDA, transformers, peft, pydantic, pyarrow, yaml; no Ray,
 no vLLM. The tiny model is any small causal LM folder (wsg's `tiny-qwen3`
-cache folder: `python -c "from sweep.models import resolve_model as r;
+cache folder: `python -c "from core.models import resolve_model as r;
 print(r('tiny-qwen3'))"`).
 
     python bench/gpu_check.py --tiny FOLDER [--steps 5] [--out gpu_check.json]
@@ -45,8 +45,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from wsg.sweep.config import LoraCfg  # noqa: E402
+from wsg.core.config import LoraCfg  # noqa: E402
 from wsg.train.data import collate_sequences  # noqa: E402
 from wsg.train.losses import LOSSES, get_loss, validate_hyper  # noqa: E402
 from wsg.train.steps import PolicyTrainer, attach_lora, train_step  # noqa: E402
@@ -70,7 +69,7 @@ def _lora_cfg(r=8):
 @functools.lru_cache(maxsize=1)
 def _tiny_base(tiny: str):
     """The tiny model, read once; each step takes a deep copy (peft mutates it)."""
-    from wsg.sweep.models import load_causal_lm
+    from wsg.core.models import load_causal_lm
 
     return load_causal_lm(tiny, dtype=torch.float32)
 

@@ -22,7 +22,8 @@ import statistics
 import sys
 import tempfile
 import time
-from wsg.sweep.layout import RunLayout
+
+from wsg.core.layout import RunLayout
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,7 +31,8 @@ PARTS = ("gen_s", "reward_s", "train_s", "sync_s", "step_time_s")
 
 
 def make_cfg(args, *, sync: str, steps: int):
-    from wsg.sweep.config import default_config_path, load_config, parse_config
+    from wsg.core.config import default_config_path
+    from wsg.sweep.config import load_config, parse_config
 
     d = load_config(default_config_path()).model_dump(mode="json")
     d["model"]["name"] = args.model
@@ -47,8 +49,7 @@ def make_cfg(args, *, sync: str, steps: int):
 
 def run_cell(args, *, loss: str, sync: str, steps: int, lr: float) -> tuple[dict, list[dict]]:
     import pyarrow.parquet as pq
-
-    from wsg.sweep import rundir
+    from wsg.core import rundir
     from wsg.train.cell import run_cell
 
     cfg = make_cfg(args, sync=sync, steps=steps)
@@ -78,9 +79,8 @@ def gen_ab(args, adapter_dir: str, *, repeats: int = 3) -> dict:
     import tempfile as tf
 
     from peft import PeftModel
-
+    from wsg.core.models import load_causal_lm
     from wsg.rollouts.engine import EngineActor
-    from wsg.sweep.models import load_causal_lm
     from wsg.rollouts.engine_rules import online_engine_options
     from wsg.train.online import prepare_prompts
     from wsg.train.online_sync import write_merged

@@ -41,7 +41,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from wsg.sweep.layout import RunLayout
+
+from wsg.core.layout import RunLayout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,7 +58,7 @@ def _stage(cfg, run: str) -> dict:
 
 def _prompt_ids(cfg, run: str) -> tuple[list[list[int]], int]:
     """The exact prompt token ids the stage fed its engines (from its table)."""
-    from wsg.sweep import rundir
+    from wsg.core import rundir
 
     t = rundir.read_table(RunLayout.of(run).rollouts,
                           columns=["prompt_id", "sample_idx", "prompt_token_ids", "n_completion_tokens"])
@@ -110,8 +111,7 @@ def _raw_vllm(cfg, path: str, prompt_ids) -> dict:
 
 def _transformers(cfg, path: str, prompt_ids) -> dict:
     import torch
-
-    from wsg.sweep.models import load_causal_lm, load_tokenizer
+    from wsg.core.models import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = torch.bfloat16 if cfg.rollouts.dtype == "bfloat16" else torch.float32
@@ -159,8 +159,9 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from wsg.sweep.config import default_config_path, load_config
-    from wsg.sweep.models import resolve_model
+    from wsg.core.config import default_config_path
+    from wsg.core.models import resolve_model
+    from wsg.sweep.config import load_config
 
     cfg_path = str(args.config or default_config_path())
     cfg = load_config(cfg_path)

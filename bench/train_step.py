@@ -36,9 +36,9 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-from wsg.sweep import rundir  # noqa: E402
+from wsg.core import rundir  # noqa: E402
+from wsg.core.layout import RunLayout
 from wsg.sweep.config import parse_config  # noqa: E402
-from wsg.sweep.layout import RunLayout
 
 LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
@@ -90,8 +90,7 @@ def _trl_trainer(model: str, table, *, steps: int, batch: int, max_len: int, lr:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
-
-    from wsg.sweep.models import load_causal_lm, load_tokenizer
+    from wsg.core.models import load_causal_lm, load_tokenizer
 
     ids, masks = [], []
     for p, c in zip(table.column("prompt_token_ids").to_pylist(), table.column("completion_token_ids").to_pylist()):
@@ -118,8 +117,7 @@ def paired_steps(model: str, cfg, run: str, table, *, steps: int, batch: int, ma
     wsg side: exactly what a cell's worker runs per step (plan_step's length
     sort, collate's length-split forwards, train_step)."""
     import torch
-
-    from wsg.sweep.models import load_tokenizer
+    from wsg.core.models import load_tokenizer
     from wsg.train.data import build_train_set, collate
     from wsg.train.losses import get_loss, validate_hyper
     from wsg.train.steps import PolicyTrainer, build_policy, train_step
@@ -174,8 +172,8 @@ def paired_steps(model: str, cfg, run: str, table, *, steps: int, batch: int, ma
 
 
 def run_wsg(cfg, run: str, loss: str, lr: float) -> dict:
+    from wsg.core.cells import cell_id
     from wsg.train.cell import run_cell
-    from wsg.sweep.cells import cell_id
 
     run_cell(cfg, run, loss=loss, seed=42, lr=lr)
     m = rundir.read_table(RunLayout.of(run).cell(cell_id(loss, 42, lr)).metrics).to_pandas()
@@ -195,8 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=32)
     args = ap.parse_args(argv)
     import ray
-
-    from wsg.sweep.models import load_tokenizer, resolve_model
+    from wsg.core.models import load_tokenizer, resolve_model
 
     resolve_model(args.model)  # build the cached folder once, outside the timings
     tok = load_tokenizer(args.model)

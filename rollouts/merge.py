@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from wsg.sweep.errors import WsgError
+from ..core.errors import WsgError
 
 MERGED_FILE = "model.safetensors"
 

@@ -227,7 +227,6 @@ def score_many(completions: Sequence[str], golds: Sequence[str], *, timeout_s: f
     rescored one per task with `timeout_s` each. Items that still overrun get
     0.0. Returns (rewards, {"n_timeouts", "n_chunks"}). `scorer` must be
     picklable by Ray (a module-level function or a closure)."""
-    import ray
 
     if len(completions) != len(golds):
         raise ValueError(f"{len(completions)} completions but {len(golds)} golds")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from wsg.rollouts.datasets import Problem
+from ..core.models import load_tokenizer
+from .datasets import Problem
+from .prompts import encode_prompts, render_prompts
 
 _OPENERS = ("Let me work this out.", "We compute step by step.", "Reading the question carefully:",
             "First, restate the problem.")
@@ -54,8 +56,6 @@ def run_scripted(job) -> dict:
     """Backend of the rollouts stage (a rollouts.stage.SamplingJob, like the vLLM/endpoint ones)."""
     import time
 
-    from wsg.rollouts.prompts import encode_prompts, render_prompts
-    from wsg.sweep.models import load_tokenizer
 
     cfg, stats = job.cfg, job.stats
     ro = cfg.rollouts

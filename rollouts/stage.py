@@ -22,15 +22,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from wsg.rollouts import schema
-from wsg.rollouts.datasets import Problem, load_problems_with_report
-from wsg.rollouts.engine import shutdown_engines, start_engines, wait_ready
-from wsg.rollouts.engine_rules import rollout_engine_options
-from wsg.rollouts.prompts import build_messages, encode_prompts, render_prompts
-from wsg.rollouts.reward import score_many, warm_up
-from wsg.sweep import rundir, telemetry
-from wsg.sweep.errors import WsgError
-from wsg.sweep.layout import RunLayout
+from ..core import rundir, telemetry
+from ..core.console import say
+from ..core.errors import WsgError
+from ..core.layout import RunLayout
+from ..core.models import load_tokenizer, resolve_model
+from ..core.session import session
+from . import schema
+from .datasets import Problem, load_problems_with_report
+from .endpoint import EndpointClient
+from .engine import shutdown_engines, start_engines, wait_ready
+from .engine_rules import rollout_engine_options
+from .prompts import build_messages, encode_prompts, render_prompts
+from .reward import score_many, warm_up
+from .scripted import run_scripted
 
 # Shards queued per engine: the next one is already waiting while the driver
 # scores and writes the previous one, so engines never idle between shards.
@@ -90,8 +95,6 @@ def pool_size(num_engines, *, cpus_per_engine: float, gpus_per_engine: float,
 
 def _log(progress: bool, msg: str) -> None:
     if progress:
-        from wsg.sweep.console import say
-
         say(f"  [rollouts] {msg}")
 
 
@@ -244,9 +247,6 @@ def _run_vllm(job: SamplingJob) -> dict:
 
 
 def _run_openai(job: SamplingJob) -> dict:
-    from wsg.rollouts.endpoint import EndpointClient
-    from wsg.sweep.models import load_tokenizer
-
     import ray
 
     cfg, shards, stats = job.cfg, job.shards, job.stats
@@ -276,8 +276,6 @@ def _run_openai(job: SamplingJob) -> dict:
 
 
 def _run_scripted(job: SamplingJob) -> dict:
-    from wsg.rollouts.scripted import run_scripted
-
     return run_scripted(job)
 
 
@@ -312,10 +310,8 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     if pending and cfg.rollouts.backend == "vllm":
         # Before Ray and engines start: a missing folder fails in a second. The
         # engines get the name and resolve it on their own nodes.
-        from wsg.sweep.models import resolve_model
 
         resolve_model(teacher_name(cfg), trust_remote_code=cfg.model.trust_remote_code)
-    from wsg.sweep.session import session
 
     job = SamplingJob(cfg=cfg, run=run, spec=spec, shards=shards, pending=pending, progress=progress,
                       model=teacher_name(cfg))

@@ -9,8 +9,8 @@ import argparse
 import os
 import sys
 
-from wsg.sweep.console import say
-from wsg.sweep.errors import WsgError
+from ..core.console import say
+from ..core.errors import WsgError
 
 EXIT_USER_ERROR = 2
 
@@ -99,19 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(path: str | None):
-    from wsg.sweep.config import default_config_path, load_config
+    from ..core.config import default_config_path
+    from .config import load_config
     return load_config(path if path else default_config_path())
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from wsg.sweep import pipeline, rundir
+    from ..core import rundir
+    from . import pipeline
 
     if getattr(args, "run", None):  # workers and Tune trials run in other working directories
         args.run = rundir.canonical(args.run)
     if args.cmd == "config":
         if args.config_cmd != "show":
             raise WsgError("usage: wsg config show [CONFIG]")
-        from wsg.sweep.config import dump_config
+        from ..core.config import dump_config
         print(dump_config(_load(args.config)), end="")
         return 0
     if args.cmd == "status":

@@ -12,15 +12,15 @@ from __future__ import annotations
 import os
 import traceback
 
-from wsg.sweep import console, rundir, telemetry, tracking
-from wsg.sweep.cells import CellKey
-from wsg.sweep.config import ExperimentConfig
-from wsg.sweep.errors import WsgError
-from wsg.sweep.layout import RunLayout
-from wsg.sweep.session import TRIAL_SLOT, placement_groups, remove_placement_groups
-from wsg.train.cell import Prepared, prepare, run_cell
-from wsg.train.losses import get_loss
-from wsg.train.task import placement
+from ..core import console, rundir, telemetry, tracking
+from ..core.cells import CellKey
+from ..core.config import ExperimentConfig
+from ..core.errors import WsgError
+from ..core.layout import RunLayout
+from ..core.session import TRIAL_SLOT, placement_groups, remove_placement_groups
+from ..train.cell import Prepared, prepare, run_cell
+from ..train.losses import get_loss
+from ..train.task import placement
 
 
 def _rounded(lr: float) -> float:
@@ -159,7 +159,7 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     for c in todo:
         if c.loss not in prepared:
             prepared[c.loss] = prepare(cfg, layout.root, c)
-    # The tracked runs the cells file under, made here once (sweep/tracking.py).
+    # The tracked runs the cells file under, made here once (core/tracking.py).
     tracking.open_groups(cfg, run=layout.root, groups=sorted({c.loss for c in todo}))
     # One grid_search over whole cells keeps (loss, seed, lr) tied together;
     # the config and run travel as constant parameters, so Tune's progress

@@ -10,22 +10,23 @@ import os
 import time
 from datetime import datetime
 
-from wsg.analysis.adapters import cell_refs, list_adapters
-from wsg.analysis.evaluate import run_eval
-from wsg.analysis.findings import run_findings
-from wsg.analysis.functional import run_functional
-from wsg.analysis.geometry import parse_adapter_args, run_geometry
-from wsg.analysis.report import build_report
-from wsg.rollouts.stage import run_rollouts
-from wsg.sweep import rundir, tracking
-from wsg.sweep.cells import CellKey
-from wsg.sweep.config import ExperimentConfig, config_hash, dump_config, load_config, parse_config
-from wsg.sweep.console import RunConsole, say
-from wsg.sweep.errors import WsgError
-from wsg.sweep.grid import run_grid, run_one_cell
-from wsg.sweep.layout import STAGES, RunLayout
-from wsg.sweep.session import connect, dashboard_url, session
-from wsg.train.losses import loss_names
+from ..analysis.adapters import cell_refs, list_adapters
+from ..analysis.evaluate import run_eval
+from ..analysis.findings_run import run_findings
+from ..analysis.functional import run_functional
+from ..analysis.geometry import parse_adapter_args, run_geometry
+from ..analysis.report import build_report
+from ..core import rundir, tracking
+from ..core.cells import CellKey
+from ..core.config import ExperimentConfig, config_hash, dump_config
+from ..core.console import RunConsole, say
+from ..core.errors import WsgError
+from ..core.layout import STAGES, RunLayout
+from ..core.session import connect, dashboard_url, session
+from ..rollouts.stage import run_rollouts
+from ..train.losses import loss_names
+from .config import load_config, parse_config
+from .grid import run_grid, run_one_cell
 
 
 # --- run directory -----------------------------------------------------------

@@ -10,7 +10,6 @@ fixtures are registered here for every package.
   actors, engines and their vLLM processes end with it).
 """
 import pytest
-
 from train_fixtures import ray_local, tokenizer  # noqa: F401  (fixtures)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from wsg.sweep import rundir
+from wsg.core import rundir
+from wsg.core.layout import RunLayout
 from wsg.rollouts.schema import pairs_table, rollouts_table
 from wsg.sweep.config import parse_config
-from wsg.sweep.layout import RunLayout
+
 
 def tiny_cfg(**train):
     """tiny-qwen3, LoRA r=4, few steps, seq ≤ 64."""
@@ -62,7 +62,7 @@ def write_run(run: str, tokenizer, **kw) -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from wsg.sweep.models import load_tokenizer
+    from wsg.core.models import load_tokenizer
 
     return load_tokenizer("tiny-qwen3")
 

@@ -21,13 +21,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from wsg.sweep import rundir
-from wsg.sweep.cells import CellKey
-from wsg.sweep.config import ExperimentConfig, config_hash
-from wsg.sweep.errors import WsgError
-from wsg.sweep.layout import RunLayout
-from wsg.train.losses import get_loss, validate_hyper
-from wsg.train.task import CellTask, PromptSet, placement
+from ..core import rundir
+from ..core.cells import CellKey
+from ..core.config import ExperimentConfig, config_hash
+from ..core.errors import WsgError
+from ..core.layout import RunLayout
+from ..core.models import load_tokenizer
+from ..core.session import remove_placement_groups, session
+from ..rollouts.engine_rules import adapter_mode
+from .data import build_train_set
+from .losses import get_loss, validate_hyper
+from .online import prepare_prompts, validate_online
+from .task import CellTask, PromptSet, placement
+from .worker import train_loop_per_worker
 
 # Keys of train: that do not change a cell's trajectory (resume may change them).
 _RUNTIME_TRAIN_KEYS = ("max_failures", "cpus_per_worker", "gpus_per_worker", "resume_every")
@@ -36,7 +42,6 @@ _RUNTIME_TRAIN_KEYS = ("max_failures", "cpus_per_worker", "gpus_per_worker", "re
 def validate_cell(cfg: ExperimentConfig, run: str, key: CellKey, *, tokenizer=None):
     """Refuse bad input before any worker starts; return the cell's data
     (a TrainSet or a PromptSet)."""
-    from wsg.sweep.models import load_tokenizer
 
     spec = get_loss(key.loss, cfg.loss_cfg(key.loss).variant)
     validate_hyper(key.loss, spec.variant, cfg.loss_cfg(key.loss).hyper)
@@ -48,10 +53,7 @@ def validate_cell(cfg: ExperimentConfig, run: str, key: CellKey, *, tokenizer=No
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     if not spec.online:
-        from wsg.train.data import build_train_set
-
         return build_train_set(cfg, run, loss=key.loss, tokenizer=tokenizer)
-    from wsg.train.online import prepare_prompts, validate_online
 
     prompts = prepare_prompts(cfg, tokenizer)
     validate_online(cfg, prompts)
@@ -125,11 +127,15 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     here. Works standalone (starts a local Ray, and stops only that) and
     inside a Tune trial."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchTrainer
 
-    from wsg.sweep.session import session
-    from wsg.train.worker import train_loop_per_worker
 
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise WsgError(f"learning rate must be a finite number > 0, got lr={lr!r}")
@@ -164,8 +170,6 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     place = placement(cfg, online=spec.online)
     sync = None
     if spec.online:
-        from wsg.rollouts.engine_rules import adapter_mode
-
         sync = adapter_mode(cfg.online.sync, gpus=cfg.online.engine_gpus, field="online.sync")
 
     t_fit = time.time()
@@ -214,7 +218,6 @@ def free_placement_group(record: str) -> bool:
     that needs them, e.g. an online cell's two on one node, waits). The grid
     also frees, when it ends, every group it made that is still held (for a
     run that failed before its worker wrote the record). True if removed."""
-    from wsg.sweep.session import remove_placement_groups
 
     if not rundir.exists(record):
         return False

@@ -2,7 +2,7 @@
 
 Adapter folders (`<run>/cells/<cell>/step_<N>/`) hold the two files peft and
 vLLM load (adapter_config.json, adapter_model.safetensors) and a README.md
-model card (sweep/adapter_card.py); they are
+model card (core/adapter_card.py); they are
 written to a local temp folder and uploaded with `rundir.upload_dir`, whose
 `_COMPLETE` marker, written last, makes the folder visible whole.
 
@@ -23,7 +23,8 @@ import tempfile
 import pyarrow as pa
 import torch
 
-from wsg.sweep import rundir
+from ..core import rundir
+from ..core.adapter_card import CARD_FILE, make_portable
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 STATE_FILE = "trainer_state.json"
@@ -40,10 +41,9 @@ def export_adapter(trainer, local_dir: str, *, rank: int) -> None:
 
 def publish_adapter(trainer, dest: str, *, rank: int, card=None) -> str:
     """Export the adapter and upload it whole to `dest` (a step folder of the
-    run, RunLayout.cell(...).step(n)); with a `sweep.adapter_card.AdapterCard`
+    run, RunLayout.cell(...).step(n)); with a `core.adapter_card.AdapterCard`
     the folder is made portable (the base model's hub id) and gets its model
     card. The weights file is never touched."""
-    from wsg.sweep.adapter_card import CARD_FILE, make_portable
 
     with tempfile.TemporaryDirectory(prefix="wsg-adapter-") as tmp:
         export_adapter(trainer, tmp, rank=rank)

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wsg.sweep import rundir
-from wsg.sweep.config import ExperimentConfig
-from wsg.sweep.errors import WsgError
-from wsg.sweep.layout import RunLayout
+from ..core import rundir
+from ..core.config import ExperimentConfig
+from ..core.errors import WsgError
+from ..core.layout import RunLayout
+from .losses import get_loss, precompute_advantages, validate_hyper
+from .losses_batch import is_positive
 
 ROLLOUT_COLUMNS = ("prompt_id", "sample_idx", "prompt_text", "completion", "reward", "prompt_token_ids",
                    "completion_token_ids", "finish_reason")
@@ -123,7 +125,6 @@ def _sequences(cfg: ExperimentConfig, table, tokenizer) -> tuple[list, list, str
 def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) -> TrainSet:
     """Read the run's rollouts (and pairs), tokenize for the policy, pick the
     items `loss` trains on, and refuse unusable input with a WsgError."""
-    from wsg.train.losses import get_loss, precompute_advantages, validate_hyper
 
     lcfg = cfg.loss_cfg(loss)
     spec = get_loss(loss, lcfg.variant)
@@ -174,7 +175,6 @@ def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) ->
     else:
         rows = np.flatnonzero(keep)
         if spec.unit == "positive_sequences":
-            from wsg.train.losses_batch import is_positive
             pos = is_positive(torch.from_numpy(rewards), hyper["positive_threshold"]).numpy()
             n_pos_all = int(pos.sum())
             rows = rows[pos[rows]]

@@ -28,9 +28,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from wsg.sweep.errors import WsgError
-from wsg.train.losses_batch import LossBatch, is_positive
-from wsg.train.losses_offline import (
+from ..core.errors import WsgError
+from .losses_batch import LossBatch, is_positive
+from .losses_offline import (
     dft_loss,
     dpo_loss,
     ipo_loss,
@@ -44,7 +44,12 @@ from wsg.train.losses_offline import (
     sft_loss,
     simpo_loss,
 )
-from wsg.train.losses_online import group_advantages, online_dapo_loss, online_grpo_loss, overlong_penalty
+from .losses_online import (
+    group_advantages,
+    online_dapo_loss,
+    online_grpo_loss,
+    overlong_penalty,
+)
 
 __all__ = [
     "LOSSES",
@@ -256,7 +261,7 @@ def validate_hyper(name: str, variant: str | None = None, hyper: Mapping[str, An
 
 def hyper_problems(name: str, variant: str | None, hyper: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(key, problem) for each bad entry of a loss's config, for config
-    validation to name `losses.<name>.<key>` (sweep/config.py): an unknown
+    validation to name `losses.<name>.<key>` (core/config.py): an unknown
     variant, an unknown hyperparameter, a value of the wrong type."""
     spec = LOSSES[name]
     if variant is not None and variant not in spec.variants:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from wsg.sweep.errors import WsgError
+from ..core.errors import WsgError
 
 #: The optional fields a loss may declare in `LossSpec.needs`.
 OPTIONAL_FIELDS = (

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from wsg.sweep.errors import WsgError
-from wsg.train.losses_batch import (
+from ..core.errors import WsgError
+from .losses_batch import (
     LossBatch,
     check_normaliser,
     group_all,

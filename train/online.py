@@ -26,25 +26,40 @@ import time
 import numpy as np
 import torch
 
-from wsg.sweep.config import ExperimentConfig
-from wsg.sweep.errors import WsgError
-from wsg.train.data import StepBatch, collate
-from wsg.train.online_sample import SampledGroup, behaviour_tensor, build_batch, collect_groups, micro_batches, stream_indices
-from wsg.train.online_sync import (
-    WeightSync, call_engine, node_id, on_engine, quiet_reload_logs, receive_files,
+from ..core import telemetry
+from ..core.config import ExperimentConfig
+from ..core.errors import WsgError
+from ..core.models import load_tokenizer
+from ..rollouts.datasets import load_problems
+from ..rollouts.engine import remote_engine, shutdown_engines, wait_ready
+from ..rollouts.engine_rules import adapter_mode, online_engine_options, vllm_lora_rank
+from ..rollouts.prompts import encode_prompts, render_prompts
+from ..rollouts.reward import score_batch
+from .data import StepBatch, collate
+from .losses import get_loss, precompute_advantages, validate_hyper
+from .online_sample import (
+    SampledGroup,
+    behaviour_tensor,
+    build_batch,
+    collect_groups,
+    micro_batches,
+    stream_indices,
 )
-from wsg.rollouts.engine_rules import adapter_mode, online_engine_options, vllm_lora_rank
-from wsg.train.task import CellTask, PromptSet
-
+from .online_sync import (
+    WeightSync,
+    call_engine,
+    node_id,
+    on_engine,
+    quiet_reload_logs,
+    receive_files,
+)
+from .task import CellTask, PromptSet
 
 # --------------------------------------------------------------------------- driver side
 
 def prepare_prompts(cfg: ExperimentConfig, tokenizer=None) -> PromptSet:
     """The cell's prompts with the same chat template the rollout engines
     apply (rollouts/prompts.py), and their gold answers."""
-    from wsg.rollouts.datasets import load_problems
-    from wsg.rollouts.prompts import encode_prompts, render_prompts
-    from wsg.sweep.models import load_tokenizer
 
     problems = load_problems(cfg.data)
     tok = tokenizer or load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
@@ -132,8 +147,6 @@ class OnPolicySource:
     `EngineActor` as `engine` instead."""
 
     def __init__(self, task: CellTask, prompts: PromptSet, *, device, engine=None):
-        from wsg.train.losses import get_loss, validate_hyper
-
         self.task, self.cfg, self.prompts, self.device = task, task.cfg, prompts, torch.device(device)
         lcfg = self.cfg.loss_cfg(task.key.loss)
         self.spec = get_loss(task.key.loss, lcfg.variant)
@@ -152,7 +165,6 @@ class OnPolicySource:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from wsg.rollouts.engine import remote_engine
 
         p, o = self.task.placement, self.cfg.online
         opts = online_engine_options(self.cfg, self.task.sync, threads=p.engine_threads)
@@ -170,8 +182,6 @@ class OnPolicySource:
 
     def ready(self, policy) -> None:
         """Wait for the engine and push the policy (a resumed adapter, or the fresh one = the base model)."""
-        from wsg.rollouts.engine import wait_ready
-        from wsg.sweep.models import load_tokenizer
 
         tok = load_tokenizer(self.cfg.model.name, trust_remote_code=self.cfg.model.trust_remote_code)
         self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0)
@@ -203,7 +213,6 @@ class OnPolicySource:
         if self._own_engine and self.engine is not None:
             import ray
 
-            from wsg.rollouts.engine import shutdown_engines
 
             if self._in_bundle:  # its files are ours (removed below): no clean vLLM shutdown to wait for
                 ray.kill(self.engine)
@@ -220,7 +229,6 @@ class OnPolicySource:
     # -- one step ----------------------------------------------------------------
     def _sample_round(self, step: int, clock: dict):
         """The function collect_groups calls: n fresh prompts → their groups."""
-        from wsg.rollouts.reward import score_batch
 
         o, seed, data = self.cfg.online, self.task.key.data_seed, self.prompts
 
@@ -254,7 +262,6 @@ class OnPolicySource:
 
     def batch(self, step: int) -> StepBatch:
         """Sample, reward and batch step `step` (0-based) from the current policy."""
-        from wsg.train.losses import precompute_advantages
 
         o, t, spec = self.cfg.online, self.cfg.train, self.spec
         clock = {"gen_s": 0.0, "reward_s": 0.0, "gen_tokens": 0, "rounds": 0}
@@ -275,7 +282,6 @@ class OnPolicySource:
                    "trained_groups": len(groups), "sample_rounds": cs.rounds, "gen_s": clock["gen_s"],
                    "reward_s": clock["reward_s"], "gen_tokens": clock["gen_tokens"],
                    "gen_tok_per_s": clock["gen_tokens"] / max(clock["gen_s"], 1e-9), "prompt_cursor": self.cursor}
-        from wsg.sweep import telemetry
 
         telemetry.rollout_throughput(metrics["gen_tok_per_s"], stage="online")
         return StepBatch(mbs, OnlineObserver(self.policy), metrics)

@@ -14,10 +14,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from wsg.sweep.errors import WsgError
-from wsg.train.data import TrainSet
-from wsg.train.losses_online import overlong_penalty
-
+from ..core.errors import WsgError
+from .data import TrainSet
+from .losses_online import overlong_penalty
 
 # --------------------------------------------------------------------------- prompt order
 

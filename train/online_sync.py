@@ -27,8 +27,8 @@ from typing import Callable
 
 import torch
 
-from wsg.rollouts.merge import write_merged
-from wsg.sweep.errors import WsgError
+from ..core.errors import WsgError
+from ..rollouts.merge import write_merged
 
 # vLLM's in-place reload warns once per untouched layer on every merged sync.
 QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",

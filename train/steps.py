@@ -21,7 +21,9 @@ import os
 
 import torch
 
-from wsg.sweep.config import ExperimentConfig
+from ..core.config import ExperimentConfig
+from ..core.models import load_causal_lm
+from .losses import LossBatch, count_units, normaliser_from_count, required_fields
 
 
 def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
@@ -38,7 +40,6 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
 
 def build_policy(cfg: ExperimentConfig, *, seed: int, device: torch.device | str = "cpu"):
     """The base model with a fresh LoRA adapter; same seed → same adapter init."""
-    from wsg.sweep.models import load_causal_lm
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     base = load_causal_lm(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
@@ -256,7 +257,6 @@ def allreduce_sum(values: list[float], world: int) -> list[float]:
 
 def loss_batch(mb, logprobs: torch.Tensor, ref: torch.Tensor | None = None):
     """The LossBatch of micro-batch `mb` with these policy (and ref) log-probs."""
-    from wsg.train.losses import LossBatch
 
     return LossBatch(logprobs=logprobs, mask=mb.mask, rewards=mb.rewards, group_ids=mb.group_ids, ref_logprobs=ref,
                      behaviour_logprobs=mb.behaviour_logprobs, pair_index=mb.pair_index, advantages=mb.advantages)
@@ -275,7 +275,6 @@ def train_step(trainer: PolicyTrainer, spec, hyper: dict, micro_batches: list, *
     `observer` (the on-policy source's): `.forward()` is a context around
     the policy forward, `.after(mb, logprobs)` sees each micro-batch's
     log-probs, `.metrics()` adds to the returned row."""
-    from wsg.train.losses import count_units, normaliser_from_count, required_fields
 
     needs_ref = "ref_logprobs" in required_fields(spec, hyper)
     local = sum(count_units(spec, loss_batch(mb, torch.zeros(mb.mask.shape)), hyper) for mb in micro_batches)

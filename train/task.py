@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from wsg.sweep.cells import CellKey
-from wsg.sweep.config import ExperimentConfig
+from ..core.cells import CellKey
+from ..core.config import ExperimentConfig
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,24 @@ import time
 
 import torch
 
-from wsg.sweep import rundir, telemetry, tracking
-from wsg.sweep.errors import WsgError
-from wsg.sweep.layout import RunLayout
-from wsg.train import checkpoint as ck
-from wsg.sweep.adapter_card import AdapterCard
-from wsg.train.task import CellTask
+from ..core import rundir, telemetry, tracking
+from ..core.adapter_card import AdapterCard
+from ..core.errors import WsgError
+from ..core.layout import RunLayout
+from ..core.models import cache_root
+from . import checkpoint as ck
+from .data import RolloutSource
+from .losses import get_loss, validate_hyper
+from .online import OnPolicySource
+from .steps import (
+    PolicyTrainer,
+    build_policy,
+    configure_threads,
+    resolve_autocast,
+    train_step,
+    warmup_steps,
+)
+from .task import CellTask
 
 
 def _non_finite(out: dict) -> str | None:
@@ -60,8 +72,6 @@ def _setup_env(use_gpu: bool) -> None:
     else:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        from wsg.sweep.models import cache_root
-
         os.environ["TORCH_EXTENSIONS_DIR"] = str(cache_root() / "torch_extensions")  # DeepSpeed op builds, cached
 
 
@@ -82,10 +92,7 @@ def make_source(task: CellTask, *, rank: int, world: int, device):
 
     data = ray.get(task.data) if isinstance(task.data, ray.ObjectRef) else task.data
     if task.online:
-        from wsg.train.online import OnPolicySource
-
         return OnPolicySource(task, data, device=device)
-    from wsg.train.data import RolloutSource
 
     return RolloutSource(task, data, rank=rank, world=world)
 
@@ -107,7 +114,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from wsg.train.steps import configure_threads
 
     task: CellTask = config["task"]
     entered = time.time()
@@ -145,8 +151,6 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
     (bench/cell_overhead.py): loop entry, setup done, the steps, checkpoints."""
     import ray
 
-    from wsg.train.losses import get_loss, validate_hyper
-    from wsg.train.steps import PolicyTrainer, build_policy, resolve_autocast, train_step, warmup_steps
 
     cfg, key, t = task.cfg, task.key, task.cfg.train
     cl = RunLayout(task.run).cell(key.id)

@@ -8,9 +8,8 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from scipy.stats import ortho_group
-
 from wsg.analysis.cka import collect_hidden_states, layerwise_cka, linear_cka
-from wsg.sweep.errors import WsgError
+from wsg.core.errors import WsgError
 
 
 def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:

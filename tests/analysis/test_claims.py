@@ -15,11 +15,11 @@ from itertools import combinations
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from wsg.analysis.claims import Measure, claims_table, judge, lmc_barrier, paired_diff_ci
+from wsg.analysis.claims import Measure, judge, lmc_barrier, paired_diff_ci
 from wsg.analysis.claims import Test as ClaimTest
+from wsg.analysis.findings_run import claims_table
 from wsg.analysis.stats import mcnemar_exact
-from wsg.sweep.cells import CellKey
+from wsg.core.cells import CellKey
 
 CELLS = {
     "sft": ("sft", 42, 42, 1e-4), "rft": ("rft", 42, 42, 1e-4), "rift": ("rift", 42, 42, 1e-4),

@@ -15,19 +15,17 @@ import pyarrow.compute as pc
 import pytest
 import torch
 from statsmodels.stats.proportion import proportion_confint
-
-from wsg.sweep import rundir
-from wsg.sweep.layout import RunLayout
 from test_functional import make_tiny_run
+from wsg.core import rundir
+from wsg.core.layout import RunLayout
 
 pytestmark = pytest.mark.slow
 
 
 def _hf_greedy(adapter_path, prompts, max_new_tokens):
     from peft import PeftModel
-
+    from wsg.core.models import load_causal_lm, load_tokenizer
     from wsg.rollouts.prompts import encode_prompts
-    from wsg.sweep.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer("tiny-qwen3")
     model = load_causal_lm("tiny-qwen3")

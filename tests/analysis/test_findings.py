@@ -14,13 +14,21 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from safetensors.numpy import save_file
-
-from wsg.analysis.findings import (CONVERGENCE, NOISE_FLOORS, control_kind, convergence, converged_verdict, identify,
-                               noise_floors, ratio_ci, run_findings)
 from wsg.analysis.adapters import CellRef
-from wsg.sweep import rundir
-from wsg.sweep.cells import CellKey
-from wsg.sweep.layout import RunLayout
+from wsg.analysis.findings import (
+    CONVERGENCE,
+    NOISE_FLOORS,
+    control_kind,
+    converged_verdict,
+    convergence,
+    identify,
+    noise_floors,
+    ratio_ci,
+)
+from wsg.analysis.findings_run import run_findings
+from wsg.core import rundir
+from wsg.core.cells import CellKey
+from wsg.core.layout import RunLayout
 
 LAYERS, PROJS, D, R, ALPHA = 4, ("q_proj", "v_proj"), 12, 3, 6
 SCALE = ALPHA / R
@@ -220,12 +228,13 @@ def test_ratio_ci_coverage():
 
 
 def test_run_findings_writes_tables(geo):
-    from wsg.sweep.config import dump_config, parse_config
+    from wsg.core.config import dump_config
+    from wsg.sweep.config import parse_config
 
     root, _, _ = geo
     run = str(root / "run")
     cfg = parse_config({"name": "t", "grid": {"losses": ["sft", "rft"], "seeds": [42], "lrs": [1e-4]}})
-    rundir.write_text(rundir.config_path(run), dump_config(cfg))
+    rundir.write_text(RunLayout.of(run).config, dump_config(cfg))
     summary = run_findings(cfg, run)
     lay = RunLayout.of(run)
     assert summary["cells"] == len(CELLS) and summary["noise_floor_pairs"] == 8
@@ -243,8 +252,8 @@ def test_run_findings_writes_tables(geo):
 
 
 def test_run_findings_needs_geometry(tmp_path):
+    from wsg.core.errors import WsgError
     from wsg.sweep.config import parse_config
-    from wsg.sweep.errors import WsgError
 
     with pytest.raises(WsgError, match="geometry stage first"):
         run_findings(parse_config({"name": "t"}), str(tmp_path))

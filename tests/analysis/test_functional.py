@@ -15,9 +15,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from wsg.sweep import rundir
-from wsg.sweep.config import dump_config, parse_config
+from wsg.core import rundir
+from wsg.core.config import dump_config
+from wsg.core.layout import RunLayout
+from wsg.sweep.config import parse_config
 
 CELLS = (("sft", 42, 1e-4), ("rft", 42, 1e-4), ("dpo", 42, 1e-5), ("sft", 7, 1e-4))
 STEPS = (1, 2)
@@ -40,8 +41,7 @@ def tiny_config(**analysis):
 def make_tiny_run(root, *, copy_of: str | None = "sft-s7-lr1e-04@2", cells=CELLS, **analysis):
     """A run dir with real peft adapters for cells x STEPS; returns (cfg, run)."""
     from peft import LoraConfig, get_peft_model
-
-    from wsg.sweep.models import load_causal_lm
+    from wsg.core.models import load_causal_lm
 
     run = str(root / "run")
     extra = {}
@@ -50,7 +50,7 @@ def make_tiny_run(root, *, copy_of: str | None = "sft-s7-lr1e-04@2", cells=CELLS
         extra = {"sft_copy": str(root / "extra" / "sft_copy")}
     cfg = tiny_config(extra_adapters=extra, **analysis)
     rundir.makedirs(run)
-    rundir.write_text(rundir.config_path(run), dump_config(cfg))
+    rundir.write_text(RunLayout.of(run).config, dump_config(cfg))
     for k, (loss, seed, lr) in enumerate(cells):
         cid = f"{loss}-s{seed}-lr{np.format_float_scientific(lr, trim='-', exp_digits=2)}"
         for step in STEPS:
@@ -58,22 +58,21 @@ def make_tiny_run(root, *, copy_of: str | None = "sft-s7-lr1e-04@2", cells=CELLS
             model = load_causal_lm("tiny-qwen3")
             peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-            out = rundir.step_dir(run, cid, step)
+            out = RunLayout.of(run).cell(cid).step(step)
             peft_model.save_pretrained(out)
             rundir.mark_complete(out)
     # An incomplete checkpoint (no _COMPLETE marker) must be ignored.
-    partial = rundir.step_dir(run, "sft-s42-lr1e-04", 3)
-    shutil.copytree(rundir.step_dir(run, "sft-s42-lr1e-04", 2), partial)
+    partial = RunLayout.of(run).cell("sft-s42-lr1e-04").step(3)
+    shutil.copytree(RunLayout.of(run).cell("sft-s42-lr1e-04").step(2), partial)
     os.remove(os.path.join(partial, rundir.COMPLETE_MARKER))
     if copy_of:
-        shutil.copytree(rundir.step_dir(run, cell, int(step)), extra["sft_copy"])
+        shutil.copytree(RunLayout.of(run).cell(cell).step(int(step)), extra["sft_copy"])
     return cfg, run
 
 
 def _hf_with_adapter(path):
     from peft import PeftModel
-
-    from wsg.sweep.models import load_causal_lm
+    from wsg.core.models import load_causal_lm
 
     base = load_causal_lm("tiny-qwen3")
     return base if path is None else PeftModel.from_pretrained(base, path).eval()
@@ -82,7 +81,7 @@ def _hf_with_adapter(path):
 def test_discovery_and_pairs(tmp_path):
     from wsg.analysis.adapters import list_adapters, reference_pairs
     from wsg.analysis.functional import cka_pair_list, lmc_pair_list
-    from wsg.sweep.cells import cell_id, parse_cell_id
+    from wsg.core.cells import cell_id, parse_cell_id
 
     cfg, run = make_tiny_run(tmp_path)
     ads = list_adapters(cfg, run)
@@ -125,13 +124,12 @@ def _pooled_hidden(model, ids):
 
 def test_run_functional(tmp_path, ray_module):
     import pyarrow.compute as pc
-
     from wsg.analysis.evaluate import eval_prompts
     from wsg.analysis.functional import run_functional
     from wsg.analysis.lmc import masked_answer_ce
     from wsg.analysis.logit_lens import prediction_depth
+    from wsg.core.models import load_tokenizer
     from wsg.rollouts.prompts import encode_prompts
-    from wsg.sweep.models import load_tokenizer
 
     cfg, run = make_tiny_run(tmp_path)
     summary = run_functional(cfg, run, progress=False)
@@ -144,7 +142,7 @@ def test_run_functional(tmp_path, ray_module):
     problems, prompts = eval_prompts(cfg, cfg.analysis.eval_sets[0])
     items = [(p, f"\\boxed{{{q.answer}}}") for p, q in zip(prompts[:4], problems[:4])]
     item_ids = [(encode_prompts(tok, [p])[0], tok(a, add_special_tokens=False)["input_ids"]) for p, a in items]
-    path = {a: rundir.step_dir(run, a.split("@")[0], int(a.split("@")[1])) for a in
+    path = {a: RunLayout.of(run).cell(a.split("@")[0]).step(int(a.split("@")[1])) for a in
             ("sft-s42-lr1e-04@2", "dpo-s42-lr1e-05@2")}
 
     # LMC endpoints equal the CE of each adapter loaded on its own; α=1 is adapter_a.

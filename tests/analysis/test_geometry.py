@@ -13,9 +13,14 @@ import os
 import numpy as np
 import pytest
 import scipy.linalg
-
-from wsg.analysis.geometry import (factored_cosine, factored_inner, factored_svd, module_geometry,
-                               numerical_rank, principal_angles)
+from wsg.analysis.geometry import (
+    factored_cosine,
+    factored_inner,
+    factored_svd,
+    module_geometry,
+    numerical_rank,
+    principal_angles,
+)
 from wsg.analysis.geometry_tables import effective_rank
 
 # Tiny "model": d_out x d_in per projection (q/o differ from k/v like GQA).

@@ -9,10 +9,9 @@ import warnings
 
 import numpy as np
 import pytest
-
+from test_geometry import uneven, write_adapter
 from wsg.analysis import geometry_bootstrap as gb
 from wsg.analysis.geometry import read_metadata, run_geometry
-from test_geometry import uneven, write_adapter
 
 SHAPES = {"q_proj": (20, 16), "v_proj": (8, 16), "o_proj": (16, 20)}
 LAYERS = 6

@@ -14,9 +14,8 @@ import warnings
 import numpy as np
 import pytest
 import scipy.linalg
-
-from wsg.analysis.geometry import run_geometry
 from test_geometry import uneven, write_adapter
+from wsg.analysis.geometry import run_geometry
 
 SHAPES = {"q_proj": (64, 48), "k_proj": (32, 48), "v_proj": (32, 48), "o_proj": (48, 64)}
 LAYERS = 3

@@ -1,5 +1,5 @@
 """Cell identity in every geometry table (issue 13 item 4): cell ids read by
-sweep.cells.CellKey (both forms), CellRef/cell_refs, identity columns per row
+core.cells.CellKey (both forms), CellRef/cell_refs, identity columns per row
 (null for adapters given by path), the cache unaffected by identity, and
 control cells in discovery and reference pairs."""
 from __future__ import annotations
@@ -10,13 +10,19 @@ import types
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from wsg.analysis.adapters import Adapter, CellRef, cell_refs, describe, list_adapters, reference_pairs
+from test_geometry import random_factors, write_adapter
+from wsg.analysis.adapters import (
+    Adapter,
+    CellRef,
+    cell_refs,
+    describe,
+    list_adapters,
+    reference_pairs,
+)
 from wsg.analysis.geometry import CACHE_VERSION, run_geometry
 from wsg.analysis.geometry_tables import TABLES
-from wsg.sweep import rundir
-from wsg.sweep.layout import RunLayout
-from test_geometry import random_factors, write_adapter
+from wsg.core import rundir
+from wsg.core.layout import RunLayout
 
 IDENT = ("loss", "init_seed", "data_seed", "lr", "step")
 

@@ -7,12 +7,11 @@ import os
 
 import numpy as np
 import pytest
-
+from test_geometry import SHAPES, random_factors, write_adapter
 from wsg.analysis.geometry import parse_adapter_args, run_geometry
 from wsg.analysis.geometry_io import check_compatible
 from wsg.analysis.lora_io import pattern_value, read_adapter_spec
-from wsg.sweep.errors import WsgError
-from test_geometry import SHAPES, random_factors, write_adapter
+from wsg.core.errors import WsgError
 
 
 def test_parse_adapter_args(tmp_path):
@@ -149,7 +148,7 @@ def test_object_store_adapter_copies_are_whole_under_concurrent_readers(tmp_path
 
     from _cluster import S3Server
     from wsg.analysis.adapters import local_copy
-    from wsg.sweep import rundir
+    from wsg.core import rundir
 
     rng = np.random.default_rng(3)
     folder = write_adapter(str(tmp_path / "a"), random_factors(rng, 4), r=4, alpha=8)

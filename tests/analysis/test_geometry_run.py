@@ -10,12 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.linalg
-
-from wsg.analysis.geometry import CACHE_VERSION, read_metadata, run_geometry
-from wsg.analysis.lora_io import lora_scale
-from wsg.analysis.geometry_tables import TABLES, effective_rank
-from wsg.sweep.errors import WsgError
 from test_geometry import SHAPES, random_factors, stored, uneven, write_adapter
+from wsg.analysis.geometry import CACHE_VERSION, read_metadata, run_geometry
+from wsg.analysis.geometry_tables import TABLES, effective_rank
+from wsg.analysis.lora_io import lora_scale
+from wsg.core.errors import WsgError
 
 TOP_K = 3
 

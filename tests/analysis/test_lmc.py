@@ -11,10 +11,14 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
-
-from wsg.analysis.lmc import interpolate_lora, masked_answer_ce, masked_answer_nll, write_interpolated_adapter
+from wsg.analysis.lmc import (
+    interpolate_lora,
+    masked_answer_ce,
+    masked_answer_nll,
+    write_interpolated_adapter,
+)
 from wsg.analysis.lora_io import read_lora_factors
-from wsg.sweep.errors import WsgError
+from wsg.core.errors import WsgError
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

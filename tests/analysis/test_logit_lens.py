@@ -7,9 +7,8 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-
 from wsg.analysis.logit_lens import depths_from_top1, prediction_depth
-from wsg.sweep.errors import WsgError
+from wsg.core.errors import WsgError
 
 
 def tiny_qwen3(seed: int = 0, layers: int = 4):

@@ -8,9 +8,14 @@ import os
 
 import numpy as np
 import pytest
-
-from wsg.analysis.lora_io import content_hash, load_factors, lora_scale, read_adapter_spec, read_lora_factors
 from test_geometry_io import _tiny_peft_adapter
+from wsg.analysis.lora_io import (
+    content_hash,
+    load_factors,
+    lora_scale,
+    read_adapter_spec,
+    read_lora_factors,
+)
 
 
 def test_lora_scale_by_hand():

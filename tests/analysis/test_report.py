@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from safetensors.torch import load_file
-
-from wsg.sweep import rundir
-from wsg.sweep.config import config_hash
 from test_functional import CELLS, make_tiny_run
+from wsg.core import rundir
+from wsg.core.config import config_hash
+from wsg.core.layout import RunLayout
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -54,11 +54,11 @@ def full_run(tmp_path_factory):
     # A second LR for sft s42, so the seed/LR panels have both kinds of pairs.
     cfg, run = make_tiny_run(root, cells=CELLS + (("sft", 42, 1e-3),))
     adapters = discover_adapters(cfg, run)
-    run_geometry(adapters, rundir.geometry_dir(run), top_k=3, config_hash=config_hash(cfg),
+    run_geometry(adapters, RunLayout.of(run).geometry_dir, top_k=3, config_hash=config_hash(cfg),
                  use_ray=False, progress=False, cells=cell_refs(list_adapters(cfg, run)))
     run_functional(cfg, run, progress=False, use_ray=False)
     write_random_eval(cfg, run, sorted(adapters))
-    from wsg.analysis.findings import run_findings
+    from wsg.analysis.findings_run import run_findings
 
     run_findings(cfg, run)
     return cfg, run, adapters
@@ -163,7 +163,7 @@ def test_partial_and_empty_report(full_run, tmp_path):
     cfg, src, _ = full_run
     run = str(tmp_path / "run")
     os.makedirs(os.path.join(run, "geometry"))
-    shutil.copy(rundir.config_path(src), rundir.config_path(run))
+    shutil.copy(RunLayout.of(src).config, RunLayout.of(run).config)
     # Geometry only: the eval and functional sections say what is missing.
     for t in ("global_pairs", "adapter_modules"):
         shutil.copy(os.path.join(src, "geometry", f"{t}.parquet"), os.path.join(run, "geometry"))
@@ -191,7 +191,7 @@ def test_partial_and_empty_report(full_run, tmp_path):
 
 def test_missing_run_dir(tmp_path):
     from wsg.analysis.report import build_report
-    from wsg.sweep.errors import WsgError
+    from wsg.core.errors import WsgError
 
     with pytest.raises(WsgError, match="does not exist"):
         build_report(str(tmp_path / "nope"))

@@ -6,7 +6,6 @@ import pyarrow as pa
 import pytest
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.proportion import proportion_confint
-
 from wsg.analysis.stats import (
     ACCURACY_SCHEMA,
     MCNEMAR_SCHEMA,
@@ -16,7 +15,7 @@ from wsg.analysis.stats import (
     mcnemar_table,
     wilson_interval,
 )
-from wsg.sweep.errors import WsgError
+from wsg.core.errors import WsgError
 
 
 def test_wilson_matches_statsmodels_on_random_inputs():

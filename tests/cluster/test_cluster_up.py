@@ -33,10 +33,25 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from _cluster import (CHROMIUM, ROOT, VENV_BIN, Chromium, Dashboard, S3Server, SSHServer, cluster_local,
-                      end, free_port, hiding, in_pid_namespace, metric_names, missing_tools, namespace_pids,
-                      raylet_of, tail)
+from _cluster import (
+    CHROMIUM,
+    ROOT,
+    VENV_BIN,
+    Chromium,
+    Dashboard,
+    S3Server,
+    SSHServer,
+    cluster_local,
+    end,
+    free_port,
+    hiding,
+    in_pid_namespace,
+    metric_names,
+    missing_tools,
+    namespace_pids,
+    raylet_of,
+    tail,
+)
 
 _missing = missing_tools()
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600),  # the module's cluster starts in the first test's setup

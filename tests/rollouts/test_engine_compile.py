@@ -94,9 +94,13 @@ def test_compiled_engine_reuses_its_cache_and_matches_eager(tmp_path):
     the cache (it loaded, not compiled), and both give transformers' greedy
     tokens on the same prompts (fp32)."""
     import ray
-
-    from wsg.rollouts.engine import EngineOptions, shutdown_engines, start_engines, wait_ready
-    from wsg.sweep.models import resolve_model
+    from wsg.core.models import resolve_model
+    from wsg.rollouts.engine import (
+        EngineOptions,
+        shutdown_engines,
+        start_engines,
+        wait_ready,
+    )
 
     path = resolve_model("tiny-qwen3")
     cache = tmp_path / "wsg-cache"
@@ -132,8 +136,7 @@ def test_compiled_engine_reuses_its_cache_and_matches_eager(tmp_path):
 
 def _hf_greedy(path, prompts, max_new):
     import torch
-
-    from wsg.sweep.models import load_causal_lm
+    from wsg.core.models import load_causal_lm
 
     model = load_causal_lm(path)
     eos = model.generation_config.eos_token_id

@@ -7,11 +7,15 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
+from wsg.core.config import DataCfg, EvalSetCfg
+from wsg.core.errors import WsgError
 from wsg.rollouts import synthetic
-from wsg.rollouts.datasets import Problem, gold_from_raw, load_problems, load_problems_with_report
-from wsg.sweep.config import DataCfg, EvalSetCfg
-from wsg.sweep.errors import WsgError
+from wsg.rollouts.datasets import (
+    Problem,
+    gold_from_raw,
+    load_problems,
+    load_problems_with_report,
+)
 
 _OPERANDS = re.compile(r"\d+")
 

@@ -9,11 +9,10 @@ import time
 import urllib.request
 
 import pytest
-
-from wsg.sweep import rundir
-from wsg.sweep.layout import RunLayout
+from wsg.core import rundir
+from wsg.core.errors import WsgError
+from wsg.core.layout import RunLayout
 from wsg.sweep.config import parse_config
-from wsg.sweep.errors import WsgError
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +25,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from wsg.sweep.models import resolve_model
+    from wsg.core.models import resolve_model
 
     path = resolve_model("tiny-qwen3")
     work = tmp_path_factory.mktemp("vllm-serve")
@@ -77,11 +76,10 @@ def _cfg(base, api):
 @pytest.mark.parametrize("api", ["completions", "chat"])
 def test_stage_with_a_vllm_serve_teacher(server, tmp_path, api):
     import ray
-
+    from wsg.core.models import load_tokenizer
     from wsg.rollouts import schema
     from wsg.rollouts.reward import score
     from wsg.rollouts.stage import run_rollouts
-    from wsg.sweep.models import load_tokenizer
 
     s = run_rollouts(_cfg(server, api), str(tmp_path / "run"), progress=False)
     assert not ray.is_initialized()  # the stage shut down the Ray it started

@@ -8,14 +8,19 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_path():
-    from wsg.sweep.models import resolve_model
+    from wsg.core.models import resolve_model
 
     return resolve_model("tiny-qwen3")
 
 
 @pytest.fixture(scope="module")
 def engine(ray_module, tiny_path):
-    from wsg.rollouts.engine import EngineOptions, shutdown_engines, start_engines, wait_ready
+    from wsg.rollouts.engine import (
+        EngineOptions,
+        shutdown_engines,
+        start_engines,
+        wait_ready,
+    )
 
     opts = EngineOptions(model=tiny_path, dtype="float32", max_model_len=512, enable_lora=True,
                          max_lora_rank=8, cpu_kv_cache_gib=0.25, seed=3)
@@ -27,7 +32,7 @@ def engine(ray_module, tiny_path):
 
 @pytest.fixture(scope="module")
 def hf(tiny_path):
-    from wsg.sweep.models import load_causal_lm, load_tokenizer
+    from wsg.core.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(tiny_path), load_tokenizer(tiny_path)
 
@@ -111,8 +116,7 @@ def test_score_logprobs_matches_transformers(engine, prompts, hf):
 def _lora_adapter(tiny_path, out_dir):
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from wsg.sweep.models import load_causal_lm
+    from wsg.core.models import load_causal_lm
 
     base = load_causal_lm(tiny_path)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])

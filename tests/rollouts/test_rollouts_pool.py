@@ -1,9 +1,8 @@
 """Engine pool sizing and the first shard submissions (rollouts/stage.py), by
 hand-worked examples; no Ray, no vLLM."""
 import pytest
-
+from wsg.core.errors import WsgError
 from wsg.rollouts.stage import QUEUE_DEPTH, first_submissions, pool_size
-from wsg.sweep.errors import WsgError
 
 
 def test_first_submissions_are_breadth_first():

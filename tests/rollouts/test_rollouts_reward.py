@@ -4,10 +4,8 @@ import random
 import time
 
 import pytest
-
 from wsg.rollouts import reward
 from wsg.rollouts.reward import extract_final_answer, is_number, score
-
 
 # Completions that only restate the question: plain math_verify credits some
 # of them (it evaluates "5 + 4" to 9); the reward must not.

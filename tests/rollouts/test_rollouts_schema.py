@@ -5,7 +5,6 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from wsg.rollouts import schema
 from wsg.rollouts.schema import make_pairs, reward_summary, select_pairs
 

@@ -4,11 +4,10 @@ import json
 import os
 
 import pytest
-
-from wsg.sweep import rundir
+from wsg.core import rundir
+from wsg.core.errors import WsgError
+from wsg.core.layout import RunLayout
 from wsg.sweep.config import parse_config
-from wsg.sweep.errors import WsgError
-from wsg.sweep.layout import RunLayout
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +32,11 @@ def first_run(ray_module, tmp_path_factory):
 
 def test_stage_writes_both_tables(first_run):
     import ray
-
+    from wsg.core.models import load_tokenizer
     from wsg.rollouts import schema
     from wsg.rollouts.datasets import load_problems
     from wsg.rollouts.prompts import render_prompts
     from wsg.rollouts.reward import score
-    from wsg.sweep.models import load_tokenizer
 
     assert ray.is_initialized()  # the caller's Ray is left running
     run, s = first_run

@@ -1,4 +1,4 @@
-"""sweep/adapter_card.py: an adapter trained by the cell's own loop (tiny-qwen3,
+"""core/adapter_card.py: an adapter trained by the cell's own loop (tiny-qwen3,
 in this process), made portable and copied to a fresh folder, loads with peft
 (base given explicitly) and through vLLM's LoRARequest with the trained
 policy's outputs; only adapter_config.json's base name and README.md change."""
@@ -12,12 +12,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-from wsg.sweep.cells import CellKey
-from wsg.sweep.config import config_hash
-from wsg.sweep.layout import RunLayout
 from train_fixtures import tiny_cfg, write_run
-from wsg.sweep.adapter_card import CARD_FILE, CONFIG_FILE, AdapterCard, add_accuracy, base_model_id, make_portable, read_card
+from wsg.core.adapter_card import (
+    CARD_FILE,
+    CONFIG_FILE,
+    AdapterCard,
+    add_accuracy,
+    base_model_id,
+    make_portable,
+    read_card,
+)
+from wsg.core.cells import CellKey
+from wsg.core.config import config_hash
+from wsg.core.layout import RunLayout
 
 WEIGHTS = "adapter_model.safetensors"
 KEY = CellKey.of("sft", 42, 2e-2)
@@ -135,8 +142,7 @@ def _logprobs(model, p, c) -> np.ndarray:
 
 def test_copied_adapter_loads_with_peft(trained, portable, tokenizer):  # noqa: F811
     from peft import PeftConfig, PeftModel
-
-    from wsg.sweep.models import load_causal_lm
+    from wsg.core.models import load_causal_lm
 
     _folder, policy, _cfg = trained
     assert PeftConfig.from_pretrained(str(portable)).base_model_name_or_path == "tiny-qwen3"
@@ -153,9 +159,8 @@ def test_copied_adapter_loads_with_peft(trained, portable, tokenizer):  # noqa: 
 def test_copied_adapter_loads_in_vllm(trained, portable, tokenizer, tmp_path):  # noqa: F811
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
-
+    from wsg.core.models import resolve_model
     from wsg.rollouts.engine import EngineActor, EngineOptions
-    from wsg.sweep.models import resolve_model
 
     _folder, policy, _cfg = trained
     p, c = _ids(tokenizer)

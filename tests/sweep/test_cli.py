@@ -50,8 +50,10 @@ def test_train_refuses_nonpositive_lr(tmp_path):
 
 def test_relative_run_dir_is_made_absolute(tmp_path, monkeypatch):
     """Tune trials and Ray workers run elsewhere: a relative run path must not leave the CLI."""
-    from wsg.sweep import pipeline, rundir
-    from wsg.sweep.config import default_config_path, load_config
+    from wsg.core import rundir
+    from wsg.core.config import default_config_path
+    from wsg.sweep import pipeline
+    from wsg.sweep.config import load_config
 
     monkeypatch.chdir(tmp_path)
     run = pipeline.prepare_run(load_config(default_config_path()), "runs/rel")

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from wsg.sweep.config import (ExperimentConfig, config_hash, dump_config, load_config, parse_config)
-from wsg.sweep.errors import ConfigError
+from wsg.core.config import ExperimentConfig, config_hash, dump_config
+from wsg.core.errors import ConfigError
+from wsg.sweep.config import load_config, parse_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

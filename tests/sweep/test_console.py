@@ -1,4 +1,4 @@
-"""The console (sweep/console.py): wsg's lines reach the terminal, every other
+"""The console (core/console.py): wsg's lines reach the terminal, every other
 write of the process and of its children goes to the run's log file; the grid
 watch reads the cells' progress files."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ import subprocess
 import sys
 import textwrap
 
-from wsg.sweep import rundir
-from wsg.sweep.console import GridWatch
-from wsg.sweep.layout import RunLayout
+from wsg.core import rundir
+from wsg.core.console import GridWatch
+from wsg.core.layout import RunLayout
 
 
 def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def test_third_party_output_goes_to_the_log_and_wsg_lines_to_the_terminal(tmp_pa
     logs = tmp_path / "logs"
     out = _run(f"""
         import os, subprocess, sys
-        from wsg.sweep.console import RunConsole, say, progress
+        from wsg.core.console import RunConsole, say, progress
         with RunConsole({str(logs)!r}) as con:
             say("wsg: stage one")
             print("a library's print")
@@ -47,7 +47,7 @@ def test_third_party_output_goes_to_the_log_and_wsg_lines_to_the_terminal(tmp_pa
 
 def test_verbose_leaves_everything_on_the_terminal(tmp_path):
     out = _run(f"""
-        from wsg.sweep.console import RunConsole, say
+        from wsg.core.console import RunConsole, say
         with RunConsole({str(tmp_path / 'logs')!r}, verbose=True):
             say("wsg: line")
             print("a library's print")
@@ -58,7 +58,7 @@ def test_verbose_leaves_everything_on_the_terminal(tmp_path):
 
 def test_an_uncaught_error_reaches_the_terminal_whole(tmp_path):
     out = _run(f"""
-        from wsg.sweep.console import RunConsole
+        from wsg.core.console import RunConsole
         with RunConsole({str(tmp_path / 'logs')!r}):
             print("noise")
             raise RuntimeError("the real problem")
@@ -91,7 +91,7 @@ def test_ray_worker_lines_land_in_the_log_even_at_shutdown(tmp_path):
     logs = tmp_path / "logs"
     out = _run(f"""
         import ray
-        from wsg.sweep.console import RunConsole, say
+        from wsg.core.console import RunConsole, say
         from wsg.sweep.pipeline import ray_while_quiet
         with RunConsole({str(logs)!r}), ray_while_quiet(None):
             @ray.remote

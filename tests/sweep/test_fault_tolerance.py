@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from wsg.sweep import rundir
-from wsg.sweep.config import parse_config
-from wsg.sweep.layout import RunLayout
 from train_fixtures import tiny_cfg, write_run
+from wsg.core import rundir
+from wsg.core.layout import RunLayout
+from wsg.sweep.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -46,9 +45,8 @@ def _grid_cfg(losses, **train):
 def test_worker_crash_resumes_to_the_uninterrupted_adapter(tmp_path, tokenizer, monkeypatch):
     import ray
     import torch
-
+    from wsg.core.cells import cell_id
     from wsg.train.cell import run_cell
-    from wsg.sweep.cells import cell_id
 
     cfg = tiny_cfg(max_steps=4, checkpoint_steps=[2, 4], max_failures=2)
     straight = write_run(str(tmp_path / "straight"), tokenizer)
@@ -74,7 +72,7 @@ def test_worker_crash_resumes_to_the_uninterrupted_adapter(tmp_path, tokenizer, 
 
 def _tree_digest(folder: str) -> dict[str, tuple[float, str]]:
     """Every file of a finished cell but the adapters' model cards, which the
-    eval stage completes with the measured accuracy (sweep/adapter_card.py)."""
+    eval stage completes with the measured accuracy (core/adapter_card.py)."""
     out = {}
     for dirpath, _, files in os.walk(folder):
         for f in files:
@@ -147,7 +145,6 @@ def test_sigkill_of_wsg_run_then_rerun_completes(tmp_path):
 def test_node_removed_mid_run_the_grid_completes(tmp_path, tokenizer):
     import ray
     from ray.cluster_utils import Cluster
-
     from wsg.sweep.grid import plan_cells, run_grid
 
     cfg = _grid_cfg(["sft", "rft", "dft"], max_steps=6, checkpoint_steps=[2, 4, 6], max_failures=3)
@@ -187,7 +184,6 @@ def test_node_removed_mid_run_the_grid_completes(tmp_path, tokenizer):
 def test_grid_leaves_no_placement_groups_or_actors(tmp_path, tokenizer):
     import ray
     from ray.util.state import list_actors, list_placement_groups
-
     from wsg.sweep.grid import run_grid
 
     cfg = _grid_cfg(["sft", "dpo"], max_steps=2, checkpoint_steps=[2])

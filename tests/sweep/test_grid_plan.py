@@ -1,6 +1,6 @@
 """Grid planning: per-loss LR rules, extra cells, stable ids, resources."""
+from wsg.core.cells import CellKey
 from wsg.sweep.config import parse_config
-from wsg.sweep.cells import CellKey
 from wsg.sweep.grid import cell_resources, is_online, plan_cells
 
 

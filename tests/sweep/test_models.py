@@ -1,4 +1,4 @@
-"""sweep.models: aliases build real, loadable folders; the cache is atomic.
+"""core.models: aliases build real, loadable folders; the cache is atomic.
 
 The tiny Qwen3 is built in temporary caches (seconds). The SmolLM2 conversion
 (~25 s on an idle box) goes to the real user cache (`cache_root()`, which
@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from wsg.sweep import models
-from wsg.sweep.errors import WsgError
-from wsg.sweep.models import cache_root, load_causal_lm, load_tokenizer, resolve_model
+from wsg.core import models
+from wsg.core.errors import WsgError
+from wsg.core.models import cache_root, load_causal_lm, load_tokenizer, resolve_model
 
 REPO = Path(__file__).resolve().parents[2]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -53,7 +52,7 @@ def resolve_in_subprocess(name: str, cache: Path | None, n: int = 1) -> list[str
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
     if cache is not None:
         env["WSG_CACHE"] = str(cache)
-    code = f"from sweep.models import resolve_model; print(resolve_model({name!r}))"
+    code = f"from core.models import resolve_model; print(resolve_model({name!r}))"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(n)]
@@ -311,8 +310,10 @@ def test_tiny_qwen3_loads_in_vllm(tiny_path, tmp_path, monkeypatch):
         del llm
         gc.collect()
         with contextlib.suppress(Exception):
-            from vllm.distributed.parallel_state import (destroy_distributed_environment,
-                                                         destroy_model_parallel)
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
             destroy_model_parallel()
             destroy_distributed_environment()
     print(f"\nvLLM tiny-qwen3 start+generate: {time.perf_counter() - t:.1f} s")

@@ -33,8 +33,7 @@ def _sample(text: str, name: str, loss: str) -> float | None:
 
 def test_metrics_from_a_worker_and_the_driver_are_exported(ray_local):
     import ray
-
-    from wsg.sweep import telemetry
+    from wsg.core import telemetry
 
     @ray.remote(num_cpus=0)
     class Cell:  # stands for a Train worker: metrics come from its process

@@ -1,4 +1,4 @@
-"""sweep.tracking against the real trackers: an MLflow tracking server started
+"""core.tracking against the real trackers: an MLflow tracking server started
 on loopback here (read back with MlflowClient), TensorBoard event files (read
 back with TensorBoard's EventAccumulator) and W&B in offline mode (its .wandb
 log read back with wandb's own reader, `wandb leet inspect --json`)."""
@@ -21,12 +21,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from wsg.sweep.cells import CellKey
-from wsg.sweep.config import config_hash, parse_config
-from wsg.sweep.errors import ConfigError
-from wsg.sweep.tracking import (NULL, TrackingCfg, TrackingPaths, cell_params, open_cell, open_groups, run_params,
-                                track_run)
+from wsg.core.cells import CellKey
+from wsg.core.config import config_hash
+from wsg.core.errors import ConfigError
+from wsg.core.tracking import (
+    NULL,
+    TrackingCfg,
+    TrackingPaths,
+    cell_params,
+    open_cell,
+    open_groups,
+    run_params,
+    track_run,
+)
+from wsg.sweep.config import parse_config
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -130,8 +138,8 @@ def test_config_section_validates():
 def test_disabled_tracking_imports_no_tracker(tmp_path):
     code = textwrap.dedent(f"""
         import sys
-        from wsg.sweep.cells import CellKey
-        from wsg.sweep.tracking import NULL, TrackingCfg, TrackingPaths, open_cell, track_run
+        from wsg.core.cells import CellKey
+        from wsg.core.tracking import NULL, TrackingCfg, TrackingPaths, open_cell, track_run
         p = TrackingPaths({str(tmp_path / 's.json')!r}, {str(tmp_path / 'tb')!r}, {str(tmp_path / 'wb')!r})
         t = open_cell(TrackingCfg(), experiment="e", run={str(tmp_path)!r}, key=CellKey("sft", 1, 1, 1e-4),
                       params={{}}, paths=p)
@@ -213,8 +221,8 @@ def test_mlflow_cells_grouped_by_loss_with_params_metrics_summary(mlflow_uri, tm
 
 _KILLED = """
 import os, sys
-from wsg.sweep.cells import CellKey
-from wsg.sweep.tracking import TrackingCfg, TrackingPaths, open_cell
+from wsg.core.cells import CellKey
+from wsg.core.tracking import TrackingCfg, TrackingPaths, open_cell
 args = {args}
 tr = open_cell(TrackingCfg.model_validate(args["tracking"]), experiment="trk", run=args["run"],
                key=CellKey("sft", 7, 8, 1e-4), params=args["params"], paths=TrackingPaths(**args["paths"]))
@@ -493,10 +501,9 @@ def test_object_store_run_writes_locally_then_uploads(tmp_path, monkeypatch):
     to a local folder, uploaded into the run directory on close."""
     import re
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from wsg.sweep.trackers import copy_local
     from _cluster import S3Server
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from wsg.core.trackers import copy_local
 
     s3 = S3Server(tmp_path / "s3").start()
     try:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from wsg.sweep.errors import WsgError
+from wsg.core.errors import WsgError
 from wsg.train.losses import (
     LOSSES,
     check_batch,

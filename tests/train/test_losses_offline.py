@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from wsg.sweep.errors import WsgError
+from wsg.core.errors import WsgError
 from wsg.train.losses import get_loss, validate_hyper
 from wsg.train.losses_batch import LossBatch
 

@@ -7,8 +7,7 @@ import statistics
 
 import pytest
 import torch
-
-from wsg.sweep.errors import WsgError
+from wsg.core.errors import WsgError
 from wsg.train.losses import get_loss, validate_hyper
 from wsg.train.losses_batch import LossBatch
 from wsg.train.losses_online import group_advantages, overlong_penalty

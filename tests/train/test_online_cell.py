@@ -13,11 +13,10 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
-from wsg.sweep import rundir
+from wsg.core import rundir
+from wsg.core.errors import WsgError
+from wsg.core.layout import RunLayout
 from wsg.sweep.config import parse_config
-from wsg.sweep.errors import WsgError
-from wsg.sweep.layout import RunLayout
 from wsg.train.cell import run_cell
 from wsg.train.online import PromptSet, validate_online
 
@@ -131,7 +130,6 @@ def test_refuses_what_cannot_run(tmp_path):
 
 def test_entropy_probe_matches_the_full_model_distribution():
     import torch
-
     from wsg.train.data import collate_sequences
     from wsg.train.online import OnlineObserver
     from wsg.train.steps import CompletionLogprobs, build_policy, sequence_logprobs

@@ -9,9 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from wsg.train.data import collate
-from wsg.train.losses import LossBatch, count_units, get_loss, normaliser_from_count, precompute_advantages
+from wsg.train.losses import (
+    LossBatch,
+    count_units,
+    get_loss,
+    normaliser_from_count,
+    precompute_advantages,
+)
 from wsg.train.online_sample import (
     SampledGroup,
     behaviour_tensor,

@@ -15,11 +15,10 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from wsg.sweep.config import parse_config
-from wsg.sweep.errors import WsgError
+from wsg.core.errors import WsgError
 from wsg.rollouts.engine_rules import adapter_mode, vllm_lora_rank
 from wsg.rollouts.merge import merged_weights, write_merged
+from wsg.sweep.config import parse_config
 from wsg.train.online_sync import WeightSync
 from wsg.train.steps import CompletionLogprobs, build_policy
 
@@ -78,7 +77,7 @@ def test_merged_weights_equal_peft_merge_and_unload():
     again = merged_weights(policy)
     for k in got:
         assert torch.equal(got[k], again[k])
-    from wsg.sweep.models import load_causal_lm
+    from wsg.core.models import load_causal_lm
 
     base = load_causal_lm("tiny-qwen3").state_dict()
     moved = [k for k in got if k.endswith("q_proj.weight")]
@@ -149,8 +148,8 @@ def trainer_logprobs(policy, prompt, comp, *, adapter: bool) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["merged", "lora"])
 def test_engine_samples_from_the_current_adapter(tmp_path, strategy):
+    from wsg.core.cells import CellKey
     from wsg.rollouts.engine import EngineActor
-    from wsg.sweep.cells import CellKey
     from wsg.rollouts.engine_rules import online_engine_options
     from wsg.train.online import OnPolicySource, prepare_prompts
     from wsg.train.task import CellTask, placement

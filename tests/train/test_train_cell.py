@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from wsg.sweep import rundir
-from wsg.sweep.errors import WsgError
 from train_fixtures import tiny_cfg, write_run
+from wsg.core import rundir
+from wsg.core.cells import cell_id
+from wsg.core.errors import WsgError
+from wsg.core.layout import RunLayout
 from wsg.train.cell import run_cell
 from wsg.train.losses import loss_names
-from wsg.sweep.cells import cell_id
-from wsg.sweep.layout import RunLayout
 
 LR, SEED = 1e-3, 42
 TWO = dict(num_workers=2, per_device_batch=2, grad_accum=1, effective_batch=4, max_steps=4, checkpoint_steps=[2, 4],
@@ -54,8 +53,7 @@ def trained(tmp_path_factory, tokenizer, ray_local):
 @pytest.mark.parametrize("loss", loss_names(online=False))
 def test_every_offline_loss_trains_and_writes_reloadable_adapters(trained, loss):
     from peft import PeftModel
-
-    from wsg.sweep.models import load_causal_lm
+    from wsg.core.models import load_causal_lm
 
     run, summaries = trained
     s = summaries[loss]
@@ -146,8 +144,7 @@ def test_a_failed_runs_placement_group_is_freed(tmp_path, ray_local):
     removed (Ray Train leaves one behind when its controller fails on an
     error it does not retry); a removed or missing one is left alone."""
     from ray.util.placement_group import placement_group, placement_group_table
-
-    from wsg.sweep.session import placement_groups, remove_placement_groups
+    from wsg.core.session import placement_groups, remove_placement_groups
     from wsg.train.cell import free_placement_group
 
     record = str(tmp_path / "placement_group.json")

@@ -5,14 +5,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from wsg.rollouts.schema import rollouts_table
-from wsg.sweep import rundir
-from wsg.sweep.errors import WsgError
 from train_fixtures import make_rollouts, tiny_cfg, write_run
-from wsg.sweep.cells import cell_id, parse_cell_id
-from wsg.sweep.layout import RunLayout
-from wsg.train.data import build_train_set, collate, micro_batches_per_rank, plan_step, split_by_length, step_items
+from wsg.core import rundir
+from wsg.core.cells import cell_id, parse_cell_id
+from wsg.core.errors import WsgError
+from wsg.core.layout import RunLayout
+from wsg.rollouts.schema import rollouts_table
+from wsg.train.data import (
+    build_train_set,
+    collate,
+    micro_batches_per_rank,
+    plan_step,
+    split_by_length,
+    step_items,
+)
 
 
 def test_cell_id_format_and_round_trip():
@@ -192,8 +198,12 @@ def test_length_split_is_the_cheapest_contiguous_partition():
 
 
 def test_reference_logprobs_are_the_base_model(tmp_path, tokenizer, policy):
-    from wsg.sweep.models import load_causal_lm
-    from wsg.train.steps import CompletionLogprobs, reference_logprobs, sequence_logprobs
+    from wsg.core.models import load_causal_lm
+    from wsg.train.steps import (
+        CompletionLogprobs,
+        reference_logprobs,
+        sequence_logprobs,
+    )
 
     run = write_run(str(tmp_path), tokenizer)
     ts = build_train_set(tiny_cfg(max_seq_len=512), run, loss="sft", tokenizer=tokenizer)

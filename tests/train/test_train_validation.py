@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import pytest
-
-from wsg.rollouts.schema import pairs_table
-from wsg.sweep import rundir
-from wsg.sweep.errors import WsgError
-from wsg.sweep.layout import RunLayout
 from train_fixtures import tiny_cfg, write_run
+from wsg.core import rundir
+from wsg.core.errors import WsgError
+from wsg.core.layout import RunLayout
+from wsg.rollouts.schema import pairs_table
 from wsg.train.cell import run_cell
 from wsg.train.steps import build_policy
 

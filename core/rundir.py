@@ -159,32 +159,3 @@ def download_dir(src_uri: str, local_dir: str) -> str:
         with open(os.path.join(local_dir, name), "wb") as f:
             f.write(data)
     return local_dir
-
-
-# --- layout (docs/design.md "Run directory") -------------------------------------
-def config_path(run: str) -> str:
-    return join(run, "config.yaml")
-
-
-def rollouts_dir(run: str) -> str:
-    return join(run, "rollouts")
-
-
-def cell_dir(run: str, cell_id: str) -> str:
-    return join(run, "cells", cell_id)
-
-
-def step_dir(run: str, cell_id: str, step: int) -> str:
-    return join(run, "cells", cell_id, f"step_{step}")
-
-
-def eval_dir(run: str) -> str:
-    return join(run, "eval")
-
-
-def geometry_dir(run: str) -> str:
-    return join(run, "geometry")
-
-
-def report_dir(run: str) -> str:
-    return join(run, "report")

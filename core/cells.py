@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wsg.sweep.errors import WsgError
+from .errors import WsgError
 
 # Loss names are lower-case words joined by underscores (never hyphens), so the
 # first "-s" / "-i" after the name unambiguously starts the seeds.

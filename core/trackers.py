@@ -1,10 +1,10 @@
-"""The trackers behind sweep.tracking: MLflow, TensorBoard and W&B, each
+"""The trackers behind core.tracking: MLflow, TensorBoard and W&B, each
 driven by its own client (mlflow's MlflowClient, torch.utils.tensorboard's
 SummaryWriter, wandb), imported only when its tracker is configured.
 
 Every backend has the same five methods: log(step, values), artifacts({name:
 local path}), flush(), close(summary, state, last_step) and abort();
-sweep.tracking.Tracker calls them and switches a backend off at its first
+core.tracking.Tracker calls them and switches a backend off at its first
 error (docs/tracking.md).
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from . import rundir
 
 # MLflow's HTTP client retries 7 times with exponential backoff (minutes of
 # stalled training when the server hangs); wsg's defaults, unless the user
@@ -80,7 +82,6 @@ def copy_local(uri: str, dest: str) -> str:
     """Copy a run-dir file or folder (local or object store) to `dest`."""
     import pyarrow.fs as pafs
 
-    from wsg.sweep import rundir
 
     fs, path = rundir.resolve(uri)
     info = fs.get_file_info(path)
@@ -103,8 +104,6 @@ class Mirror:
     object-store run a temporary folder uploaded by `upload()`."""
 
     def __init__(self, uri: str):
-        from wsg.sweep import rundir
-
         self.remote = None if rundir.is_local(uri) else uri
         self.local = rundir.resolve(uri)[1] if self.remote is None else tempfile.mkdtemp(prefix="wsg-track-")
         os.makedirs(self.local, exist_ok=True)
@@ -112,7 +111,6 @@ class Mirror:
     def upload(self) -> None:
         if self.remote is None:
             return
-        from wsg.sweep import rundir
 
         for root, _dirs, files in os.walk(self.local):
             for name in files:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wsg.sweep import rundir
+from . import rundir
+from .tracking import TrackingPaths
 
 STAGES = ("rollouts", "grid", "eval", "functional", "geometry", "report")
 
@@ -150,7 +151,6 @@ class RunLayout:
 
     def tracking_paths(self, cell_id: str | None = None):
         """Where the trackers of a cell (or of the run) keep their files."""
-        from wsg.sweep.tracking import TrackingPaths
 
         if cell_id is None:  # "_run" cannot be a cell id: those start with a letter
             return TrackingPaths(self._p("tracking", "run.json"), self._p("tracking", "tensorboard", "_run"),

@@ -94,7 +94,11 @@ def remove_placement_groups(ids) -> int:
     the driver exits."""
     import ray
     from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
 
     n = 0
     for pid in ids:

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from wsg.sweep.errors import WsgError
+from .errors import WsgError
 
 log = logging.getLogger("wsg.models")
 
@@ -375,7 +375,12 @@ def _build_tiny_qwen3(gguf: Path, recipe: dict, tmp: Path) -> dict:
     import torch
     import transformers
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     tok = _gguf_tokenizer(gguf, max_length=TINY_QWEN3_SHAPE["max_position_embeddings"])
     vocab = max(len(tok), tok.vocab_size)
@@ -414,3 +419,17 @@ def _build_tiny_qwen3(gguf: Path, recipe: dict, tmp: Path) -> dict:
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
+
+
+# --- what vLLM can serve ------------------------------------------------------------
+#: vLLM 0.32's accepted `max_lora_rank` values (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(r: int, *, field: str = "train.lora.r") -> int:
+    """Smallest rank vLLM accepts as max_lora_rank that holds rank r."""
+    for v in VLLM_LORA_RANKS:
+        if v >= r:
+            return v
+    raise WsgError(f"{field}={r} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}; lower it or serve the "
+                   "adapters merged (online.sync / analysis.eval_mode: merged)")

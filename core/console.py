@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Iterator, TextIO
 
+from . import rundir
+
 _current: "RunConsole | None" = None
 SUMMARY_EVERY_S = 60.0
 
@@ -93,8 +95,6 @@ class RunConsole:
             self.term.close()
             self.term = sys.stdout
         if self.upload_to and self.log_path and os.path.exists(self.log_path):
-            from wsg.sweep import rundir
-
             with contextlib.suppress(Exception):  # the log is a convenience: never fail the run for it
                 with open(self.log_path, "rb") as f:
                     rundir.write_bytes(rundir.join(self.upload_to, "wsg.log"), f.read())
@@ -109,8 +109,13 @@ class Progress:
         self._last_line = -1
         if is_tty() and self.total:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
-            from rich.progress import TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(TextColumn(f"  {label}"), BarColumn(), MofNCompleteColumn(),
                                      TimeRemainingColumn(), console=Console(file=_stream()), transient=True)
@@ -169,8 +174,6 @@ class GridWatch:
         self._thread.join(timeout=10)
 
     def snapshot(self) -> dict:
-        from wsg.sweep import rundir
-
         done, failed, running = [], [], []
         for cid in self.ids:
             cl = self.layout.cell(cid)

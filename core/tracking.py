@@ -8,7 +8,7 @@ the run of the whole wsg run; in W&B the loss is the run's group; TensorBoard
 gets one event folder per cell. The run level gets the accuracy table,
 global geometry and report as artifacts of that root run.
 
-Each tracker is driven by its own client (sweep/trackers.py: mlflow's
+Each tracker is driven by its own client (core/trackers.py: mlflow's
 MlflowClient, torch.utils.tensorboard, wandb), imported only when that
 tracker is configured. The ids of a cell's tracked runs live in a small JSON file in the
 cell folder, so a cell resumed after a kill continues the same tracked runs.
@@ -25,56 +25,17 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from wsg.sweep.trackers import Mlflow, Named, Subject, TensorBoard, Wandb, copy_local
+from . import rundir
+from .config import TrackingCfg, config_hash
+from .trackers import Mlflow, Named, Subject, TensorBoard, Wandb, copy_local
 
 log = logging.getLogger("wsg.tracking")
 
 
-# ----------------------------------------------------------------- config
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class MlflowCfg(_Strict):
-    # A tracking server (http://host:5000) or any MLflow tracking URI.
-    uri: str
-    # Experiment name; None = the config's `name`.
-    experiment: Optional[str] = None
-
-    @field_validator("uri")
-    @classmethod
-    def _uri(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("tracking.mlflow.uri is empty: give the server, e.g. http://127.0.0.1:5000")
-        return v
-
-
-class WandbCfg(_Strict):
-    project: str = Field(min_length=1)
-    mode: Literal["online", "offline"] = "online"
-    entity: Optional[str] = None
-
-
-class TrackingCfg(_Strict):
-    """`tracking:` of the experiment config; every tracker is off by default."""
-
-    mlflow: Optional[MlflowCfg] = None
-    tensorboard: bool = False
-    wandb: Optional[WandbCfg] = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.mlflow is not None or self.tensorboard or self.wandb is not None
-
-
 @dataclass(frozen=True)
 class TrackingPaths:
-    """Where a tracked cell (or the run) keeps its files, from sweep.layout.
+    """Where a tracked cell (or the run) keeps its files, from core.layout.
 
     state: JSON file with the tracked runs' ids (a resume continues them);
     tensorboard: this cell's (or the run's) event folder; wandb: W&B's local
@@ -90,9 +51,8 @@ class TrackingPaths:
 
 def cell_params(cfg, key, *, hyper: dict | None = None) -> dict:
     """The params of a cell's tracked run. `cfg`: the ExperimentConfig;
-    `key`: its sweep.cells.CellKey; `hyper`: the loss's resolved
+    `key`: its core.cells.CellKey; `hyper`: the loss's resolved
     hyperparameters (defaults included), else the config's `losses.<loss>.hyper`."""
-    from wsg.sweep.config import config_hash
 
     lcfg, t = cfg.loss_cfg(key.loss), cfg.train
     out = {"loss": key.loss, "variant": lcfg.variant, "init_seed": key.init_seed, "data_seed": key.data_seed,
@@ -106,7 +66,6 @@ def cell_params(cfg, key, *, hyper: dict | None = None) -> dict:
 
 def run_params(cfg) -> dict:
     """The params of the run-level tracked run."""
-    from wsg.sweep.config import config_hash
 
     g = cfg.grid
     return {"config_name": cfg.name, "config_hash": config_hash(cfg), "model": cfg.model.name,
@@ -181,8 +140,6 @@ def _off(backend, label: str, what: str, exc: BaseException) -> None:
 
 
 def _open(tracking: TrackingCfg, subject: Subject, paths: TrackingPaths, label: str) -> Tracker:
-    from wsg.sweep import rundir
-
     try:
         if rundir.exists(paths.state):
             subject.state = dict(rundir.read_json(paths.state))
@@ -227,7 +184,6 @@ def open_groups(cfg, *, run: str, groups: list[str]) -> None:
     MLflow the run's root and one run per loss), made once by this one
     process. `cfg`: the ExperimentConfig; `run`: the run folder/URI exactly
     as the cells get it. A failure only logs: the cells then make them."""
-    from wsg.sweep.config import config_hash
 
     if cfg.tracking is None or cfg.tracking.mlflow is None:
         return
@@ -246,7 +202,6 @@ def track_run(tracking: TrackingCfg | None, *, experiment: str, run: str, params
     it. In MLflow this is the root run whose children are the cells."""
     if tracking is None or not tracking.enabled:
         return []
-    from wsg.sweep import rundir
 
     subject = Subject("run", "", "run", run, experiment, dict(params))
     subject.name = subject.run_name
