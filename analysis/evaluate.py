@@ -89,7 +89,6 @@ class EvalEngine(EngineActor):
         import torch
         from peft import PeftModel
 
-
         if self._hf is None:
             self._hf = load_causal_lm(self.opts.model, dtype=torch.float32,
                                       trust_remote_code=self.opts.trust_remote_code)
@@ -157,7 +156,6 @@ def _start_engines(cfg, mode: str, adapters: list[Adapter], n_models: int) -> li
     """The eval pool: sized like the rollouts stage's (`rollouts.num_engines`,
     `cpus_per_engine`, `gpus_per_engine`), never more engines than models."""
     import ray
-
 
     ro = cfg.rollouts
     n, g = pool_size(ro.num_engines, cpus_per_engine=ro.cpus_per_engine, gpus_per_engine=ro.gpus_per_engine,

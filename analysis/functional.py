@@ -189,7 +189,6 @@ class _Host:
     def __init__(self, model_name: str, dtype: str, trust_remote_code: bool):
         import torch
 
-
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tok = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
         self.base = load_causal_lm(model_name, dtype=getattr(torch, dtype),
@@ -355,7 +354,6 @@ def _task_memory(cfg) -> int:
     no more tasks at once than the box holds. 0 (no request) for a hub id."""
     import os
 
-
     path = resolve_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     if not os.path.isdir(path):
         return 0
@@ -408,7 +406,6 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
     `use_ray=False` runs the units in this process (one model load), as
     `run_geometry(use_ray=False)` does: for debugging and small tests."""
     import ray
-
 
     adapters = list_adapters(cfg, run, models=True)  # analysis.model_steps: a model per adapter
     if not adapters:

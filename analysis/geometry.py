@@ -189,7 +189,6 @@ def _read_bytes(path: str) -> bytes:
 def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
     from tqdm import tqdm
 
-
     bar = tqdm(total=len(jobs), desc="geometry shards", unit="shard", disable=not progress)
     try:
         if not use_ray:

@@ -73,7 +73,6 @@ def _run_config(run: str) -> tuple[str, dict]:
         return "unknown (no config.yaml)", {}
     import yaml
 
-
     text = rundir.read_text(path)
     first = text.splitlines()[0] if text else ""
     h = first.rsplit(" ", 1)[-1] if first.startswith("# wsg resolved config") else None

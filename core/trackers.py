@@ -82,7 +82,6 @@ def copy_local(uri: str, dest: str) -> str:
     """Copy a run-dir file or folder (local or object store) to `dest`."""
     import pyarrow.fs as pafs
 
-
     fs, path = rundir.resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:

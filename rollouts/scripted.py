@@ -56,7 +56,6 @@ def run_scripted(job) -> dict:
     """Backend of the rollouts stage (a rollouts.stage.SamplingJob, like the vLLM/endpoint ones)."""
     import time
 
-
     cfg, stats = job.cfg, job.stats
     ro = cfg.rollouts
     tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)

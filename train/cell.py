@@ -136,7 +136,6 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     )
     from ray.train.torch import TorchTrainer
 
-
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise WsgError(f"learning rate must be a finite number > 0, got lr={lr!r}")
     t0 = time.time()

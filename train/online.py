@@ -165,7 +165,6 @@ class OnPolicySource:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-
         p, o = self.task.placement, self.cfg.online
         opts = online_engine_options(self.cfg, self.task.sync, threads=p.engine_threads)
         here = ray.get_runtime_context().get_node_id()
@@ -212,7 +211,6 @@ class OnPolicySource:
     def close(self) -> None:
         if self._own_engine and self.engine is not None:
             import ray
-
 
             if self._in_bundle:  # its files are ours (removed below): no clean vLLM shutdown to wait for
                 ray.kill(self.engine)

@@ -114,7 +114,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-
     task: CellTask = config["task"]
     entered = time.time()
     ctx = ray.train.get_context()
@@ -150,7 +149,6 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
     durations) says where the cell's time went besides its steps
     (bench/cell_overhead.py): loop entry, setup done, the steps, checkpoints."""
     import ray
-
 
     cfg, key, t = task.cfg, task.key, task.cfg.train
     cl = RunLayout(task.run).cell(key.id)
