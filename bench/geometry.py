@@ -128,7 +128,7 @@ def ray_workers_cpu_s() -> float:
     return total
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=int, default=6)
     ap.add_argument("--layers", type=int, default=36)
@@ -138,34 +138,32 @@ def main() -> None:
     ap.add_argument("--skip-in-process", action="store_true", help="skip the no-Ray child run (memory numbers)")
     ap.add_argument("--skip-dense", action="store_true", help="skip the dense baseline (minutes of SVDs)")
     ap.add_argument("--json", default=None, help="also write the numbers here")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import ray
-    from wsg.analysis.geometry import run_geometry
 
-    root = args.dir or tempfile.mkdtemp(prefix="wsg-geo-bench-")
-    n, alpha = args.adapters, 2.0 * args.rank
+def _make_adapters(args, root: str) -> dict[str, str]:
+    """n + 1 synthetic adapters (one extra for the incremental measurement)."""
     t0 = time.perf_counter()
     folders = {}
-    for i in range(n + 1):  # one extra for the incremental measurement
+    for i in range(args.adapters + 1):
         folders[f"a{i:02d}"] = os.path.join(root, f"a{i:02d}")
         if not os.path.exists(os.path.join(folders[f"a{i:02d}"], "adapter_config.json")):
-            make_adapter(folders[f"a{i:02d}"], i, layers=args.layers, rank=args.rank, alpha=alpha)
-    grid = {k: folders[k] for k in sorted(folders)[:n]}
-    size = sum(os.path.getsize(os.path.join(p, "adapter_model.safetensors")) for p in grid.values())
-    print(f"{n} adapters, {args.layers} layers, r={args.rank}: {size / 2**20:.0f} MiB on disk "
-          f"(made in {time.perf_counter() - t0:.1f} s)", flush=True)
-    pairs = n * (n - 1) // 2
+            make_adapter(folders[f"a{i:02d}"], i, layers=args.layers, rank=args.rank, alpha=2.0 * args.rank)
+    print(f"{args.adapters} adapters made in {time.perf_counter() - t0:.1f} s", flush=True)
+    return folders
 
-    res = {"adapters": n, "layers": args.layers, "rank": args.rank, "top_k": args.top_k, "pairs": pairs,
-           "disk_bytes": size, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "loadavg_start": os.getloadavg()[0]}  # other work on the box inflates every number here
+
+def _ray_runs(args, folders: dict, grid: dict, work: str, res: dict) -> dict:
+    """Factored geometry on Ray: cold workers, warm workers, plus one adapter."""
+    import ray
+
+    from wsg.analysis.geometry import run_geometry
+
     t0 = time.perf_counter()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     res["ray_init_s"] = time.perf_counter() - t0
+    tables = {}
     try:
-        work = tempfile.mkdtemp(prefix="wsg-geo-out-")
-        tables = {}
         for key, ads, out in (("cold", grid, "cold"), ("warm", grid, "warm"), ("plus_one", folders, "warm")):
             c0, t0 = time.process_time() + ray_workers_cpu_s(), time.perf_counter()
             got = run_geometry(ads, os.path.join(work, out), top_k=args.top_k, progress=False)
@@ -175,9 +173,12 @@ def main() -> None:
             print(f"factored, Ray, {key}: {wall:.2f} s wall, {cpu:.1f} CPU s", flush=True)
     finally:
         ray.shutdown()
-    g = tables["global_pairs"].to_pandas()
-    print(g[["adapter_a", "adapter_b", "cosine", "median_top1_angle_deg", "mean_u1_abs_dot"]].head(3).to_string())
+    return tables
 
+
+def _baselines(args, grid: dict, work: str, size: int, pairs: int, res: dict) -> dict:
+    """The in-process child (memory) and the dense baseline, scaled up."""
+    n = args.adapters
     if not args.skip_in_process:
         child = child_in_process(grid, os.path.join(work, "serial"), args.top_k)
         print(f"in-process: {child}", flush=True)
@@ -185,11 +186,9 @@ def main() -> None:
                     "rss_after_imports": child["rss_after_imports"],
                     "peak_rss": child["peak_rss"],
                     "peak_rss_growth_over_disk": (child["peak_rss"] - child["rss_after_imports"]) / size})
-
     names = sorted(grid)
     dense = {} if args.skip_dense else dense_costs(grid[names[0]], grid[names[1]], top_k=args.top_k,
-                                                   scale=alpha / args.rank)
-    print("\n== summary ==")
+                                                   scale=2.0)
     if dense:
         res["dense_sample"] = dense
         res["dense_scaled_s"] = args.layers * sum(n * d["adapter_s"] + pairs * d["pair_s"] for d in dense.values())
@@ -198,11 +197,11 @@ def main() -> None:
         res["speedup_vs_dense"] = res["dense_scaled_s"] / res["factored_ray_warm_s"]
         res["speedup_vs_dense_cold"] = res["dense_scaled_s"] / res["factored_ray_cold_s"]
         res["speedup_vs_dense_cpu"] = res["dense_scaled_cpu_s"] / res["factored_ray_warm_cpu_s"]
-    shutil.rmtree(work, ignore_errors=True)
-    if not args.dir:
-        shutil.rmtree(root, ignore_errors=True)
+    return dense
 
-    res["loadavg_end"] = os.getloadavg()[0]
+
+def _summary(res: dict, dense: dict, n: int, layers: int, pairs: int) -> None:
+    print("\n== summary ==")
     print(f"1-min load average: {res['loadavg_start']:.1f} at start, {res['loadavg_end']:.1f} at end "
           f"({res['cpus']} cores)")
     print(f"ray.init (not timed below):      {res['ray_init_s']:.1f} s")
@@ -219,10 +218,34 @@ def main() -> None:
         print(f"dense {proj}: {d['adapter_s']:.2f} s per adapter-module (materialise + SVD), "
               f"{d['pair_s'] * 1e3:.1f} ms per pair-module")
     if dense:
-        print(f"dense baseline, scaled to {n} adapters x {args.layers} layers + {pairs} pairs: "
+        print(f"dense baseline, scaled to {n} adapters x {layers} layers + {pairs} pairs: "
               f"{res['dense_scaled_s']:.0f} s ({res['dense_scaled_cpu_s']:.0f} CPU s)")
         print(f"speed-up factored vs dense: {res['speedup_vs_dense']:.0f}x warm, "
               f"{res['speedup_vs_dense_cold']:.0f}x cold (wall); {res['speedup_vs_dense_cpu']:.0f}x in CPU seconds (warm)")
+
+
+def main() -> None:
+    args = _args()
+    root = args.dir or tempfile.mkdtemp(prefix="wsg-geo-bench-")
+    n = args.adapters
+    folders = _make_adapters(args, root)
+    grid = {k: folders[k] for k in sorted(folders)[:n]}
+    size = sum(os.path.getsize(os.path.join(p, "adapter_model.safetensors")) for p in grid.values())
+    print(f"{n} adapters, {args.layers} layers, r={args.rank}: {size / 2**20:.0f} MiB on disk", flush=True)
+    pairs = n * (n - 1) // 2
+    res = {"adapters": n, "layers": args.layers, "rank": args.rank, "top_k": args.top_k, "pairs": pairs,
+           "disk_bytes": size, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "loadavg_start": os.getloadavg()[0]}  # other work on the box inflates every number here
+    work = tempfile.mkdtemp(prefix="wsg-geo-out-")
+    tables = _ray_runs(args, folders, grid, work, res)
+    g = tables["global_pairs"].to_pandas()
+    print(g[["adapter_a", "adapter_b", "cosine", "median_top1_angle_deg", "mean_u1_abs_dot"]].head(3).to_string())
+    dense = _baselines(args, grid, work, size, pairs, res)
+    shutil.rmtree(work, ignore_errors=True)
+    if not args.dir:
+        shutil.rmtree(root, ignore_errors=True)
+    res["loadavg_end"] = os.getloadavg()[0]
+    _summary(res, dense, n, args.layers, pairs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -173,7 +173,7 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
 
     t_fit = time.time()
     with session(cfg.resources.ray_address):
-        task = CellTask(cfg=cfg, run=layout.root, key=key, fingerprint=fingerprint,
+        task = CellTask(cfg=cfg, layout=layout, key=key, fingerprint=fingerprint,
                         data=prepared.ref if prepared is not None else ray.put(data),
                         online=spec.online, placement=place, sync=sync, stop_after=stop_after,
                         fault_crash_at=fault_crash_at, rollouts_hash=None if spec.online else _rollouts_hash(layout))

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from ..core.cells import CellKey
 from ..core.config import ExperimentConfig
+from ..core.layout import RunLayout
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class CellTask:
     """Everything one cell's worker needs; crosses the process boundary whole."""
 
     cfg: ExperimentConfig
-    run: str
+    layout: RunLayout         # the run's folder, named once by the driver
     key: CellKey
     fingerprint: dict
     data: Any                 # ObjectRef of the TrainSet (offline) or PromptSet (online)
@@ -79,6 +80,10 @@ class CellTask:
     stop_after: Optional[int] = None    # stop resumably after this step
     fault_crash_at: Optional[int] = None  # fault-tolerance tests only (train/worker.py)
     rollouts_hash: Optional[str] = None   # the shared rollouts' spec hash (adapter cards)
+
+    @property
+    def run(self) -> str:
+        return self.layout.root
 
     @property
     def cell_id(self) -> str:

@@ -30,7 +30,6 @@ import torch
 from ..core import rundir, telemetry, tracking
 from ..core.adapter_card import AdapterCard
 from ..core.errors import WsgError
-from ..core.layout import RunLayout
 from ..core.models import cache_root
 from . import checkpoint as ck
 from .data import RolloutSource
@@ -106,7 +105,7 @@ def _record_placement_group(task: CellTask) -> None:
 
     pg = ray.util.get_current_placement_group()
     if pg is not None:
-        rundir.write_json(RunLayout(task.run).cell(task.key.id).placement_group, {"id": pg.id.hex()})
+        rundir.write_json(task.layout.cell(task.key.id).placement_group, {"id": pg.id.hex()})
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -148,93 +147,124 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
     status.json's `timeline` (wall-clock seconds since the epoch, and
     durations) says where the cell's time went besides its steps
     (bench/cell_overhead.py): loop entry, setup done, the steps, checkpoints."""
-    import ray
+    loop = _Loop(task, source, rank=rank, world=world, device=device, report=report, entered=entered)
+    loop.start(resume_dir)
+    status = {"state": "complete", "step": task.cfg.train.max_steps}
+    for step in range(loop.start_step, task.cfg.train.max_steps):
+        status = loop.step(step)
+        if status is not None:
+            break
+    return loop.finish(status or {"state": "complete", "step": task.cfg.train.max_steps})
 
-    cfg, key, t = task.cfg, task.key, task.cfg.train
-    cl = RunLayout(task.run).cell(key.id)
-    lcfg = cfg.loss_cfg(key.loss)
-    spec = get_loss(key.loss, lcfg.variant)
-    hyper = validate_hyper(key.loss, lcfg.variant, lcfg.hyper)
-    clock = {"worker_entered": entered or time.time(), "steps_s": 0.0, "checkpoint_s": 0.0}
-    source.begin()  # an engine starts loading while the trainer builds
-    policy = build_policy(cfg, seed=key.init_seed, device=device)
-    torch.manual_seed(key.data_seed * 1009 + rank)  # dropout stream: per rank, from the data seed only
-    trainer = PolicyTrainer(
-        policy, lr=key.lr, weight_decay=t.weight_decay, warmup_steps=warmup_steps(t.max_steps, t.warmup_frac),
-        max_steps=t.max_steps, max_grad_norm=t.max_grad_norm, device=device, world_size=world,
-        micro_per_step=source.micro_per_step, units_per_micro=source.units_per_micro,
-        autocast=resolve_autocast(t.precision, torch.device(device)),
-        deepspeed_stage=t.deepspeed.zero_stage if t.deepspeed.enabled and not task.online else None)
 
-    start, history = 0, []
-    if resume_dir is not None:
-        state = ck.load_resume_state(trainer, resume_dir, rank=rank)
-        start, history = int(state["step"]), list(state["history"])[: int(state["step"])]
-        source.restore(state.get("source", {}))
-    publish = set(t.checkpoint_steps) | {t.max_steps}
-    status = {"state": "complete", "step": t.max_steps}
-    source.ready(policy)
-    clock["setup_done"] = time.time()
-    tracker = tracking.NULL
-    if rank == 0:
-        tracker = tracking.open_cell(cfg.tracking, experiment=cfg.name, run=task.run, key=key,
-                                     params=tracking.cell_params(cfg, key, hyper=hyper),
-                                     paths=RunLayout(task.run).tracking_paths(key.id), start_step=start)
+class _Loop:
+    """One cell's training loop on one rank: set-up (policy, trainer, resume,
+    tracker), one step at a time, and the final status."""
 
-    for step in range(start, t.max_steps):
+    def __init__(self, task: CellTask, source, *, rank: int, world: int, device, report, entered: float | None):
+        self.task, self.source, self.rank, self.world, self.device, self.report = task, source, rank, world, device, report
+        cfg, key = task.cfg, task.key
+        self.cl = task.layout.cell(key.id)
+        lcfg = cfg.loss_cfg(key.loss)
+        self.spec = get_loss(key.loss, lcfg.variant)
+        self.hyper = validate_hyper(key.loss, lcfg.variant, lcfg.hyper)
+        self.clock = {"worker_entered": entered or time.time(), "steps_s": 0.0, "checkpoint_s": 0.0}
+        self.tracker = tracking.NULL
+        self.start_step, self.history = 0, []
+
+    def start(self, resume_dir: str | None) -> None:
+        task, cfg, key, t, source = self.task, self.task.cfg, self.task.key, self.task.cfg.train, self.source
+        source.begin()  # an engine starts loading while the trainer builds
+        self.policy = build_policy(cfg, seed=key.init_seed, device=self.device)
+        torch.manual_seed(key.data_seed * 1009 + self.rank)  # dropout stream: per rank, from the data seed only
+        self.trainer = PolicyTrainer(
+            self.policy, lr=key.lr, weight_decay=t.weight_decay,
+            warmup_steps=warmup_steps(t.max_steps, t.warmup_frac), max_steps=t.max_steps,
+            max_grad_norm=t.max_grad_norm, device=self.device, world_size=self.world,
+            micro_per_step=source.micro_per_step, units_per_micro=source.units_per_micro,
+            autocast=resolve_autocast(t.precision, torch.device(self.device)),
+            deepspeed_stage=t.deepspeed.zero_stage if t.deepspeed.enabled and not task.online else None)
+        if resume_dir is not None:
+            state = ck.load_resume_state(self.trainer, resume_dir, rank=self.rank)
+            self.start_step = int(state["step"])
+            self.history = list(state["history"])[: self.start_step]
+            source.restore(state.get("source", {}))
+        self.publish = set(t.checkpoint_steps) | {t.max_steps}
+        source.ready(self.policy)
+        self.clock["setup_done"] = time.time()
+        if self.rank == 0:
+            self.tracker = tracking.open_cell(cfg.tracking, experiment=cfg.name, run=task.run, key=key,
+                                              params=tracking.cell_params(cfg, key, hyper=self.hyper),
+                                              paths=task.layout.tracking_paths(key.id), start_step=self.start_step)
+
+    def step(self, step: int) -> dict | None:
+        """Train step `step` + 1; a status when the loop ends here, else None."""
+        task, key, t, source = self.task, self.task.key, self.task.cfg.train, self.source
         s = step + 1
-        _maybe_inject_fault(task.fault_crash_at, s, cl.fault_marker)
+        _maybe_inject_fault(task.fault_crash_at, s, self.cl.fault_marker)
         stopping = task.stop_after is not None and s >= task.stop_after and s < t.max_steps
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             batch = source.batch(step)
         except WsgError as err:  # e.g. the engine refused the prompts: retrying cannot help
-            status = {"state": "failed", "step": s, "reason": "error", "message": f"cell {key.id}: {err}"}
-            break
+            return {"state": "failed", "step": s, "reason": "error", "message": f"cell {key.id}: {err}"}
         t1 = time.perf_counter()
-        out = train_step(trainer, spec, hyper, batch.micro_batches, world=world, observer=batch.observer)
+        out = train_step(self.trainer, self.spec, self.hyper, batch.micro_batches, world=self.world,
+                         observer=batch.observer)
         t2 = time.perf_counter()
         bad = _non_finite(out)
-        after = source.after_step(policy, s, last=s == t.max_steps or stopping or bad is not None)
+        after = source.after_step(self.policy, s, last=s == t.max_steps or stopping or bad is not None)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        clock["steps_s"] += dt
+        self.clock["steps_s"] += dt
         # CPU seconds too: on a shared box wall time measures the neighbours.
         row = {"step": s, **out, **batch.metrics, **after, "train_s": t2 - t1, "tokens_per_s": out["tokens"] / dt,
-               "step_time_s": dt, "step_cpu_s": cpu, **_peak_memory(device)}
-        history.append(row)
-        if rank == 0:
-            telemetry.train_step(key.loss, s, float(out["loss"]), row["tokens_per_s"])
-            ck.write_metrics(cl.metrics, history)
-            rundir.write_json(cl.progress, {"step": s, "max_steps": t.max_steps, "loss": float(out["loss"]),
-                                            "tokens_per_s": row["tokens_per_s"], "time": time.time()})
-            tracker.log(row)
+               "step_time_s": dt, "step_cpu_s": cpu, **_peak_memory(self.device)}
+        self.history.append(row)
+        if self.rank == 0:
+            self._record(s, row, out)
         if bad:
-            status = {"state": "failed", "step": s, "reason": "nan",
-                      "message": f"cell {key.id}: the {bad} at step {s} (loss={out['loss']}, grad_norm="
-                                 f"{out['grad_norm']}); lower the learning rate ({key.lr:g}) or check the rollouts"}
-            report(row, None)
-            break
+            self.report(row, None)
+            return {"state": "failed", "step": s, "reason": "nan",
+                    "message": f"cell {key.id}: the {bad} at step {s} (loss={out['loss']}, grad_norm="
+                               f"{out['grad_norm']}); lower the learning rate ({key.lr:g}) or check the rollouts"}
         t3 = time.perf_counter()
-        if s in publish:
-            card = AdapterCard.of(cfg, key, s, rollouts_hash=task.rollouts_hash if not task.online else "on-policy",
-                                  hyper=hyper)
-            ck.publish_adapter(trainer, cl.step(s), rank=rank, card=card)
-        if s in publish or stopping or (t.resume_every and s % t.resume_every == 0):
+        self._checkpoint(s, row, stopping)
+        self.clock["checkpoint_s"] += time.perf_counter() - t3
+        return {"state": "stopped", "step": s} if stopping else None
+
+    def _record(self, s: int, row: dict, out: dict) -> None:
+        t = self.task.cfg.train
+        telemetry.train_step(self.task.key.loss, s, float(out["loss"]), row["tokens_per_s"])
+        ck.write_metrics(self.cl.metrics, self.history)
+        rundir.write_json(self.cl.progress, {"step": s, "max_steps": t.max_steps, "loss": float(out["loss"]),
+                                             "tokens_per_s": row["tokens_per_s"], "time": time.time()})
+        self.tracker.log(row)
+
+    def _checkpoint(self, s: int, row: dict, stopping: bool) -> None:
+        """Publish the adapter at a checkpoint step; save resume state there,
+        when stopping and every `train.resume_every` steps; report to Ray."""
+        task, t = self.task, self.task.cfg.train
+        if s in self.publish:
+            card = AdapterCard.of(task.cfg, task.key, s, hyper=self.hyper,
+                                  rollouts_hash=task.rollouts_hash if not task.online else "on-policy")
+            ck.publish_adapter(self.trainer, self.cl.step(s), rank=self.rank, card=card)
+        if s in self.publish or stopping or (t.resume_every and s % t.resume_every == 0):
             with tempfile.TemporaryDirectory(prefix="wsg-resume-", ignore_cleanup_errors=True) as tmp:
-                ck.save_resume_state(trainer, tmp, rank=rank, state={
-                    "step": s, "history": history, "fingerprint": task.fingerprint, "source": source.state()})
-                report(row, tmp)
-            tracker.flush()
+                ck.save_resume_state(self.trainer, tmp, rank=self.rank, state={
+                    "step": s, "history": self.history, "fingerprint": task.fingerprint,
+                    "source": self.source.state()})
+                self.report(row, tmp)
+            self.tracker.flush()
         else:
-            report(row, None)
-        clock["checkpoint_s"] += time.perf_counter() - t3
-        if stopping:
-            status = {"state": "stopped", "step": s}
-            break
-    if rank == 0:
-        status["final"] = history[-1] if history else {}
-        status["node_id"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        status["timeline"] = {**clock, "loop_done": time.time()}
-        rundir.write_json(cl.status, status)
-        tracker.close({**status, "cell_id": key.id}, state=status["state"])
-    return {"policy": policy, "history": history, "status": status}
+            self.report(row, None)
+
+    def finish(self, status: dict) -> dict:
+        import ray
+
+        if self.rank == 0:
+            status["final"] = self.history[-1] if self.history else {}
+            status["node_id"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+            status["timeline"] = {**self.clock, "loop_done": time.time()}
+            rundir.write_json(self.cl.status, status)
+            self.tracker.close({**status, "cell_id": self.task.key.id}, state=status["state"])
+        return {"policy": self.policy, "history": self.history, "status": status}

@@ -47,7 +47,7 @@ def trained(tmp_path_factory, tokenizer):  # noqa: F811
     write_run(run, tokenizer, n_prompts=6)
     cfg = tiny_cfg(max_steps=STEP, checkpoint_steps=[STEP])
     ts = build_train_set(cfg, run, loss="sft", tokenizer=tokenizer)
-    task = CellTask(cfg=cfg, run=run, key=KEY, fingerprint={}, data=ts, online=False,
+    task = CellTask(cfg=cfg, layout=RunLayout.of(run), key=KEY, fingerprint={}, data=ts, online=False,
                     placement=placement(cfg, online=False))
     out = fit(task, RolloutSource(task, ts, rank=0, world=1), rank=0, world=1, device="cpu",
               report=lambda row, ckpt: None, resume_dir=None)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from wsg.core.errors import WsgError
+from wsg.core.layout import RunLayout
 from wsg.rollouts.engine_rules import adapter_mode, vllm_lora_rank
 from wsg.rollouts.merge import merged_weights, write_merged
 from wsg.sweep.config import parse_config
@@ -159,7 +160,7 @@ def test_engine_samples_from_the_current_adapter(tmp_path, strategy):
     prompts = prepare_prompts(cfg)
     prompt_ids = prompts.prompt_ids
     # The cell's own loop, in this process, around a plain in-process engine.
-    task = CellTask(cfg=cfg, run=str(tmp_path / "run"), key=CellKey.of("online_grpo", 42, 5e-3), fingerprint={},
+    task = CellTask(cfg=cfg, layout=RunLayout.of(str(tmp_path / "run")), key=CellKey.of("online_grpo", 42, 5e-3), fingerprint={},
                     data=prompts, online=True, placement=placement(cfg, online=True), sync=strategy, stop_after=2)
     engine = EngineActor(online_engine_options(cfg, strategy), work_dir=str(tmp_path / "vllm"))
     source = OnPolicySource(task, prompts, device="cpu", engine=engine)
