@@ -52,11 +52,12 @@ def _sum(rows: list[dict], key: str) -> float:
 
 def measure(cfg, run: str, loss: str) -> dict:
     import pyarrow.parquet as pq
+    from wsg.core.cells import CellKey
     from wsg.core.layout import RunLayout
     from wsg.train.cell import run_cell
 
     t0 = time.time()
-    out = run_cell(cfg, run, loss=loss, seed=42, lr=1e-4)
+    out = run_cell(cfg, run, CellKey.of(loss, 42, 1e-4))
     wall = time.time() - t0
     rows = pq.read_table(RunLayout.of(run).cell(out["cell_id"]).metrics).to_pylist()
     tl = out["timeline"]

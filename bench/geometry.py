@@ -156,7 +156,6 @@ def _make_adapters(args, root: str) -> dict[str, str]:
 def _ray_runs(args, folders: dict, grid: dict, work: str, res: dict) -> dict:
     """Factored geometry on Ray: cold workers, warm workers, plus one adapter."""
     import ray
-
     from wsg.analysis.geometry import run_geometry
 
     t0 = time.perf_counter()

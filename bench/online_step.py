@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+from wsg.core.cells import CellKey
 from wsg.core.layout import RunLayout
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +56,7 @@ def run_cell(args, *, loss: str, sync: str, steps: int, lr: float) -> tuple[dict
     cfg = make_cfg(args, sync=sync, steps=steps)
     run = tempfile.mkdtemp(prefix="wsg-bench-online-", dir=args.workdir)
     t0 = time.perf_counter()
-    out = run_cell(cfg, run, loss=loss, seed=args.seed, lr=lr)
+    out = run_cell(cfg, run, CellKey.of(loss, args.seed, lr))
     wall = time.perf_counter() - t0
     rows = pq.read_table(os.path.join(RunLayout.of(run).cell(out["cell_id"]).root, "metrics.parquet")).to_pylist()
     adapters = [p for p in out["checkpoints"] if rundir.is_complete(p)]

@@ -37,6 +37,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from wsg.core import rundir  # noqa: E402
+from wsg.core.cells import CellKey
 from wsg.core.layout import RunLayout
 from wsg.sweep.config import parse_config  # noqa: E402
 
@@ -175,7 +176,7 @@ def run_wsg(cfg, run: str, loss: str, lr: float) -> dict:
     from wsg.core.cells import cell_id
     from wsg.train.cell import run_cell
 
-    run_cell(cfg, run, loss=loss, seed=42, lr=lr)
+    run_cell(cfg, run, CellKey.of(loss, 42, lr))
     m = rundir.read_table(RunLayout.of(run).cell(cell_id(loss, 42, lr)).metrics).to_pandas()
     m = m[m.step > 1]
     return {"tok_s": float(m.tokens.sum() / m.step_time_s.sum()), "s_per_step": float(m.step_time_s.mean()),

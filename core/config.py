@@ -305,6 +305,10 @@ class ResourcesCfg(_Strict):
     # Upper bound on cells running at once; None = as many as resources allow.
     max_concurrent_cells: Optional[int] = Field(None, gt=0)
     ray_address: Optional[str] = None
+    # Cells that fit one CPU worker train in turn in long-lived grid worker
+    # processes (base model and engine loaded once per worker; train/shared.py);
+    # false: a fresh Ray Train worker group per cell. Adapters are the same.
+    share_workers: bool = True
 
 
 class StorageCfg(_Strict):

@@ -20,6 +20,7 @@ from ..core.layout import RunLayout
 from ..core.session import TRIAL_SLOT, placement_groups, remove_placement_groups
 from ..train.cell import Prepared, prepare, run_cell
 from ..train.losses import get_loss
+from ..train.shared import shares_worker
 from ..train.task import placement
 
 
@@ -94,18 +95,31 @@ def max_concurrent(cfg: ExperimentConfig, cells: list[CellKey]) -> int:
 
 
 def run_one_cell(cfg: ExperimentConfig, run: str, key: CellKey, prepared: Prepared | None = None) -> dict:
-    """Train one cell: exactly the function every grid trial calls."""
-    return run_cell(cfg, run, loss=key.loss, seed=key.init_seed, lr=key.lr, init_seed=key.init_seed,
-                    data_seed=key.data_seed, prepared=prepared)
+    """Train one cell alone (`wsg train`), as a Ray Train run."""
+    return run_cell(cfg, run, key, prepared=prepared)
 
 
-def _trial(cfg: ExperimentConfig, run: str, key: CellKey, prepared: Prepared | None) -> None:
+def shared(cfg: ExperimentConfig, key: CellKey) -> bool:
+    """Whether the grid trains `key` in a shared worker process (train/shared.py)."""
+    return shares_worker(cfg, online=is_online(key))
+
+
+def trial_resources(cfg: ExperimentConfig, key: CellKey, driver: dict[str, float] | None) -> dict[str, float]:
+    """What a cell's Tune trial holds: the whole cell when it trains in the
+    trial's own (shared) process, else only its `driver`
+    (trial_driver_resources(), asked once per grid)."""
+    if shared(cfg, key):
+        return {k: v for k, v in placement(cfg, online=is_online(key)).total.items() if v}
+    return dict(driver)
+
+
+def _trial(cfg: ExperimentConfig, layout: RunLayout, key: CellKey, prepared: Prepared | None) -> None:
     """Tune function trainable: one cell. Records failures in the run dir."""
     from ray import tune
 
-    cl = RunLayout.of(run).cell(key.id)
+    cl = layout.cell(key.id)
     try:
-        summary = run_one_cell(cfg, run, key, prepared)
+        summary = run_cell(cfg, layout, key, prepared=prepared, shared=shared(cfg, key))
     except Exception as err:  # noqa: BLE001 - recorded, then re-raised for Tune
         msg = str(err) if isinstance(err, WsgError) else f"{type(err).__name__}: {err}"
         rundir.write_text(cl.failed, msg + "\n\n" + traceback.format_exc())
@@ -166,16 +180,20 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     # table shows only the cell.
     param_space = {"cell": tune.grid_search([c.as_dict() for c in cells])}
 
-    def trainable(config, cfg=None, run_dir=None, prepared=None):
+    def trainable(config, cfg=None, layout=None, prepared=None):
         key = CellKey(**config["cell"])
-        _trial(cfg, run_dir, key, prepared.get(key.loss))
+        _trial(cfg, layout, key, prepared.get(key.loss))
 
-    trainable = tune.with_parameters(trainable, cfg=cfg, run_dir=layout.root, prepared=prepared)
-    trainable = tune.with_resources(trainable, trial_driver_resources())
+    trainable = tune.with_parameters(trainable, cfg=cfg, layout=layout, prepared=prepared)
+    driver = trial_driver_resources() if not all(shared(cfg, c) for c in todo) else None
+    trainable = tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory(
+        [trial_resources(cfg, CellKey(**config["cell"]), driver)]))
     storage, name = _tune_storage(run), "grid"
     exp = os.path.join(storage, name) if rundir.is_local(run) else rundir.join(storage, name)
+    # A shared worker's cell has no Ray Train retries: Tune's are its train.max_failures.
+    retries = cfg.train.max_failures if any(shared(cfg, c) for c in todo) else 1
     run_config = tune.RunConfig(name=name, storage_path=storage,
-                                failure_config=tune.FailureConfig(max_failures=1),
+                                failure_config=tune.FailureConfig(max_failures=retries),
                                 verbose=1 if console.verbose() else 0)
     if tune.Tuner.can_restore(exp):
         tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True,
@@ -183,7 +201,7 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg, todo),
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg, todo), reuse_actors=True,
                                         trial_name_creator=lambda t: _trial_name(t),
                                         trial_dirname_creator=lambda t: _trial_name(t)),
             run_config=run_config)

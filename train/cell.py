@@ -15,7 +15,7 @@ group from the last registered checkpoint. A complete cell is skipped.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from ..rollouts.engine_rules import adapter_mode
 from .data import build_train_set
 from .losses import get_loss, validate_hyper
 from .online import prepare_prompts, validate_online
+from .shared import run_here
 from .task import CellTask, PromptSet, placement
 from .worker import train_loop_per_worker
 
@@ -113,49 +114,53 @@ def _failure_message(cid: str, err: Exception) -> str:
             "rerun the same command to resume from its last checkpoint")
 
 
-def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float, init_seed: int | None = None,
-             data_seed: int | None = None, resume: bool = True, stop_after: int | None = None,
-             fault_crash_at: int | None = None, prepared: Prepared | None = None) -> dict:
+def run_cell(cfg: ExperimentConfig, run: str | RunLayout, key: CellKey, *, resume: bool = True,
+             stop_after: int | None = None, fault_crash_at: int | None = None, prepared: Prepared | None = None,
+             shared: bool = False) -> dict:
     """Train one cell; returns its summary (also in `_COMPLETE`), or the
     stored summary with skipped=True when the cell is already complete.
 
-    seed: the grid seed (LoRA init and data order); init_seed / data_seed
-    override one of them (control cells). resume=False starts over,
-    deleting the cell's resume state; stop_after stops resumably after that
-    step (the cell is then not complete; call again to finish). prepared:
-    the cell's data already built and validated (the grid's), else built
-    here. Works standalone (starts a local Ray, and stops only that) and
-    inside a Tune trial."""
+    resume=False starts over, deleting the cell's resume state; stop_after
+    stops resumably after that step (the cell is then not complete; call
+    again to finish). prepared: the cell's data already built and validated
+    (the grid's), else built here. shared: run the loop in this process, a
+    grid worker that trains many cells in turn (train/shared.py); else a Ray
+    Train worker group. Works standalone (starts a local Ray, and stops only
+    that) and inside a Tune trial."""
     import ray
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        RunConfig,
-        ScalingConfig,
-        TrainingFailedError,
-    )
-    from ray.train.torch import TorchTrainer
 
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
-        raise WsgError(f"learning rate must be a finite number > 0, got lr={lr!r}")
     t0 = time.time()
-    key = CellKey.of(loss, seed, lr, init_seed=init_seed, data_seed=data_seed)
-    layout = RunLayout.of(run)  # local runs made absolute: workers run in another working directory
+    layout = run if isinstance(run, RunLayout) else RunLayout.of(run)  # local runs made absolute
     cl = layout.cell(key.id)
     if rundir.is_complete(cl.root):
         return {**rundir.read_json(cl.complete_marker), "skipped": True}
-    t = cfg.train
     if fault_crash_at is None and os.environ.get("WSG_FAULT_CRASH_AT_STEP"):  # the fault-tolerance tests
         fault_crash_at = int(os.environ["WSG_FAULT_CRASH_AT_STEP"])
-    if stop_after is not None and not 1 <= stop_after <= t.max_steps:
-        raise WsgError(f"stop_after={stop_after} must lie in 1..train.max_steps={t.max_steps}")
+    if stop_after is not None and not 1 <= stop_after <= cfg.train.max_steps:
+        raise WsgError(f"stop_after={stop_after} must lie in 1..train.max_steps={cfg.train.max_steps}")
+    task = _task(cfg, layout, key, resume=resume, prepared=prepared, stop_after=stop_after,
+                 fault_crash_at=fault_crash_at, shared=shared)
+    t_fit = time.time()
+    with session(cfg.resources.ray_address):
+        if not isinstance(task.data, ray.ObjectRef):  # one copy in the object store, read by the worker
+            task = dataclasses.replace(task, data=ray.put(task.data))
+        if shared:
+            run_here(task)
+        else:
+            _fit_worker_group(task)
+    return _summarise(task, {"started": t0, "fit_started": t_fit, "fit_done": time.time()})
+
+
+def _task(cfg: ExperimentConfig, layout: RunLayout, key: CellKey, *, resume: bool, prepared: Prepared | None,
+          **kw) -> CellTask:
+    """Validate the cell, fingerprint it (refusing to resume under another
+    one) and write its spec: the one object its worker gets."""
+    cl = layout.cell(key.id)
     spec = get_loss(key.loss, cfg.loss_cfg(key.loss).variant)
     data = None
     if prepared is None:
         data = validate_cell(cfg, layout.root, key)
-        summary = data_summary(cfg, data)
-    else:
-        summary = prepared.summary
+    summary = prepared.summary if prepared is not None else data_summary(cfg, data)
     fingerprint = _fingerprint(cfg, key, summary)
     if not resume:
         _delete(layout.train_state(key.id))
@@ -166,44 +171,60 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     rundir.write_json(cl.fingerprint, fingerprint)
     rundir.write_json(cl.spec, {**key.as_dict(), "id": key.id, "variant": spec.variant, "online": spec.online})
     _delete(cl.status)
-    place = placement(cfg, online=spec.online)
-    sync = None
-    if spec.online:
-        sync = adapter_mode(cfg.online.sync, gpus=cfg.online.engine_gpus, field="online.sync")
+    sync = adapter_mode(cfg.online.sync, gpus=cfg.online.engine_gpus, field="online.sync") if spec.online else None
+    return CellTask(cfg=cfg, layout=layout, key=key, fingerprint=fingerprint,
+                    data=prepared.ref if prepared is not None else data, online=spec.online,
+                    placement=placement(cfg, online=spec.online), sync=sync,
+                    rollouts_hash=None if spec.online else _rollouts_hash(layout), **kw)
 
-    t_fit = time.time()
-    with session(cfg.resources.ray_address):
-        task = CellTask(cfg=cfg, layout=layout, key=key, fingerprint=fingerprint,
-                        data=prepared.ref if prepared is not None else ray.put(data),
-                        online=spec.online, placement=place, sync=sync, stop_after=stop_after,
-                        fault_crash_at=fault_crash_at, rollouts_hash=None if spec.online else _rollouts_hash(layout))
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config={"task": task},
-            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=place.use_gpu,
-                                         resources_per_worker=place.worker),
-            run_config=RunConfig(name=key.id, storage_path=_storage(layout),
-                                 failure_config=FailureConfig(max_failures=t.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
-        try:
-            trainer.fit()
-        except TrainingFailedError as err:  # worker/controller errors after max_failures retries
-            free_placement_group(cl.placement_group)
-            raise WsgError(_failure_message(key.id, err)) from err
-    t_done = time.time()
 
+def _fit_worker_group(task: CellTask) -> None:
+    """The cell as a Ray Train run: a TorchTrainer whose workers run
+    train/worker.py, its FailureConfig the retry policy."""
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
+    from ray.train.torch import TorchTrainer
+
+    t, key = task.cfg.train, task.key
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config={"task": task},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=task.placement.use_gpu,
+                                     resources_per_worker=task.placement.worker),
+        run_config=RunConfig(name=key.id, storage_path=_storage(task.layout),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    try:
+        trainer.fit()
+    except TrainingFailedError as err:  # worker/controller errors after max_failures retries
+        free_placement_group(task.layout.cell(key.id).placement_group)
+        raise WsgError(_failure_message(key.id, err)) from err
+
+
+def _summarise(task: CellTask, timeline: dict) -> dict:
+    """The cell's summary from its status.json; a complete cell is marked
+    complete and its resume state deleted."""
+    cfg, key, layout, t = task.cfg, task.key, task.layout, task.cfg.train
+    cl = layout.cell(key.id)
     if not rundir.exists(cl.status):
         raise WsgError(f"cell {key.id}: training ended without writing {cl.status}; rerun to resume")
     status = rundir.read_json(cl.status)
     if status["state"] == "failed":
         raise WsgError(status["message"])
+    spec = get_loss(key.loss, cfg.loss_cfg(key.loss).variant)
     steps = sorted(s for s in set(t.checkpoint_steps) | {t.max_steps} if s <= status["step"])
     summary = {"cell_id": key.id, **key.as_dict(), "seed": key.seed, "variant": spec.variant,
                "online": spec.online, "state": status["state"], "step": status["step"], "max_steps": t.max_steps,
                "checkpoints": [cl.step(s) for s in steps], "final": status.get("final", {}),
-               "node_id": status.get("node_id"), "sync": sync, "num_workers": t.num_workers,
+               "node_id": status.get("node_id"), "sync": task.sync, "num_workers": t.num_workers,
                "deepspeed_stage": t.deepspeed.zero_stage if t.deepspeed.enabled and not spec.online else None,
-               "config_hash": config_hash(cfg), "wall_s": round(time.time() - t0, 3), "skipped": False,
-               "timeline": {"started": t0, "fit_started": t_fit, "fit_done": t_done, **status.get("timeline", {})}}
+               "shared_worker": task.shared, "config_hash": config_hash(cfg),
+               "wall_s": round(time.time() - timeline["started"], 3), "skipped": False,
+               "timeline": {**timeline, **status.get("timeline", {})}}
     if status["state"] == "complete":
         rundir.mark_complete(cl.root, summary)
         _delete(layout.train_state(key.id))  # resume state is useless once the cell is whole

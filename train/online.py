@@ -159,9 +159,18 @@ class OnPolicySource:
 
     # -- lifecycle -------------------------------------------------------------
     def begin(self) -> None:
-        """Start the engine actor (it loads while the trainer builds)."""
+        """Start the engine actor (it loads while the trainer builds); a cell
+        in a shared worker (train/shared.py) takes the process's engine."""
         if self.engine is not None:
             return
+        if self.task.shared:
+            self.engine, self._own_engine = _shared_engine(self), False
+            return
+        self.engine, self._in_bundle = self._start_engine(os.path.join(self.work, "engine"))
+
+    def _start_engine(self, work_dir: str):
+        """The cell's engine actor (train/task.py places it) and whether it
+        runs inside the worker's own bundle."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -169,15 +178,13 @@ class OnPolicySource:
         opts = online_engine_options(self.cfg, self.task.sync, threads=p.engine_threads)
         here = ray.get_runtime_context().get_node_id()
         if p.engine is None:  # inside this worker's bundle, on this node: its files go in our folder
-            self._in_bundle = True
             actor = remote_engine(num_cpus=0, num_gpus=0,
                                   scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
-            self.engine = actor.remote(opts, work_dir=os.path.join(self.work, "engine"))
-        else:
-            actor = remote_engine(num_cpus=p.engine["CPU"], num_gpus=p.engine.get("GPU", 0),
-                                  **({"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=True)}
-                                     if o.colocate else {}))
-            self.engine = actor.remote(opts)
+            return actor.remote(opts, work_dir=work_dir), True
+        actor = remote_engine(num_cpus=p.engine["CPU"], num_gpus=p.engine.get("GPU", 0),
+                              **({"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=True)}
+                                 if o.colocate else {}))
+        return actor.remote(opts), False
 
     def ready(self, policy) -> None:
         """Wait for the engine and push the policy (a resumed adapter, or the fresh one = the base model)."""
@@ -287,3 +294,44 @@ class OnPolicySource:
     def after_step(self, policy, step: int, *, last: bool) -> dict:
         """Sync the new weights to the engine (not after the last step)."""
         return {"sync_s": 0.0 if last else self.sync.push(policy)}
+
+
+# --------------------------------------------------------------------------- a shared engine
+
+#: The engine of a shared worker process (train/shared.py): started by its
+#: first online cell and kept for the next ones of the same engine options.
+#: Each cell's `ready` pushes its own policy (the fresh one equals the base
+#: model) before it samples, and every merged reload resets vLLM's prefix
+#: cache, so no cell samples from another cell's weights; LoRA versions get
+#: ids unique in the process (train/online_sync.py).
+_SHARED: dict = {}
+
+
+def _shared_engine(source: OnPolicySource):
+    import ray
+
+    key = repr((online_engine_options(source.cfg, source.task.sync, threads=source.task.placement.engine_threads),
+                source.task.placement))
+    if _SHARED.get("key") == key:
+        try:  # an engine that died with a failed cell is replaced
+            ray.get(_SHARED["engine"].__ray_ready__.remote(), timeout=60)
+            return _SHARED["engine"]
+        except Exception:  # noqa: BLE001 - any failure to answer means a new engine
+            pass
+    close_shared_engine()
+    work = tempfile.mkdtemp(prefix="wsg-shared-engine-")
+    engine, _ = source._start_engine(os.path.join(work, "engine"))
+    _SHARED.update(key=key, engine=engine, work=work)
+    return engine
+
+
+def close_shared_engine() -> None:
+    """End the process's shared engine, if any."""
+    import ray
+
+    engine = _SHARED.pop("engine", None)
+    if engine is not None:
+        ray.kill(engine)
+    if "work" in _SHARED:
+        shutil.rmtree(_SHARED.pop("work"), ignore_errors=True)
+    _SHARED.clear()

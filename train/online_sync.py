@@ -20,6 +20,7 @@ Two strategies (cfg.online.sync, docs/online.md):
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -33,6 +34,11 @@ from ..rollouts.merge import write_merged
 # vLLM's in-place reload warns once per untouched layer on every merged sync.
 QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                   "vllm.model_executor.model_loader.reload.inplace")
+
+
+#: vLLM LoRA ids, unique in the process: cells that take turns on one shared
+#: engine (train/shared.py) must never reuse an id the engine has cached.
+_LORA_IDS = itertools.count(1)
 
 
 class WeightSync:
@@ -71,7 +77,7 @@ class WeightSync:
             shutil.rmtree(os.path.join(self.work_dir, stale), ignore_errors=True)
             # A fresh name AND id per version: vLLM keys its adapter cache by id,
             # so a reused id would go on serving the previous weights.
-            self.lora = (f"{self.name}-{tag}", self.version, path)
+            self.lora = (f"{self.name}-{tag}", next(_LORA_IDS), path)
         else:
             folder = write_merged(policy, os.path.join(self.work_dir, "merged"), dtype=self.dtype)
             self.load_merged(self.publish(folder, "merged", []))

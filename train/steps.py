@@ -38,11 +38,28 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
     return None
 
 
-def build_policy(cfg: ExperimentConfig, *, seed: int, device: torch.device | str = "cpu"):
-    """The base model with a fresh LoRA adapter; same seed → same adapter init."""
+#: Frozen base models kept by a shared worker process (train/shared.py), one
+#: per (model, dtype): each cell gets a copy, so the next cell of the process
+#: starts from the same untouched weights without reading them again.
+_BASES: dict[tuple, torch.nn.Module] = {}
+
+
+def build_policy(cfg: ExperimentConfig, *, seed: int, device: torch.device | str = "cpu", keep_base: bool = False):
+    """The base model with a fresh LoRA adapter; same seed → same adapter init.
+    keep_base: load the base once per process and give each call a copy (a
+    worker that trains many cells in turn)."""
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    base = load_causal_lm(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    if keep_base:
+        import copy
+
+        k = (cfg.model.name, str(dtype), cfg.model.trust_remote_code)
+        if k not in _BASES:
+            _BASES.clear()  # one base per process: a new model replaces the old
+            _BASES[k] = load_causal_lm(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        base = copy.deepcopy(_BASES[k])
+    else:
+        base = load_causal_lm(cfg.model.name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     return attach_lora(base, cfg.train.lora, seed=seed, device=device,
                        gradient_checkpointing=cfg.train.gradient_checkpointing)
 

@@ -80,6 +80,7 @@ class CellTask:
     stop_after: Optional[int] = None    # stop resumably after this step
     fault_crash_at: Optional[int] = None  # fault-tolerance tests only (train/worker.py)
     rollouts_hash: Optional[str] = None   # the shared rollouts' spec hash (adapter cards)
+    shared: bool = False      # runs in a shared grid worker process (train/shared.py)
 
     @property
     def run(self) -> str:

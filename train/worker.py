@@ -175,7 +175,7 @@ class _Loop:
     def start(self, resume_dir: str | None) -> None:
         task, cfg, key, t, source = self.task, self.task.cfg, self.task.key, self.task.cfg.train, self.source
         source.begin()  # an engine starts loading while the trainer builds
-        self.policy = build_policy(cfg, seed=key.init_seed, device=self.device)
+        self.policy = build_policy(cfg, seed=key.init_seed, device=self.device, keep_base=task.shared)
         torch.manual_seed(key.data_seed * 1009 + self.rank)  # dropout stream: per rank, from the data seed only
         self.trainer = PolicyTrainer(
             self.policy, lr=key.lr, weight_decay=t.weight_decay,
@@ -264,6 +264,7 @@ class _Loop:
         if self.rank == 0:
             status["final"] = self.history[-1] if self.history else {}
             status["node_id"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+            status["pid"] = os.getpid()  # which worker process trained it (a shared one trains many)
             status["timeline"] = {**self.clock, "loop_done": time.time()}
             rundir.write_json(self.cl.status, status)
             self.tracker.close({**status, "cell_id": self.task.key.id}, state=status["state"])

@@ -22,6 +22,7 @@ import pytest
 import yaml
 from train_fixtures import tiny_cfg, write_run
 from wsg.core import rundir
+from wsg.core.cells import CellKey
 from wsg.core.layout import RunLayout
 from wsg.sweep.config import parse_config
 
@@ -53,9 +54,9 @@ def test_worker_crash_resumes_to_the_uninterrupted_adapter(tmp_path, tokenizer, 
     crashed = write_run(str(tmp_path / "crashed"), tokenizer)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        run_cell(cfg, straight, loss="sft", seed=42, lr=1e-3)
+        run_cell(cfg, straight, CellKey.of("sft", 42, 1e-3))
         monkeypatch.setenv("WSG_FAULT_CRASH_AT_STEP", "3")
-        summary = run_cell(cfg, crashed, loss="sft", seed=42, lr=1e-3)
+        summary = run_cell(cfg, crashed, CellKey.of("sft", 42, 1e-3))
     finally:
         ray.shutdown()
     cid = cell_id("sft", 42, 1e-3)
@@ -167,7 +168,7 @@ def test_node_removed_mid_run_the_grid_completes(tmp_path, tokenizer):
         th.start()
         state = Path(run) / "train_state"
         deadline = time.time() + 300
-        while time.time() < deadline and not any(state.glob("*/checkpoint_*")) and th.is_alive():
+        while time.time() < deadline and not any(state.glob("*/checkpoint_*")) and not any(state.glob("*/resume/step_*")) and th.is_alive():
             time.sleep(0.5)
         cluster.remove_node(doomed)  # a node (and whatever ran there) disappears
         cluster.add_node(num_cpus=2)  # the autoscaler's replacement

@@ -14,6 +14,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from wsg.core import rundir
+from wsg.core.cells import CellKey
 from wsg.core.errors import WsgError
 from wsg.core.layout import RunLayout
 from wsg.sweep.config import parse_config
@@ -45,13 +46,13 @@ def _adapter_ok(path: str) -> bool:
 def test_grpo_cell_stops_resumes_and_completes(ray_module, tmp_path):
     # with a KL term to the base model, so the reference forward runs too
     cfg, run = tiny(losses={"online_grpo": {"hyper": {"kl_coef": 0.01}}}), str(tmp_path / "run")
-    first = run_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3, stop_after=1)
+    first = run_cell(cfg, run, CellKey.of("online_grpo", 42, 1e-3), stop_after=1)
     cdir = RunLayout.of(run).cell(first["cell_id"]).root
     assert first["state"] == "stopped" and first["step"] == 1 and not rundir.is_complete(cdir)
     assert first["sync"] == "merged"  # "auto" on a CPU engine
     assert pq.read_table(os.path.join(cdir, "metrics.parquet")).column("step").to_pylist() == [1]
 
-    done = run_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3)
+    done = run_cell(cfg, run, CellKey.of("online_grpo", 42, 1e-3))
     assert done["state"] == "complete" and done["step"] == 3 and rundir.is_complete(cdir)
     for s in (2, 3):
         assert _adapter_ok(RunLayout.of(run).cell(done["cell_id"]).step(s))
@@ -68,7 +69,7 @@ def test_grpo_cell_stops_resumes_and_completes(ray_module, tmp_path):
     assert [r["prompt_cursor"] for r in m] == [2, 4, 6]
     assert not rundir.exists(rundir.join(run, "train_state", done["cell_id"]))
 
-    again = run_cell(cfg, run, loss="online_grpo", seed=42, lr=1e-3)
+    again = run_cell(cfg, run, CellKey.of("online_grpo", 42, 1e-3))
     assert again["skipped"] is True and again["cell_id"] == done["cell_id"]
 
 
@@ -101,7 +102,7 @@ def test_dapo_cell_with_lora_sync_survives_an_engine_kill(ray_module, tmp_path):
     killer = threading.Thread(target=_kill_our_engine_after_step, args=(cdir, 1, done, killed), daemon=True)
     killer.start()
     try:
-        out = run_cell(cfg, run, loss="online_dapo", seed=7, lr=1e-3)
+        out = run_cell(cfg, run, CellKey.of("online_dapo", 7, 1e-3))
     finally:
         done.set()
         killer.join()

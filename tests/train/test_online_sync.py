@@ -91,16 +91,21 @@ def test_lora_sync_uses_a_fresh_name_and_id_per_version(tmp_path):
     published = []
     sync = WeightSync("lora", work_dir=str(tmp_path), name="cell", load_merged=lambda p: None,
                       publish=lambda folder, tag, drop: published.append((tag, drop)) or folder)
-    seen = set()
+    seen, ids = set(), []
     for v in range(1, 5):
         sync.push(policy)
         name, lid, path = sync.lora
-        assert (name, lid) not in seen and name.endswith(f"v{v}") and lid == v
+        assert (name, lid) not in seen and name.endswith(f"v{v}") and lid not in ids
         seen.add((name, lid))
+        ids.append(lid)
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(path))
     # only the current and the previous version stay on disk
     assert sorted(os.listdir(tmp_path)) == ["v3", "v4"]
     assert published[-1] == ("v4", ["v2"])
+    # a second cell on the same (shared) engine never gets an id the first used
+    other = WeightSync("lora", work_dir=str(tmp_path / "b"), name="cell-b", load_merged=lambda p: None)
+    other.push(policy)
+    assert other.lora[1] not in ids and ids == sorted(ids)
 
 
 def test_merged_sync_writes_what_the_engine_loads(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from train_fixtures import tiny_cfg, write_run
 from wsg.core import rundir
-from wsg.core.cells import cell_id
+from wsg.core.cells import CellKey, cell_id
 from wsg.core.errors import WsgError
 from wsg.core.layout import RunLayout
 from wsg.train.cell import run_cell
@@ -47,7 +47,7 @@ def _close(a: dict, b: dict, atol: float) -> None:
 def trained(tmp_path_factory, tokenizer, ray_local):
     """Every offline loss, 2 workers, 4 steps: {loss: summary}."""
     run = write_run(str(tmp_path_factory.mktemp("all_losses")), tokenizer)
-    return run, {loss: run_cell(_cfg(), run, loss=loss, seed=SEED, lr=LR) for loss in loss_names(online=False)}
+    return run, {loss: run_cell(_cfg(), run, CellKey.of(loss, SEED, LR)) for loss in loss_names(online=False)}
 
 
 @pytest.mark.parametrize("loss", loss_names(online=False))
@@ -83,14 +83,14 @@ def test_every_offline_loss_trains_and_writes_reloadable_adapters(trained, loss)
             torch.testing.assert_close(loaded[k.replace(".weight", ".default.weight")], v)
         with torch.no_grad():
             assert not torch.allclose(model(input_ids=base_ids).logits, base_logits)
-    again = run_cell(_cfg(), run, loss=loss, seed=SEED, lr=LR)  # complete: skipped, nothing retrained
+    again = run_cell(_cfg(), run, CellKey.of(loss, SEED, LR))  # complete: skipped, nothing retrained
     assert again["skipped"] is True and again["cell_id"] == cid
 
 
 def test_same_seed_twice_gives_identical_adapters(trained, tmp_path, tokenizer):
     run_a, _ = trained
     run_b = write_run(str(tmp_path), tokenizer)
-    run_cell(_cfg(), run_b, loss="sft", seed=SEED, lr=LR)
+    run_cell(_cfg(), run_b, CellKey.of("sft", SEED, LR))
     for step in (2, 4):
         a, b = _adapter(run_a, "sft", step), _adapter(run_b, "sft", step)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -103,12 +103,12 @@ def test_stop_and_resume_on_one_worker_equals_straight_run_on_two(trained, tmp_p
     run_a, _ = trained
     run_c = write_run(str(tmp_path), tokenizer)
     one = dict(num_workers=1, per_device_batch=2, grad_accum=2)
-    first = run_cell(_cfg(**one), run_c, loss="dpo", seed=SEED, lr=LR, stop_after=2)
+    first = run_cell(_cfg(**one), run_c, CellKey.of("dpo", SEED, LR), stop_after=2)
     cdir = RunLayout.of(run_c).cell(cell_id("dpo", SEED, LR)).root
     assert first["state"] == "stopped" and first["step"] == 2 and not rundir.is_complete(cdir)
     with pytest.raises(WsgError, match="different training config"):
-        run_cell(_cfg(**one, weight_decay=0.5), run_c, loss="dpo", seed=SEED, lr=LR)
-    second = run_cell(_cfg(**one), run_c, loss="dpo", seed=SEED, lr=LR)
+        run_cell(_cfg(**one, weight_decay=0.5), run_c, CellKey.of("dpo", SEED, LR))
+    second = run_cell(_cfg(**one), run_c, CellKey.of("dpo", SEED, LR))
     assert second["state"] == "complete" and rundir.is_complete(cdir)
     for step in (2, 4):
         _close(_adapter(run_c, "dpo", step), _adapter(run_a, "dpo", step), atol=1e-6)
@@ -121,7 +121,7 @@ def test_stop_and_resume_on_one_worker_equals_straight_run_on_two(trained, tmp_p
 def test_deepspeed_zero3_matches_ddp(trained, tmp_path, tokenizer):
     run_a, _ = trained
     run_e = write_run(str(tmp_path), tokenizer)
-    s = run_cell(_cfg(deepspeed={"enabled": True, "zero_stage": 3}), run_e, loss="dpo", seed=SEED, lr=LR)
+    s = run_cell(_cfg(deepspeed={"enabled": True, "zero_stage": 3}), run_e, CellKey.of("dpo", SEED, LR))
     assert s["deepspeed_stage"] == 3 and s["state"] == "complete"
     for step in (2, 4):
         _close(_adapter(run_e, "dpo", step), _adapter(run_a, "dpo", step), atol=1e-6)
@@ -132,7 +132,7 @@ def test_diverging_loss_stops_the_cell_naming_the_step(tmp_path, tokenizer, ray_
     cfg = tiny_cfg(num_workers=1, per_device_batch=2, grad_accum=2, effective_batch=4, max_steps=4,
                    checkpoint_steps=[2, 4], warmup_frac=0.0)
     with pytest.raises(WsgError, match="loss is NaN at step 2"):
-        run_cell(cfg, run, loss="sft", seed=SEED, lr=1e30)  # step 1 blows the weights up
+        run_cell(cfg, run, CellKey.of("sft", SEED, 1e30))  # step 1 blows the weights up
     cdir = RunLayout.of(run).cell(cell_id("sft", SEED, 1e30)).root
     assert not rundir.is_complete(cdir) and not rundir.exists(RunLayout.of(run).cell(cell_id("sft", SEED, 1e30)).step(2))
     steps = rundir.read_table(rundir.join(cdir, "metrics.parquet")).column("step").to_pylist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 from train_fixtures import tiny_cfg, write_run
 from wsg.core import rundir
+from wsg.core.cells import CellKey
 from wsg.core.errors import WsgError
 from wsg.core.layout import RunLayout
 from wsg.rollouts.schema import pairs_table
@@ -24,7 +25,7 @@ def no_ray():
 def test_rft_without_positive_rollouts(tmp_path, tokenizer):
     run = write_run(str(tmp_path), tokenizer, all_wrong=True)
     with pytest.raises(WsgError, match="no positive rollouts.*RFT trains only on positives"):
-        run_cell(tiny_cfg(), run, loss="rft", seed=1, lr=1e-4)
+        run_cell(tiny_cfg(), run, CellKey.of("rft", 1, 1e-4))
 
 
 def test_dpo_without_pairs(tmp_path, tokenizer):
@@ -32,7 +33,7 @@ def test_dpo_without_pairs(tmp_path, tokenizer):
     rundir.write_table(RunLayout.of(run).pairs, pairs_table([]))
     for loss in ("dpo", "ipo", "simpo"):
         with pytest.raises(WsgError, match="pairs.parquet has no \\(chosen, rejected\\) pairs"):
-            run_cell(tiny_cfg(), run, loss=loss, seed=1, lr=1e-4)
+            run_cell(tiny_cfg(), run, CellKey.of(loss, 1, 1e-4))
 
 
 def test_checkpoint_step_beyond_last_step(tmp_path, tokenizer):
@@ -41,23 +42,22 @@ def test_checkpoint_step_beyond_last_step(tmp_path, tokenizer):
     # model_copy skips pydantic's validators, as a programmatic caller might.
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_steps": [1, 5]})})
     with pytest.raises(WsgError, match=r"checkpoint_steps \[5\] lie beyond the last step \(train.max_steps=2\)"):
-        run_cell(cfg, run, loss="sft", seed=1, lr=1e-4)
+        run_cell(cfg, run, CellKey.of("sft", 1, 1e-4))
 
 
 @pytest.mark.parametrize("lr", [0.0, -1e-5, float("nan")])
 def test_non_positive_learning_rate(tmp_path, tokenizer, lr):
     run = write_run(str(tmp_path), tokenizer)
     with pytest.raises(WsgError, match="learning rate must be a finite number > 0"):
-        run_cell(tiny_cfg(), run, loss="sft", seed=1, lr=lr)
+        run_cell(tiny_cfg(), run, CellKey.of("sft", 1, lr))
 
 
 def test_unknown_loss_or_an_online_cell_that_cannot_run(tmp_path, tokenizer):
     run = write_run(str(tmp_path), tokenizer)
     with pytest.raises(WsgError, match="num_workers=2: an online cell trains on one worker"):
-        run_cell(tiny_cfg(num_workers=2, per_device_batch=1, grad_accum=2), run, loss="online_grpo", seed=1,
-                 lr=1e-4)
+        run_cell(tiny_cfg(num_workers=2, per_device_batch=1, grad_accum=2), run, CellKey.of("online_grpo", 1, 1e-4))
     with pytest.raises(WsgError, match="valid losses: sft, rft"):
-        run_cell(tiny_cfg(), run, loss="ppo", seed=1, lr=1e-4)
+        run_cell(tiny_cfg(), run, CellKey.of("ppo", 1, 1e-4))
 
 
 def test_seed_alone_fixes_the_lora_init():
