@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from wsg.analysis import figures as F
 from wsg.analysis import report_findings as RF
 from wsg.analysis.adapters import BASE, describe, reference_pairs, Adapter
+from wsg.analysis.figures_forest import claims_forest
 from wsg.sweep import rundir
 
 _FINDINGS = ("the findings step that follows geometry (`wsg geometry --run RUN`; "
@@ -209,7 +210,11 @@ def _render(run: str, out_dir: str) -> None:
                         "McNemar tests, smallest p first"))
 
     def claims():
-        return RF.claims_section(t["claims"], t["convergence"], _fmt, _ci)
+        p = fig("claims_forest.png", claims_forest, t["claims"])
+        plot = _figure(p, "figures/claims_forest.png",
+                       "Each claim's value (dot, coloured by its verdict) with its 95% CI (bar), the band its test "
+                       "accepts (shaded) and the noise floor it must beat (tick); one axis per measured quantity.")
+        return RF.claims_section(t["claims"], t["convergence"], _fmt, _ci, figure=plot)
 
     def convergence():
         p = fig("convergence.png", F.convergence_curves, t["convergence"])
