@@ -93,7 +93,8 @@ def _draw_axis(ax, label: str, log: bool, shown: tuple, rows: list[dict]) -> Non
         c = VERDICT_COLOURS.get(r["verdict"], "#555555")
         v, lo, hi, floor = (_num(r.get(x)) for x in ("value", "ci_low", "ci_high", "noise_floor"))
         if floor is not None:
-            ax.plot([floor], [y], marker="|", ms=15, mew=2.2, color=FLOOR_COLOUR, ls="none", gid=f"{claim}:floor")
+            ax.plot([floor], [y], marker="|", ms=15, mew=2.2, color=FLOOR_COLOUR, ls="none", zorder=5,  # over the dot
+                    gid=f"{claim}:floor")
         if v is None:
             ax.text(xlo + 0.5 * (xhi - xlo) if not log else math.sqrt(xlo * xhi), y, "not measured", ha="center",
                     va="center", fontsize=7.5, color=VERDICT_COLOURS["not_measured"], style="italic")
