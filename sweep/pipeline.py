@@ -81,6 +81,18 @@ def ray_while_quiet(address: str | None) -> contextlib.AbstractContextManager[bo
     return session(address, dashboard=True)
 
 
+def check_tracking(cfg: ExperimentConfig) -> ExperimentConfig:
+    """At run start, say on the terminal when the MLflow store cannot work (and
+    the fix), and run without it, rather than one warning per cell in the log."""
+    if cfg.tracking.mlflow is None:
+        return cfg
+    problem = tracking.mlflow_preflight(cfg.tracking.mlflow)
+    if problem is None:
+        return cfg
+    say(f"wsg: tracking: {problem}. MLflow tracking is off for this run; the other trackers go on")
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"mlflow": None})})
+
+
 # --- stages -------------------------------------------------------------------
 def check_cell_args(loss: str, lr: float) -> None:
     if lr <= 0:
@@ -184,6 +196,7 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
         if con.log_path:
             say(f"wsg: third-party output (Ray, vLLM, transformers) goes to {layout.logs}/wsg.log; "
                 "--verbose shows it here")
+        cfg = check_tracking(cfg)
         stack.enter_context(ray_while_quiet(address))
         if (url := dashboard_url()):
             say(f"wsg: Ray dashboard at http://{url}")

@@ -40,8 +40,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# MLflow's SQL stores (sqlite:///…, postgresql://…) need these; wsg installs them
+# at its pins (pyproject.toml), mlflow-skinny alone does not.
+SQL_STORE_NEEDS = "pip install SQLAlchemy==2.1.9 alembic==1.20.1"
+_SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def mlflow_store_kind(uri: str) -> str:
+    """"server" (http[s], databricks, …), "sql" (a database URI) or "file" (MLflow's file store)."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme.split("+", 1)[0] in _SQL_SCHEMES:
+        return "sql"
+    return "file" if scheme in ("", "file") else "server"
+
+
 class MlflowCfg(_Strict):
-    # A tracking server (http://host:5000) or any MLflow tracking URI.
+    # A tracking server (http://host:5000), MLflow's local SQLite store
+    # (sqlite:///<folder>/mlflow.db) or another MLflow tracking URI.
     uri: str
     # Experiment name; None = the config's `name`.
     experiment: Optional[str] = None
@@ -49,8 +64,31 @@ class MlflowCfg(_Strict):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("tracking.mlflow.uri is empty: give the server, e.g. http://127.0.0.1:5000")
+        """Refuse at load a URI MLflow cannot use (it would only fail later, in a cell's log)."""
+        v = v.strip()
+        if not v:
+            raise ValueError("tracking.mlflow.uri is empty: give a store, e.g. sqlite:///runs/mlflow.db, or a "
+                             "server, e.g. http://127.0.0.1:5000")
+        kind = mlflow_store_kind(v)
+        if kind == "file":
+            raise ValueError(f"tracking.mlflow.uri {v!r} is MLflow's file store, which MLflow 3 refuses "
+                             "(maintenance mode): use its local SQLite store, sqlite:///<folder>/mlflow.db, or a "
+                             "tracking server, http://host:5000")
+        if kind != "sql":
+            return v
+        try:
+            import alembic  # noqa: F401
+            import sqlalchemy  # noqa: F401
+        except ImportError as err:
+            raise ValueError(f"tracking.mlflow.uri {v!r} is an SQL store, which needs SQLAlchemy and alembic "
+                             f"({err.name} is not installed): {SQL_STORE_NEEDS}") from None
+        if v.lower().startswith("sqlite:"):
+            path = v.split("://", 1)[1][1:]  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
+            if not path or path == ":memory:":
+                raise ValueError(f"tracking.mlflow.uri {v!r} is an in-memory SQLite store, which every process "
+                                 "(each cell) would see empty: give a file, sqlite:///<folder>/mlflow.db")
+            # Cells run in Ray workers whose working directory is not the caller's.
+            v = "sqlite:///" + os.path.abspath(os.path.expanduser(path))
         return v
 
 
@@ -87,6 +125,34 @@ class TrackingPaths:
 
 
 # ----------------------------------------------------------------- params
+
+def mlflow_preflight(cfg: MlflowCfg) -> str | None:
+    """At run start: None when the MLflow store answers, else what is wrong and the fix.
+    A SQLite store is created here, once, before cells open it in parallel."""
+    if mlflow_store_kind(cfg.uri) == "sql":
+        try:
+            from wsg.sweep.trackers import sqlite_folder
+
+            if (folder := sqlite_folder(cfg.uri)) is not None:
+                os.makedirs(folder, exist_ok=True)
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=cfg.uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - reported, with the fix
+            return (f"the MLflow store {cfg.uri} cannot be opened ({type(exc).__name__}: "
+                    f"{(str(exc).strip().splitlines() or [''])[0][:300]}); check that its folder is writable")
+        return None
+    if cfg.uri.lower().startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(cfg.uri.rstrip("/") + "/health", timeout=10).close()
+        except Exception as exc:  # noqa: BLE001
+            return (f"the MLflow server {cfg.uri} does not answer ({type(exc).__name__}: {exc}); start it "
+                    f"(`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) or "
+                    "use the local store, tracking.mlflow.uri: sqlite:///<folder>/mlflow.db")
+    return None
+
 
 def cell_params(cfg, key, *, hyper: dict | None = None) -> dict:
     """The params of a cell's tracked run. `cfg`: the ExperimentConfig;
