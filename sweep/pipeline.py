@@ -130,22 +130,28 @@ def stage_geometry(cfg: ExperimentConfig, run: str, extra: dict[str, str] | None
 
 
 def geometry_command(args) -> int:
-    """`wsg geometry`: standalone over --adapter folders, or over a run."""
+    """`wsg geometry`: standalone over --adapter folders, or over a run. As
+    every stage command, third-party output goes to the log (`<run>/logs/`,
+    standalone `<out>/logs/`) unless --verbose; wsg's own lines stay here."""
     extra = parse_adapter_args(args.adapter) if args.adapter else {}
+    address = args.address or os.environ.get("RAY_ADDRESS")
     if args.run:
         cfg = load_config_or_run(args.config_opt, args.run)
-        ensure_ray(args.address or os.environ.get("RAY_ADDRESS"))
-        print(stage_geometry(cfg, args.run, extra=extra, out=args.out, top_k=args.top_k))
+        with open_console(args.run, verbose=args.verbose), ray_while_quiet(address):
+            summary = stage_geometry(cfg, args.run, extra=extra, out=args.out, top_k=args.top_k)
+            say(f"wsg: [geometry] {_brief('geometry', summary)}")
+            print(summary, flush=True)  # the whole summary, into the log
         return 0
     if not extra:
         raise WsgError("give at least one --adapter NAME=PATH, or --run RUN")
     if not args.out:
         raise WsgError("--out DIR is required with --adapter (where the Parquet tables go)")
-    ensure_ray(args.address or os.environ.get("RAY_ADDRESS"))
-    tables = run_geometry(extra, args.out, top_k=args.top_k or 10)
-    for name, t in tables.items():
-        print(f"{name}: {t.num_rows} rows")
-    print(f"tables in {args.out}")
+    out = rundir.canonical(args.out)
+    with open_console(out, verbose=args.verbose), ray_while_quiet(address):
+        tables = run_geometry(extra, out, top_k=args.top_k or 10)
+        for name, t in tables.items():
+            say(f"{name}: {t.num_rows} rows")
+        say(f"tables in {out}")
     return 0
 
 
