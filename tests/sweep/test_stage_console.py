@@ -80,3 +80,23 @@ def test_geometry_standalone_verbose_shows_ray_output(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert RAY_STARTED not in out.stdout + out.stderr and "global_pairs: 1 rows" in out.stdout
     assert RAY_STARTED in (tmp_path / "quiet" / "logs" / "wsg.log").read_text()
+
+
+@pytest.mark.slow  # a real Ray Train cell of tiny-qwen3
+def test_train_keeps_ray_output_in_the_log(tmp_path):
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_fixtures import tiny_cfg, write_run
+
+    from wsg.sweep.models import load_tokenizer
+
+    run = write_run(str(tmp_path / "run"), load_tokenizer("tiny-qwen3"))
+    (tmp_path / "cfg.yaml").write_text(dump_config(tiny_cfg(cpus_per_worker=1)))
+    out = _wsg("train", str(tmp_path / "cfg.yaml"), "--run", run, "--loss", "sft", "--seed", "42", "--lr", "1e-4",
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    term = out.stdout + out.stderr
+    assert RAY_STARTED not in term and "INFO" not in term, term
+    lines = out.stdout.splitlines()
+    assert lines and lines[-1].startswith("wsg: [train]") and all(line.startswith(("wsg:", "  ")) for line in lines)
+    assert RAY_STARTED in (Path(run) / "logs" / "wsg.log").read_text()
+    assert rundir.is_complete(str(Path(run) / "cells" / "sft-s42-lr1e-04"))
