@@ -86,7 +86,7 @@ class RunStatus:
     def __str__(self) -> str:
         lines = [f"  {name:<11} {'complete' if done else 'not complete'}" for name, done in self.stages.items()]
         lines.append(f"  {'report':<11} {'complete' if self.report else 'not complete'}")
-        lines += [f"  {c:<28} {state}" for c, state in self.cells.items()]
+        lines += ["cells:"] * bool(self.cells) + [f"  {c:<28} {state}" for c, state in self.cells.items()]
         return "\n".join(lines)
 
 
