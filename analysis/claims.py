@@ -75,6 +75,19 @@ class Test:
     def text(self) -> str:
         return {"above": f">= {self.lo:g}", "below": f"<= {self.hi:g}"}.get(self.kind, f"in [{self.lo:g}, {self.hi:g}]")
 
+    @classmethod
+    def parse(cls, text: str) -> "Test":
+        """The inverse of `text()` (the claims table stores a test as its text)."""
+        t = text.strip()
+        if t.startswith(">="):
+            return cls("above", lo=float(t[2:]))
+        if t.startswith("<="):
+            return cls("below", hi=float(t[2:]))
+        if t.startswith("in [") and t.endswith("]"):
+            lo, hi = t[4:-1].split(",")
+            return cls("band", float(lo), float(hi))
+        raise ValueError(f"not a claim test: {text!r} (expected '>= x', '<= x' or 'in [a, b]')")
+
     def side(self, lo: float, hi: float) -> str:
         """"on" (all of [lo, hi] passes), "other" (none does) or "straddle"."""
         if self.kind == "above":

@@ -24,6 +24,7 @@ from ..core.layout import RunLayout
 from . import figures as F
 from . import report_findings as RF
 from .adapters import BASE, Adapter, describe, reference_pairs
+from .figures_forest import claims_forest
 
 _FINDINGS = ("the findings step that follows geometry (`wsg geometry --run RUN`; "
              "analysis.findings_run.run_findings, docs/findings.md)")
@@ -208,7 +209,11 @@ def _render(run: str, out_dir: str) -> None:
                         "McNemar tests, smallest p first"))
 
     def claims():
-        return RF.claims_section(t["claims"], t["convergence"], _fmt, _ci)
+        p = fig("claims_forest.png", claims_forest, t["claims"])
+        plot = _figure(p, "figures/claims_forest.png",
+                       "Each claim's value (dot, coloured by its verdict) with its 95% CI (bar), the band its test "
+                       "accepts (shaded) and the noise floor it must beat (tick); one axis per measured quantity.")
+        return RF.claims_section(t["claims"], t["convergence"], _fmt, _ci, figure=plot)
 
     def convergence():
         p = fig("convergence.png", F.convergence_curves, t["convergence"])

@@ -55,7 +55,8 @@ def convergence_note(conv_rows, cells: set[str] | None, what: str) -> str:
     return f'<p class="ok">All {len(used)} {what} converged by the criterion of docs/findings.md.</p>'
 
 
-def claims_section(rows: list[dict], conv_rows, fmt, ci) -> str:
+def claims_section(rows: list[dict], conv_rows, fmt, ci, figure: str = "") -> str:
+    """The claims section: convergence note, how to read a verdict, `figure` (the forest plot), the table."""
     counts = {v: sum(1 for r in rows if r["verdict"] == v) for v in VERDICTS}
     head = " · ".join(f"{v.replace('_', ' ')} {counts[v]}" for v in VERDICTS)
     intro = ('<p class="note">Each headline claim of the seed paper (arXiv 2606.23740) checked on this run: value '
@@ -81,7 +82,7 @@ def claims_section(rows: list[dict], conv_rows, fmt, ci) -> str:
             f'<td>{"" if r["step"] is None else r["step"]}</td><td class="s">{prev}</td>'
             f'<td class="c">{cells}</td><td class="w">{_esc(r.get("note") or "")}</td></tr>')
     table = "<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" + "".join(body) + "</table>"
-    return (convergence_note(conv_rows, _cells_of(rows), "cells used by the claims") + intro + table
+    return (convergence_note(conv_rows, _cells_of(rows), "cells used by the claims") + intro + figure + table
             + '<p class="note">⚠: a cell behind this verdict has not converged. Hover a noise floor for the control '
               'pair(s) it comes from.</p>')
 

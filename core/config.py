@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Protocol, Union
 
@@ -29,7 +30,7 @@ from .errors import ConfigError
 
 class LossCatalogue(Protocol):
     """What config validation asks of the loss registry (train/losses.py,
-    passed in by the loader, sweep/config.py): the ground floor names no stage."""
+    passed in by the loader, core/config.py): the ground floor names no stage."""
 
     def loss_names(self, *, online: bool | None = None) -> tuple[str, ...]: ...
 
@@ -339,8 +340,23 @@ class AnalysisCfg(_Strict):
 
 
 # Experiment trackers (docs/tracking.md; core/tracking.py drives them).
+# MLflow's SQL stores (sqlite:///…, postgresql://…) need these; wsg installs them
+# at its pins (pyproject.toml), mlflow-skinny alone does not.
+SQL_STORE_NEEDS = "pip install SQLAlchemy==2.1.9 alembic==1.20.1"
+_SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def mlflow_store_kind(uri: str) -> str:
+    """"server" (http[s], databricks, …), "sql" (a database URI) or "file" (MLflow's file store)."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme.split("+", 1)[0] in _SQL_SCHEMES:
+        return "sql"
+    return "file" if scheme in ("", "file") else "server"
+
+
 class MlflowCfg(_Strict):
-    # A tracking server (http://host:5000) or any MLflow tracking URI.
+    # A tracking server (http://host:5000), MLflow's local SQLite store
+    # (sqlite:///<folder>/mlflow.db) or another MLflow tracking URI.
     uri: str
     # Experiment name; None = the config's `name`.
     experiment: Optional[str] = None
@@ -348,8 +364,31 @@ class MlflowCfg(_Strict):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("tracking.mlflow.uri is empty: give the server, e.g. http://127.0.0.1:5000")
+        """Refuse at load a URI MLflow cannot use (it would only fail later, in a cell's log)."""
+        v = v.strip()
+        if not v:
+            raise ValueError("tracking.mlflow.uri is empty: give a store, e.g. sqlite:///runs/mlflow.db, or a "
+                             "server, e.g. http://127.0.0.1:5000")
+        kind = mlflow_store_kind(v)
+        if kind == "file":
+            raise ValueError(f"tracking.mlflow.uri {v!r} is MLflow's file store, which MLflow 3 refuses "
+                             "(maintenance mode): use its local SQLite store, sqlite:///<folder>/mlflow.db, or a "
+                             "tracking server, http://host:5000")
+        if kind != "sql":
+            return v
+        try:
+            import alembic  # noqa: F401
+            import sqlalchemy  # noqa: F401
+        except ImportError as err:
+            raise ValueError(f"tracking.mlflow.uri {v!r} is an SQL store, which needs SQLAlchemy and alembic "
+                             f"({err.name} is not installed): {SQL_STORE_NEEDS}") from None
+        if v.lower().startswith("sqlite:"):
+            path = v.split("://", 1)[1][1:]  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
+            if not path or path == ":memory:":
+                raise ValueError(f"tracking.mlflow.uri {v!r} is an in-memory SQLite store, which every process "
+                                 "(each cell) would see empty: give a file, sqlite:///<folder>/mlflow.db")
+            # Cells run in Ray workers whose working directory is not the caller's.
+            v = "sqlite:///" + os.path.abspath(os.path.expanduser(path))
         return v
 
 
@@ -461,7 +500,7 @@ def parse_config(data: dict | None, source: str = "<config>", *,
                  losses: LossCatalogue | None = None) -> ExperimentConfig:
     """Validate `data` into the config. `losses`: the loss registry the loss
     names, variants and hyperparameters are checked against (a user's config,
-    sweep/config.py); None for a run's saved config, checked when it started."""
+    core/config.py); None for a run's saved config, checked when it started."""
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -133,6 +133,13 @@ class Named:
 
 # ------------------------------------------------------------------- MLflow
 
+def sqlite_folder(uri: str) -> str | None:
+    """The folder of a `sqlite:///<path>` store (None for other URIs)."""
+    if not uri.lower().startswith("sqlite:///"):
+        return None
+    return os.path.dirname(uri.split("://", 1)[1][1:]) or None
+
+
 class Mlflow:
     """MlflowClient. Hierarchy: run root (tag wsg.role=run) > one run per
     loss (wsg.role=loss) > cells (wsg.role=cell), linked by mlflow.parentRunId."""
@@ -170,6 +177,9 @@ class Mlflow:
             os.environ.setdefault(k, v)
         from mlflow.tracking import MlflowClient
 
+        self.uri = cfg.uri
+        if (folder := sqlite_folder(cfg.uri)) is not None:
+            os.makedirs(folder, exist_ok=True)  # SQLite makes the file, not its folder
         self.c, self.s = MlflowClient(tracking_uri=cfg.uri), s
         self.exp_id = self._experiment(cfg.experiment or s.experiment)
 
@@ -192,8 +202,12 @@ class Mlflow:
 
         exp = self.c.get_experiment_by_name(name)
         if exp is None:
+            # A SQLite store keeps artifacts next to its file: MLflow's default,
+            # ./mlruns, is relative to each cell's working directory.
+            folder = sqlite_folder(self.uri)
+            where = None if folder is None else "file://" + os.path.join(folder, "mlartifacts")
             try:
-                return self.c.create_experiment(name)
+                return self.c.create_experiment(name, artifact_location=where)
             except MlflowException:  # another cell created it meanwhile
                 exp = self.c.get_experiment_by_name(name)
                 if exp is None:

@@ -27,8 +27,16 @@ import tempfile
 from dataclasses import dataclass
 
 from . import rundir
-from .config import TrackingCfg, config_hash
-from .trackers import Mlflow, Named, Subject, TensorBoard, Wandb, copy_local
+from .config import MlflowCfg, TrackingCfg, config_hash, mlflow_store_kind
+from .trackers import (
+    Mlflow,
+    Named,
+    Subject,
+    TensorBoard,
+    Wandb,
+    copy_local,
+    sqlite_folder,
+)
 
 log = logging.getLogger("wsg.tracking")
 
@@ -48,6 +56,32 @@ class TrackingPaths:
 
 
 # ----------------------------------------------------------------- params
+
+def mlflow_preflight(cfg: MlflowCfg) -> str | None:
+    """At run start: None when the MLflow store answers, else what is wrong and the fix.
+    A SQLite store is created here, once, before cells open it in parallel."""
+    if mlflow_store_kind(cfg.uri) == "sql":
+        try:
+            if (folder := sqlite_folder(cfg.uri)) is not None:
+                os.makedirs(folder, exist_ok=True)
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=cfg.uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - reported, with the fix
+            return (f"the MLflow store {cfg.uri} cannot be opened ({type(exc).__name__}: "
+                    f"{(str(exc).strip().splitlines() or [''])[0][:300]}); check that its folder is writable")
+        return None
+    if cfg.uri.lower().startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(cfg.uri.rstrip("/") + "/health", timeout=10).close()
+        except Exception as exc:  # noqa: BLE001
+            return (f"the MLflow server {cfg.uri} does not answer ({type(exc).__name__}: {exc}); start it "
+                    f"(`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) or "
+                    "use the local store, tracking.mlflow.uri: sqlite:///<folder>/mlflow.db")
+    return None
+
 
 def cell_params(cfg, key, *, hyper: dict | None = None) -> dict:
     """The params of a cell's tracked run. `cfg`: the ExperimentConfig;

@@ -135,6 +135,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         pipeline.check_cell_args(args.loss, args.lr)  # before any Ray start-up
     run = pipeline.prepare_run(cfg, run)
     with pipeline.open_console(run, verbose=args.verbose), pipeline.ray_while_quiet(address):
+        if args.cmd == "train":
+            cfg = pipeline.check_tracking(cfg)
         if args.cmd == "rollouts":
             out = pipeline.run_rollouts(cfg, run)
         elif args.cmd == "train":

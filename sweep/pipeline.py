@@ -82,6 +82,18 @@ def ray_while_quiet(address: str | None) -> contextlib.AbstractContextManager[bo
     return session(address, dashboard=True)
 
 
+def check_tracking(cfg: ExperimentConfig) -> ExperimentConfig:
+    """At run start, say on the terminal when the MLflow store cannot work (and
+    the fix), and run without it, rather than one warning per cell in the log."""
+    if cfg.tracking.mlflow is None:
+        return cfg
+    problem = tracking.mlflow_preflight(cfg.tracking.mlflow)
+    if problem is None:
+        return cfg
+    say(f"wsg: tracking: {problem}. MLflow tracking is off for this run; the other trackers go on")
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"mlflow": None})})
+
+
 # --- stages -------------------------------------------------------------------
 def check_cell_args(loss: str, lr: float) -> None:
     if lr <= 0:
@@ -119,22 +131,28 @@ def stage_geometry(cfg: ExperimentConfig, run: str, extra: dict[str, str] | None
 
 
 def geometry_command(args) -> int:
-    """`wsg geometry`: standalone over --adapter folders, or over a run."""
+    """`wsg geometry`: standalone over --adapter folders, or over a run. As
+    every stage command, third-party output goes to the log (`<run>/logs/`,
+    standalone `<out>/logs/`) unless --verbose; wsg's own lines stay here."""
     extra = parse_adapter_args(args.adapter) if args.adapter else {}
+    address = args.address or os.environ.get("RAY_ADDRESS")
     if args.run:
         cfg = load_config_or_run(args.config_opt, args.run)
-        ensure_ray(args.address or os.environ.get("RAY_ADDRESS"))
-        print(stage_geometry(cfg, args.run, extra=extra, out=args.out, top_k=args.top_k))
+        with open_console(args.run, verbose=args.verbose), ray_while_quiet(address):
+            summary = stage_geometry(cfg, args.run, extra=extra, out=args.out, top_k=args.top_k)
+            say(f"wsg: [geometry] {_brief('geometry', summary)}")
+            print(summary, flush=True)  # the whole summary, into the log
         return 0
     if not extra:
         raise WsgError("give at least one --adapter NAME=PATH, or --run RUN")
     if not args.out:
         raise WsgError("--out DIR is required with --adapter (where the Parquet tables go)")
-    ensure_ray(args.address or os.environ.get("RAY_ADDRESS"))
-    tables = run_geometry(extra, args.out, top_k=args.top_k or 10)
-    for name, t in tables.items():
-        print(f"{name}: {t.num_rows} rows")
-    print(f"tables in {args.out}")
+    out = rundir.canonical(args.out)
+    with open_console(out, verbose=args.verbose), ray_while_quiet(address):
+        tables = run_geometry(extra, out, top_k=args.top_k or 10)
+        for name, t in tables.items():
+            say(f"{name}: {t.num_rows} rows")
+        say(f"tables in {out}")
     return 0
 
 
@@ -185,6 +203,7 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
         if con.log_path:
             say(f"wsg: third-party output (Ray, vLLM, transformers) goes to {layout.logs}/wsg.log; "
                 "--verbose shows it here")
+        cfg = check_tracking(cfg)
         stack.enter_context(ray_while_quiet(address))
         if (url := dashboard_url()):
             say(f"wsg: Ray dashboard at http://{url}")

@@ -15,3 +15,12 @@ _here = _os.path.dirname(_os.path.abspath(__file__))
 _root = _os.path.dirname(_here)
 if not _os.path.isdir(_os.path.join(_here, "sweep")) and _os.path.isfile(_os.path.join(_root, "sweep", "cli.py")):
     __path__.append(_root)  # noqa: F821  (a package's __path__)
+
+
+def __getattr__(name):
+    # `wsg.open_run` without importing the stages (torch, Ray) with `import wsg`.
+    if name in ("open_run", "Run"):
+        from wsg.analysis import results
+
+        return getattr(results, name)
+    raise AttributeError(f"module 'wsg' has no attribute {name!r}")

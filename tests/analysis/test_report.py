@@ -106,7 +106,7 @@ def test_full_report(full_run, tmp_path):
     imgs = _images(page)
     assert {os.path.basename(i) for i in imgs} == {
         "accuracy.png", "global_cosine.png", "layer_cosine.png", "principal_angles.png", "seed_lr.png",
-        "lmc.png", "cka.png", "convergence.png"}
+        "lmc.png", "cka.png", "convergence.png", "claims_forest.png"}
     for rel in imgs:
         assert not rel.startswith(("/", "http")), "images must be relative for an offline page"
         with open(os.path.join(run, "report", rel), "rb") as f:
