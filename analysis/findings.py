@@ -387,7 +387,11 @@ def run_findings(cfg, run: str) -> dict:
     losses = set(cfg.grid.losses) | {c.loss for c in cfg.grid.extra_cells}
     claims = C.claims_table(tables, reference_loss=cfg.analysis.reference_loss,
                             lr_scales={x: cfg.loss_cfg(x).lr_scale for x in losses})
-    md = _metadata(config_hash(cfg), {"wsg.claims_rule": C.RULE})
+    from wsg.rollouts.teacher import read_teacher_profile
+
+    # The claims' context: who wrote the rollouts and what they are like.
+    teacher = read_teacher_profile(cfg, run)
+    md = _metadata(config_hash(cfg), {"wsg.claims_rule": C.RULE, "wsg.teacher": teacher})
     out = {"noise_floors": floors, "convergence": conv, "claims": claims}
     for name, table in out.items():
         rundir.write_table(lay.geometry_table(name), table.replace_schema_metadata(md))
@@ -396,5 +400,5 @@ def run_findings(cfg, run: str) -> dict:
     for v in claims.column("verdict").to_pylist():
         verdicts[v] += 1
     return {"noise_floor_pairs": floors.num_rows, "cells": len(cells),
-            "converged_cells": sum(1 for v in cells.values() if v), "claims": dict(verdicts),
+            "converged_cells": sum(1 for v in cells.values() if v), "claims": dict(verdicts), "teacher": teacher,
             "tables": {k: lay.geometry_table(k) for k in out}}

@@ -88,6 +88,27 @@ def _run_config(run: str) -> tuple[str, dict]:
     return h, data if isinstance(data, dict) else {}
 
 
+def _teacher_line(run: str) -> str:
+    """The teacher (rollouts/teacher.py): from the claims table's metadata,
+    else the rollouts stage's summary."""
+    import json
+
+    from wsg.rollouts.teacher import describe
+
+    prof = None
+    claims = rundir.join(run, TABLES["claims"][0])
+    if rundir.exists(claims):
+        md = rundir.read_table(claims).schema.metadata or {}
+        raw = md.get(b"wsg.teacher")
+        prof = json.loads(raw) if raw else None
+    from wsg.sweep.layout import RunLayout
+
+    marker = RunLayout.of(run).rollouts_complete
+    if prof is None and rundir.exists(marker):
+        prof = rundir.read_json(marker).get("teacher_profile")
+    return f'<p class="teacher">{html.escape(describe(prof))}</p>'
+
+
 def _fmt(v) -> str:
     if v is None:
         return ""
@@ -306,7 +327,7 @@ def _render(run: str, out_dir: str) -> None:
     # The page opens with the claims; the run's identity and the contents follow.
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wsg report: "
             f"{html.escape(os.path.basename(str(run).rstrip('/')))}</title><style>{_CSS}</style></head><body>"
-            f"<h1>wsg report</h1>{parts[0]}<h2>Run</h2>{meta}{summary}<ul>{toc}</ul>{''.join(parts[1:])}"
+            f"<h1>wsg report</h1>{_teacher_line(run)}{parts[0]}<h2>Run</h2>{meta}{summary}<ul>{toc}</ul>{''.join(parts[1:])}"
             "</body></html>")
     with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
         f.write(page)

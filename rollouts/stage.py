@@ -28,6 +28,7 @@ from wsg.rollouts.engine import shutdown_engines, start_engines, wait_ready
 from wsg.rollouts.engine_rules import rollout_engine_options
 from wsg.rollouts.prompts import build_messages, encode_prompts, render_prompts
 from wsg.rollouts.reward import score_many, warm_up
+from wsg.rollouts.teacher import teacher_profile
 from wsg.sweep import rundir, telemetry
 from wsg.sweep.errors import WsgError
 from wsg.sweep.layout import RunLayout
@@ -346,6 +347,8 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
         "stage_s": round(time.perf_counter() - t0, 3), "n_reward_timeouts": stats.reward_timeouts,
         "finish_reasons": dict(Counter(r["finish_reason"] for r in rows)),
         "data": report.as_dict(), **extra,
+        # Who wrote the rollouts and how varied their text is (rollouts/teacher.py).
+        "teacher_profile": teacher_profile(cfg, rows),
     }
     rundir.mark_complete(out_dir, summary)
     _log(progress, f"done: {summary['n_samples']} samples, reward {summary['reward_mean']:.3f}, "

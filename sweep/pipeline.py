@@ -17,6 +17,7 @@ from wsg.analysis.functional import run_functional
 from wsg.analysis.geometry import parse_adapter_args, run_geometry
 from wsg.analysis.report import build_report
 from wsg.rollouts.stage import run_rollouts
+from wsg.rollouts.teacher import read_teacher_profile
 from wsg.sweep import rundir, tracking
 from wsg.sweep.cells import CellKey
 from wsg.sweep.config import ExperimentConfig, config_hash, dump_config, load_config, parse_config
@@ -209,7 +210,7 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
         path = build_report(run)
         if cfg.tracking.enabled:
             took = tracking.track_run(
-                cfg.tracking, experiment=cfg.name, run=layout.root, params=tracking.run_params(cfg),
+                cfg.tracking, experiment=cfg.name, run=layout.root, params=tracking.run_params(cfg, read_teacher_profile(cfg, run)),
                 artifacts={"accuracy.parquet": layout.eval_table("accuracy"),
                            "global_pairs.parquet": layout.geometry_table("global_pairs"),
                            "claims.parquet": layout.geometry_table("claims"), "report": layout.report_dir},
