@@ -5,6 +5,10 @@ this run's value with its 95% CI, the matching noise floor, and a verdict
 that follows from them by one rule (RULE; docs/findings.md "Verdict rule"):
 
 - not_measured: a cell or table the claim needs is absent (the note says which);
+- unsettled: the cells have not settled by the rule of analysis/settle.py
+  (data-order and horizon controls), whatever the CI says: an update still
+  moving neither confirms nor refutes a claim (value, CI and the verdict it
+  would get are still shown);
 - fails: the CI lies entirely on the other side of the claim's test;
 - holds: the CI lies entirely on the claim's side AND the floor test passes;
 - inconclusive: otherwise (CI across the threshold, effect within the noise
@@ -31,7 +35,8 @@ from wsg.analysis.findings import (F64, I64, STR, Ident, PairIndex, identify, la
                                relevant_controls, row_ident, rows_of)
 from wsg.sweep.cells import CellKey
 
-RULE = ("not_measured if a needed cell/table is absent; fails if the CI lies on the other side of the test; "
+RULE = ("not_measured if a needed cell/table is absent; unsettled if its cells have not settled (data-order and "
+        "horizon controls, analysis/settle.py); fails if the CI lies on the other side of the test; "
         "holds if the CI lies on the claim's side and the effect is beyond the noise floor; else inconclusive "
         "(docs/findings.md)")
 TOL = 0.15               # "≈ x" for a cosine-like quantity: |value − x| <= TOL
@@ -47,6 +52,9 @@ CLAIMS_SCHEMA = pa.schema([
     ("ci_low", F64), ("ci_high", F64), ("noise_floor", F64), ("floor_kind", STR), ("verdict", STR),
     ("cells", pa.list_(STR)), ("cells_converged", pa.bool_()), ("prev_step", I64), ("value_prev", F64),
     ("verdict_prev", STR), ("note", STR),
+    # The settle rule (analysis/settle.py): its outcome, the data-order agreement
+    # at the claim's step (min over pairs) and the horizon agreement.
+    ("settled", pa.bool_()), ("settle_kind", STR), ("order_agreement", F64), ("horizon_agreement", F64),
 ])
 
 
@@ -173,6 +181,7 @@ class Ctx:
         self.layer_sq = layer_sq_norms(tables.get("adapter_modules"))
         self.ref, self.scales = reference_loss, dict(lr_scales or {})
         self.idents: dict[str, Ident] = {}
+        self.horizons: dict[tuple, dict[int, str]] = {}  # reference cell -> {step: horizon control adapter}
         for r in self.rows.get("adapter_modules", []):
             if r["adapter"] not in self.idents:
                 self._add(row_ident(r))
@@ -205,8 +214,18 @@ class Ctx:
         self._choose_primary()
 
     def _add(self, i: Optional[Ident]) -> None:
-        if i is not None:
-            self.idents.setdefault(i.name, i)
+        if i is None:
+            return
+        if i.horizon is not None:  # horizon controls only feed the settle rule (analysis/settle.py)
+            self.horizons.setdefault(i.cell[:4], {})[i.step] = i.name
+            return
+        self.idents.setdefault(i.name, i)
+
+    def has_controls(self, loss: str) -> bool:
+        """Whether the run has a data-order control of `loss` (its own settle evidence)."""
+        base = self.cell(loss)
+        return base is not None and any(i.loss == loss and i.data_seed != base[2] and i.init_seed == base[1]
+                                        for i in self.idents.values())
 
     def grid_lr(self, cell: tuple) -> float:
         return cell[3] / self.scales.get(cell[0], 1.0)
@@ -358,8 +377,16 @@ def claims_table(tables: dict, *, reference_loss: str = "sft", lr_scales: Option
 
 
 def _row(ctx: Ctx, spec, label: str, m: Measure, p: Optional[Measure]) -> dict:
+    from wsg.analysis.settle import agreement_note, settle
+
     verdict, why = judge(m, spec.test, spec.floor_mode)
     notes = [why] if why else []
+    st = settle(ctx, m.step, m.cells, spec.settle) if verdict != "not_measured" else None
+    if st is not None and not st.settled:
+        notes.insert(0, f"{st.note()} (settled, it would read {verdict})")
+        verdict = "unsettled"
+    if st is not None and spec.id.endswith(".cosine") and not spec.id.startswith("seed."):
+        notes.append(agreement_note(st, m.value))
     notes += m.notes
     vp = judge(p, spec.test, spec.floor_mode)[0] if p is not None and not p.missing else None
     if vp and verdict != "not_measured" and vp != verdict:
@@ -377,7 +404,9 @@ def _row(ctx: Ctx, spec, label: str, m: Measure, p: Optional[Measure]) -> dict:
             "floor_kind": m.floor_what if spec.floor_mode else "", "verdict": verdict, "cells": m.cells,
             "cells_converged": conv, "prev_step": p.step if p is not None and not p.missing else None,
             "value_prev": p.value if p is not None and not p.missing else None, "verdict_prev": vp,
-            "note": "; ".join(x for x in notes if x)}
+            "note": "; ".join(x for x in notes if x), "settled": None if st is None else st.settled,
+            "settle_kind": spec.settle, "order_agreement": None if st is None else st.order,
+            "horizon_agreement": None if st is None else st.horizon}
 
 
 __all__ = ["claims_table", "judge", "Test", "Measure", "Ctx", "paired_diff_ci", "lmc_barrier", "RULE"]

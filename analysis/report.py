@@ -50,7 +50,7 @@ td:first-child,th:first-child,td.s{text-align:left}summary{cursor:pointer;color:
 .meta td{text-align:left}img{max-width:100%;border:1px solid #eee}
 .sig{font-weight:bold}.note{color:#555;font-size:.9em}
 td.v-holds{background:#cdeccd}td.v-fails{background:#f6c9c9}td.v-inconclusive{background:#fbe8b0}
-td.v-not_measured{background:#e6e6e6;color:#555}.conv{border-left:4px solid #c0392b;padding:.5em 1em;background:#fbeeee}
+td.v-not_measured{background:#e6e6e6;color:#555}td.v-unsettled{background:#dde6f4}.conv{border-left:4px solid #c0392b;padding:.5em 1em;background:#fbeeee}
 .ok{border-left:4px solid #2e8b57;padding:.5em 1em;background:#eef8f1}td.w{text-align:left;max-width:28em}
 td.c{text-align:left;white-space:nowrap;font-size:.8em}
 """

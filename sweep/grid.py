@@ -36,7 +36,8 @@ def plan_cells(cfg: ExperimentConfig) -> list[CellKey]:
     §2 Training: 10x smaller). Controls (grid.controls): for each control
     loss and grid cell of it, one cell per other init seed, other data seed
     and LR factor, differing from that cell in that factor only (noise
-    floors, docs/findings.md). Duplicates (same id) are dropped."""
+    floors, docs/findings.md), and one per horizon: the same cell on a
+    shorter schedule (the settle rule). Duplicates (same id) are dropped."""
     cells: dict[str, CellKey] = {}
 
     def add(k: CellKey) -> None:
@@ -60,6 +61,8 @@ def plan_cells(cfg: ExperimentConfig) -> list[CellKey]:
                     add(CellKey.of(loss, seed, lr, data_seed=d))
                 for f in c.lr_factors:
                     add(CellKey.of(loss, seed, _rounded(lr * f)))
+                for h in c.horizons:
+                    add(CellKey.of(loss, seed, lr, horizon=cfg.horizon_steps(h)))
     for e in cfg.grid.extra_cells:
         add(CellKey.of(e.loss, e.seed, float(e.lr), init_seed=e.init_seed, data_seed=e.data_seed))
     return list(cells.values())
@@ -96,7 +99,7 @@ def max_concurrent(cfg: ExperimentConfig, cells: list[CellKey]) -> int:
 def run_one_cell(cfg: ExperimentConfig, run: str, key: CellKey, prepared: Prepared | None = None) -> dict:
     """Train one cell: exactly the function every grid trial calls."""
     return run_cell(cfg, run, loss=key.loss, seed=key.init_seed, lr=key.lr, init_seed=key.init_seed,
-                    data_seed=key.data_seed, prepared=prepared)
+                    data_seed=key.data_seed, prepared=prepared, horizon=key.horizon)
 
 
 def _trial(cfg: ExperimentConfig, run: str, key: CellKey, prepared: Prepared | None) -> None:

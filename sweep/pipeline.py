@@ -172,7 +172,8 @@ def _brief(name: str, s: dict) -> str:
         f = s.get("findings") or {}
         claims = ", ".join(f"{n} {v}" for v, n in sorted((f.get("claims") or {}).items()))
         return (f"{s.get('adapters')} adapters, {s.get('tables', {}).get('global_pairs')} pairs; "
-                f"{f.get('converged_cells')}/{f.get('cells')} cells converged; claims: {claims or 'none'}")
+                f"{f.get('converged_cells')}/{f.get('cells')} cells converged; {f.get('claims_settled')} of "
+                f"{f.get('n_claims')} claims settled; claims: {claims or 'none'}")
     return ", ".join(f"{k}={v}" for k, v in list(s.items())[:6])
 
 

@@ -113,7 +113,8 @@ def _failure_message(cid: str, err: Exception) -> str:
 
 def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float, init_seed: int | None = None,
              data_seed: int | None = None, resume: bool = True, stop_after: int | None = None,
-             fault_crash_at: int | None = None, prepared: Prepared | None = None) -> dict:
+             fault_crash_at: int | None = None, prepared: Prepared | None = None,
+             horizon: int | None = None) -> dict:
     """Train one cell; returns its summary (also in `_COMPLETE`), or the
     stored summary with skipped=True when the cell is already complete.
 
@@ -122,7 +123,8 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     deleting the cell's resume state; stop_after stops resumably after that
     step (the cell is then not complete; call again to finish). prepared:
     the cell's data already built and validated (the grid's), else built
-    here. Works standalone (starts a local Ray, and stops only that) and
+    here. horizon: a horizon control, trained with train.max_steps =
+    horizon (its schedule ends there). Works standalone (starts a local Ray, and stops only that) and
     inside a Tune trial."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -134,7 +136,8 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise WsgError(f"learning rate must be a finite number > 0, got lr={lr!r}")
     t0 = time.time()
-    key = CellKey.of(loss, seed, lr, init_seed=init_seed, data_seed=data_seed)
+    key = CellKey.of(loss, seed, lr, init_seed=init_seed, data_seed=data_seed, horizon=horizon)
+    cfg = cfg.for_horizon(horizon)
     layout = RunLayout.of(run)  # local runs made absolute: workers run in another working directory
     cl = layout.cell(key.id)
     if rundir.is_complete(cl.root):
