@@ -309,7 +309,8 @@ def convergence(adapter_modules, global_pairs) -> pa.Table:
     pairs = PairIndex(global_pairs)
     by_cell: dict[tuple, dict[int, str]] = defaultdict(dict)
     for name, i in idents.items():
-        by_cell[i.cell][i.step] = name
+        if i.horizon is None:  # a horizon control has one analysed checkpoint: the settle rule reads it
+            by_cell[i.cell][i.step] = name
     out = []
     for cell in sorted(by_cell, key=lambda c: (c[0], c[1], c[2], c[3])):
         names = by_cell[cell]

@@ -160,8 +160,8 @@ def test_convergence_against_dense(geo):
     t = convergence(tables["adapter_modules"], tables["global_pairs"])
     assert t.schema.equals(CONVERGENCE)
     rows = {(r["cell"], r["step"]): r for r in t.to_pylist()}
-    # The extra adapter given by path is not a cell; the horizon control is one of its own.
-    assert {c for c, _ in rows} == set(CELLS) | {HORIZON.split("@")[0]}
+    # The extra adapter given by path is not a cell; the horizon control only feeds the settle rule.
+    assert {c for c, _ in rows} == set(CELLS)
     for cell in CELLS:
         w6, w12 = dense(facs[f"{cell}@6"]), dense(facs[f"{cell}@12"])
         d = dense_global(w6, w12)
@@ -234,7 +234,7 @@ def test_run_findings_writes_tables(geo):
     rundir.write_text(rundir.config_path(run), dump_config(cfg))
     summary = run_findings(cfg, run)
     lay = RunLayout.of(run)
-    assert summary["cells"] == len(CELLS) + 1 and summary["noise_floor_pairs"] == 8  # the horizon is no floor
+    assert summary["cells"] == len(CELLS) and summary["noise_floor_pairs"] == 8  # the horizon is no floor
     assert sum(summary["claims"].values()) >= 19
     for name in ("noise_floors", "convergence", "claims"):
         t = rundir.read_table(lay.geometry_table(name))
