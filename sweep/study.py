@@ -18,7 +18,8 @@ resume like `wsg run` does, and a finished run (its report written) is
 skipped, so rerunning the same command after an interruption continues where
 it stopped. After the runs, `<study>/claims.parquet` holds every run's
 claims table with the run, the factor, its value, the run's config hash and
-the teacher's profile (rollouts/teacher.py) as columns: claim x run.
+the teacher's profile (rollouts/teacher.py) as columns: claim x run, and
+`<study>/claims.png` draws each claim's value, CI and floor against the factor.
 """
 from __future__ import annotations
 
@@ -157,7 +158,27 @@ def combine(study_dir: str, study: StudyCfg, runs: list[tuple[StudyValue, Any]])
     table = pa.concat_tables(parts).replace_schema_metadata(
         {b"wsg.study": json.dumps(study.model_dump(mode="json")).encode()})
     rundir.write_table(combined_path(study_dir), table)
+    _figure(study_dir, study, runs, table)
     return table
+
+
+def figure_path(study_dir: str) -> str:
+    return rundir.join(study_dir, "claims.png")
+
+
+def _figure(study_dir: str, study: StudyCfg, runs: list, table: pa.Table) -> None:
+    """<study>/claims.png: each claim's value, CI and floor against the factor."""
+    import os
+    import tempfile
+
+    from wsg.analysis.study_figures import claims_by_factor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = claims_by_factor(table.to_pylist(), [v.label for v, _ in runs], study.factor,
+                                 os.path.join(tmp, "claims.png"))
+        if local:
+            with open(local, "rb") as f:
+                rundir.write_bytes(figure_path(study_dir), f.read())
 
 
 def run_study(path: str, study_dir: Optional[str], *, address: Optional[str] = None, verbose: bool = False) -> int:

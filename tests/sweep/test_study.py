@@ -63,7 +63,14 @@ def _fake_run(study_dir, v, cfg, teacher, drop_geometry=False):
     lay = RunLayout.of(run)
     rundir.makedirs(run)
     rundir.write_text(lay.config, dump_config(cfg))
-    t = claims_table({}).replace_schema_metadata({b"wsg.teacher": json.dumps(teacher).encode()})
+    from wsg.analysis.claims import CLAIMS_SCHEMA
+
+    rows = claims_table({}).to_pylist()
+    # One measured claim per run (the rest not_measured, as from empty tables).
+    rows[0].update(value=teacher["teacher_accuracy"], ci_low=teacher["teacher_accuracy"] - 0.05,
+                   ci_high=teacher["teacher_accuracy"] + 0.05, noise_floor=0.5, verdict="unsettled")
+    t = pa.Table.from_pylist(rows, schema=CLAIMS_SCHEMA).replace_schema_metadata(
+        {b"wsg.teacher": json.dumps(teacher).encode()})
     rundir.write_table(lay.geometry_table("claims"), t)
     for s in STAGES[:-1]:
         if not (drop_geometry and s == "geometry"):
@@ -106,7 +113,14 @@ def test_combined_claims_table_read_back_with_pandas_and_duckdb(tmp_path):
     # claim x run: one verdict per cell of the pivot.
     wide = duckdb.sql(f"PIVOT read_parquet('{path}') ON run USING first(verdict) GROUP BY claim").df()
     assert len(wide) == n and set(wide.columns) == {"claim", *acc}
-    assert (wide[list(acc)] == "not_measured").all().all()
+    assert (wide[wide["claim"] != "sft_rft_rift.cosine"][list(acc)] == "not_measured").all().all()
+    vals = duckdb.sql(f"SELECT run, value FROM read_parquet('{path}') WHERE claim = 'sft_rft_rift.cosine' "
+                      "ORDER BY teacher_accuracy").fetchall()
+    assert vals == [("self", 0.17), ("scripted-0.80", 0.23), ("scripted-0.15", 0.85)]
+    from wsg.sweep.study import figure_path
+
+    with open(figure_path(sdir), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     meta = pa.parquet.read_schema(path).metadata[b"wsg.study"]
     assert json.loads(meta)["factor"] == "teacher"
 
