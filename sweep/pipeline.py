@@ -160,8 +160,11 @@ def _brief(name: str, s: dict) -> str:
     if not isinstance(s, dict):
         return str(s)
     if name == "rollouts":
+        tp = s.get("teacher_profile") or {}
+        jac = tp.get("teacher_token_jaccard")
         return (f"{s.get('n_samples')} samples of {s.get('n_prompts')} prompts, reward mean "
-                f"{s.get('reward_mean', float('nan')):.3f}, {s.get('n_pairs')} pairs")
+                f"{s.get('reward_mean', float('nan')):.3f}, {s.get('n_pairs')} pairs"
+                + ("" if jac is None else f"; teacher {tp.get('teacher')}, token overlap within a prompt {jac:.2f}"))
     if name == "grid":
         return f"{s.get('cells')} cells, {s.get('trained')} trained now"
     if name == "eval":
