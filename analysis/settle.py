@@ -151,5 +151,5 @@ def agreement_note(s: Settle, value: Optional[float]) -> str:
         return ""
     spread = (f" (range {s.order:.3g}-{s.order_max:.3g} over {s.n_order} data-order pairs)"
               if s.n_order > 1 else " (one data-order pair: no spread)")
-    return f"same-loss agreement (data-order cos) {s.order:.3g}{spread}; value / agreement = {value / s.order:.3g}" \
-        if s.order else ""
+    ratio = f"; value / agreement = {value / s.order:.3g}" if s.order > 0 else ""
+    return f"same-loss agreement (data-order cos) {s.order:.3g}{spread}{ratio}"

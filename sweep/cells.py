@@ -97,18 +97,21 @@ class CellKey:
     def parse(cls, cid: str) -> "CellKey":
         """Inverse of `.id`."""
         m = _SAME.match(cid)
-        h = lambda: None if m["h"] is None else int(m["h"])  # noqa: E731
         if m:
-            return cls(m["loss"], int(m["seed"]), int(m["seed"]), float(m["lr"]), h())
+            return cls(m["loss"], int(m["seed"]), int(m["seed"]), float(m["lr"]), _horizon(m))
         m = _SPLIT.match(cid)
         if m:
-            return cls(m["loss"], int(m["init"]), int(m["data"]), float(m["lr"]), h())
+            return cls(m["loss"], int(m["init"]), int(m["data"]), float(m["lr"]), _horizon(m))
         raise WsgError(f"{cid!r} is not a cell id of the form <loss>-s<seed>-lr<lr> (e.g. dpo-s42-lr5e-07) "
                        "or <loss>-i<init_seed>-d<data_seed>-lr<lr>")
 
     def as_dict(self) -> dict:
         d = {"loss": self.loss, "init_seed": self.init_seed, "data_seed": self.data_seed, "lr": self.lr}
         return d if self.horizon is None else {**d, "horizon": self.horizon}
+
+
+def _horizon(m: re.Match) -> int | None:
+    return None if m["h"] is None else int(m["h"])
 
 
 def cell_id(loss: str, seed: int, lr: float) -> str:
