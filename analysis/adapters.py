@@ -172,6 +172,16 @@ def list_adapters(cfg, run: str, *, models: bool = False) -> list[Adapter]:
         cl = lay.cell(cell)
         steps = sorted(int(m[1]) for d in rundir.listdir(cl.root)
                        if (m := _STEP_DIR.match(d)) and rundir.is_complete(cl.step(int(m[1]))))
+        if key.horizon is not None:
+            # A horizon control feeds only the settle rule (analysis/settle.py),
+            # which compares its final ΔW with its reference's: geometry reads
+            # that one checkpoint, eval and the functional stage none. No
+            # identity columns: they would repeat its reference cell's.
+            if not models and steps:
+                uri = cl.step(steps[-1])
+                out.append(Adapter(name=adapter_name(cell, steps[-1]), path=local_copy(uri), uri=uri,
+                                   step=steps[-1], cell_id=cell))
+            continue
         chosen = _select_steps(steps, cfg.analysis.steps)
         for step in _select_steps(chosen, cfg.analysis.model_steps) if models else chosen:
             uri = cl.step(step)

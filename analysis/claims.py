@@ -5,6 +5,10 @@ this run's value with its 95% CI, the matching noise floor, and a verdict
 that follows from them by one rule (RULE; docs/findings.md "Verdict rule"):
 
 - not_measured: a cell or table the claim needs is absent (the note says which);
+- unsettled: the cells have not settled by the rule of analysis/settle.py
+  (data-order and horizon controls), whatever the CI says: an update still
+  moving neither confirms nor refutes a claim (value, CI and the verdict it
+  would get are still shown);
 - fails: the CI lies entirely on the other side of the claim's test;
 - holds: the CI lies entirely on the claim's side AND the floor test passes;
 - inconclusive: otherwise (CI across the threshold, effect within the noise
@@ -43,7 +47,8 @@ from .findings import (
     rows_of,
 )
 
-RULE = ("not_measured if a needed cell/table is absent; fails if the CI lies on the other side of the test; "
+RULE = ("not_measured if a needed cell/table is absent; unsettled if its cells have not settled (data-order and "
+        "horizon controls, analysis/settle.py); fails if the CI lies on the other side of the test; "
         "holds if the CI lies on the claim's side and the effect is beyond the noise floor; else inconclusive "
         "(docs/findings.md)")
 TOL = 0.15               # "≈ x" for a cosine-like quantity: |value − x| <= TOL
@@ -59,6 +64,9 @@ CLAIMS_SCHEMA = pa.schema([
     ("ci_low", F64), ("ci_high", F64), ("noise_floor", F64), ("floor_kind", STR), ("verdict", STR),
     ("cells", pa.list_(STR)), ("cells_converged", pa.bool_()), ("prev_step", I64), ("value_prev", F64),
     ("verdict_prev", STR), ("note", STR),
+    # The settle rule (analysis/settle.py): its outcome, the data-order agreement
+    # at the claim's step (min over pairs) and the horizon agreement.
+    ("settled", pa.bool_()), ("settle_kind", STR), ("order_agreement", F64), ("horizon_agreement", F64),
 ])
 
 
@@ -198,6 +206,7 @@ class Ctx:
         self.layer_sq = layer_sq_norms(tables.get("adapter_modules"))
         self.ref, self.scales = reference_loss, dict(lr_scales or {})
         self.idents: dict[str, Ident] = {}
+        self.horizons: dict[tuple, dict[int, str]] = {}  # reference cell -> {step: horizon control adapter}
         for r in self.rows.get("adapter_modules", []):
             if r["adapter"] not in self.idents:
                 self._add(row_ident(r))
@@ -230,8 +239,18 @@ class Ctx:
         self._choose_primary()
 
     def _add(self, i: Optional[Ident]) -> None:
-        if i is not None:
-            self.idents.setdefault(i.name, i)
+        if i is None:
+            return
+        if i.horizon is not None:  # horizon controls only feed the settle rule (analysis/settle.py)
+            self.horizons.setdefault(i.cell[:4], {})[i.step] = i.name
+            return
+        self.idents.setdefault(i.name, i)
+
+    def has_controls(self, loss: str) -> bool:
+        """Whether the run has a data-order control of `loss` (its own settle evidence)."""
+        base = self.cell(loss)
+        return base is not None and any(i.loss == loss and i.data_seed != base[2] and i.init_seed == base[1]
+                                        for i in self.idents.values())
 
     def grid_lr(self, cell: tuple) -> float:
         return cell[3] / self.scales.get(cell[0], 1.0)

@@ -46,6 +46,7 @@ class Claim:
     test: Test
     floor_mode: Optional[str]  # None | required | below | above | power (analysis.claims.judge)
     fn: Callable
+    settle: str = "direction"  # which settle rule applies: direction | norm | function (analysis/settle.py)
 
     def measure(self, ctx: Ctx, which: int) -> dict:
         """{label: Measure}; label "" except per eval set ("synthetic", ...)."""
@@ -419,9 +420,9 @@ CLAIMS = [
           below(0.11 + TOL), "below", _pair_cos("dpo", "mean_u1_abs_dot")),
     Claim("dpo.lmc_barrier", "Interpolating DPO with the SFT cluster crosses a barrier (max CE above the line "
           "between the endpoints, nats/token)", "sharp barrier above alpha = 0.5 (RIFT-DPO; §3.5)",
-          above(0.1), "above", _barrier),
+          above(0.1), "above", _barrier, "function"),
     Claim("dpo.cka_late", "DPO's late-layer representations diverge (mean linear CKA over the last third of "
-          "blocks, vs offline GRPO / DFT / SFT)", "~0.46 (§3.6)", below(0.46 + TOL), "below", _cka),
+          "blocks, vs offline GRPO / DFT / SFT)", "~0.46 (§3.6)", below(0.46 + TOL), "below", _cka, "function"),
     Claim("seed.cosine", "The same loss (SFT) at two LoRA-init seeds: low global cosine",
           "0.07 (lr 5e-7) - 0.36 (lr 5e-5) (§3.4)", band(0.07 - TOL, 0.36 + TOL), None, _seed("cosine")),
     Claim("seed.u1", "... yet the same output direction (mean |u1.u1'|)", "0.99 (§3.4)", above(0.99 - TOL), None,
@@ -431,17 +432,17 @@ CLAIMS = [
     Claim("lr10.cosine", "A 10x LR rotates SFT's update (global cosine between the two LRs)", "~0.55 (§3.4)",
           band(0.55 - TOL, 0.55 + TOL), "below", _lr_cos),
     Claim("lr10.norm_ratio", "... and grows its norm sub-linearly (||dW|| at 10x LR / at 1x)", "~3x (§3.4)",
-          band(3 / RATIO_TOL, 3 * RATIO_TOL), "above", _lr_norm),
+          band(3 / RATIO_TOL, 3 * RATIO_TOL), "above", _lr_norm, "norm"),
     Claim("online_grpo.cosine", "Online GRPO is near-orthogonal to SFT (global cosine)", "0.025 (§3.4)",
           band(-(0.025 + TOL), 0.025 + TOL), "below", _pair_cos("online_grpo", "cosine")),
     Claim("online_grpo.orth", "Online GRPO's update is almost all orthogonal to SFT (orthogonal fraction off SFT)",
           "0.998 (§3.4)", above(0.998 - TOL), "above", _orth("online_grpo")),
     Claim("online_grpo.norm_ratio", "Online GRPO's update is ~10x smaller than SFT's at the same LR "
           "(||dW_SFT|| / ||dW_online||)", "~10x (2.84 vs 0.30; §3.4)", band(10 / RATIO_TOL, 10 * RATIO_TOL),
-          "above", _online_norm),
+          "above", _online_norm, "norm"),
     Claim("accuracy.sft_rft_rift", "SFT, RFT and RIFT accuracies are indistinguishable (smallest pairwise exact "
           "McNemar p)", "p >= 0.15 (n = 1319; §3.1)", above(0.15), "power",
-          _per_dataset(lambda ctx: ("sft", "rft", "rift"), _acc_same)),
+          _per_dataset(lambda ctx: ("sft", "rft", "rift"), _acc_same), "function"),
     Claim("accuracy.dpo_best", "DPO is the most accurate offline loss (accuracy gap to the best other)",
-          "93.5% vs 87.3-88.2%, p < 1e-9 (§3.1)", above(0.0), "above", _per_dataset(_others, _acc_dpo)),
+          "93.5% vs 87.3-88.2%, p < 1e-9 (§3.1)", above(0.0), "above", _per_dataset(_others, _acc_dpo), "function"),
 ]

@@ -41,7 +41,7 @@ from ..core.errors import WsgError
 from ..core.layout import RunLayout
 from ..core.models import load_causal_lm, load_tokenizer, resolve_model
 from ..core.session import connect
-from ..rollouts.datasets import load_problems
+from ..rollouts.datasets import load_eval_problems
 from ..rollouts.engine import EngineActor, EngineOptions, shutdown_engines, wait_ready
 from ..rollouts.engine_rules import (
     adapter_mode,
@@ -57,14 +57,13 @@ from .adapters import BASE, Adapter, list_adapters, local_copy
 from .lora_io import content_hash
 from .stats import PREDICTIONS_SCHEMA, accuracy_table, mcnemar_table
 
-# vLLM accepts these LoRA ranks only (max_lora_rank).
-
 
 def eval_prompts(cfg, eval_set) -> tuple[list, list[str]]:
     """(problems, chat-templated prompts) of one eval set, formatted exactly as
-    the rollouts are (data.instruction, data.system_prompt)."""
+    the rollouts are (data.instruction, data.system_prompt), none of them a
+    training prompt (rollouts.datasets.load_eval_problems)."""
 
-    problems = list(load_problems(eval_set))
+    problems = list(load_eval_problems(eval_set, cfg.data)[0])
     if not problems:
         raise WsgError(f"analysis.eval_sets: set {eval_set.name!r} has no problems; check its source/path")
     tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
@@ -130,7 +129,10 @@ def _fingerprint(cfg, adapter: Adapter | None) -> str:
     blob = {"model": cfg.model.name, "dtype": cfg.rollouts.dtype, "max_model_len": cfg.model.max_model_len,
             "eval_sets": [e.model_dump(mode="json") for e in cfg.analysis.eval_sets],
             "max_tokens": cfg.analysis.eval_max_tokens, "instruction": cfg.data.instruction,
-            "system_prompt": cfg.data.system_prompt, "adapter": content_hash(adapter.path) if adapter else None}
+            "system_prompt": cfg.data.system_prompt, "adapter": content_hash(adapter.path) if adapter else None,
+            # Eval problems exclude the training ones (rollouts.datasets.load_eval_problems): a
+            # cache from before that rule holds other problems.
+            "eval_disjoint_from": cfg.data.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -60,10 +60,12 @@ class Ident:
     data_seed: int
     lr: float
     step: int
+    horizon: Optional[int] = None  # a horizon control's schedule length (core.cells.CellKey)
 
     @property
     def cell(self) -> tuple:
-        return (self.loss, self.init_seed, self.data_seed, self.lr)
+        base = (self.loss, self.init_seed, self.data_seed, self.lr)
+        return base if self.horizon is None else (*base, self.horizon)
 
     @property
     def cell_id(self) -> str:
@@ -80,15 +82,17 @@ def identify(name: str) -> Optional[Ident]:
         k = CellKey.parse(head)
     except WsgError:
         return None
-    return Ident(str(name), k.loss, k.init_seed, k.data_seed, k.lr, int(tail))
+    return Ident(str(name), k.loss, k.init_seed, k.data_seed, k.lr, int(tail), k.horizon)
 
 
 def row_ident(row: dict, side: str = "") -> Optional[Ident]:
     """Identity of a table row's adapter (`side` "_a"/"_b" for pair tables):
     from the identity columns when the table has them, else from the name."""
     name = row["adapter" + side]
-    if "loss" + side not in row:
-        return identify(name)
+    parsed = identify(name)
+    if "loss" + side not in row or (parsed is not None and parsed.horizon is not None):
+        # A horizon control carries its reference cell's identity columns; its name tells them apart.
+        return parsed
     vals = [row.get(k + side) for k in ("loss", "init_seed", "data_seed", "lr", "step")]
     if any(v is None for v in vals) or vals[4] < 0:
         return None
@@ -102,7 +106,7 @@ def same_lr(x: float, y: float) -> bool:
 def control_kind(a: Optional[Ident], b: Optional[Ident]) -> Optional[str]:
     """"init_seed", "data_seed" or "lr" when a and b are the same loss at the
     same step and differ in exactly that factor; else None."""
-    if a is None or b is None or a.loss != b.loss or a.step != b.step:
+    if a is None or b is None or a.loss != b.loss or a.step != b.step or a.horizon != b.horizon:
         return None
     diff = [k for k, d in (("init_seed", a.init_seed != b.init_seed), ("data_seed", a.data_seed != b.data_seed),
                            ("lr", not same_lr(a.lr, b.lr))) if d]
@@ -304,7 +308,8 @@ def convergence(adapter_modules, global_pairs) -> pa.Table:
     pairs = PairIndex(global_pairs)
     by_cell: dict[tuple, dict[int, str]] = defaultdict(dict)
     for name, i in idents.items():
-        by_cell[i.cell][i.step] = name
+        if i.horizon is None:  # a horizon control has one analysed checkpoint: the settle rule reads it
+            by_cell[i.cell][i.step] = name
     out = []
     for cell in sorted(by_cell, key=lambda c: (c[0], c[1], c[2], c[3])):
         names = by_cell[cell]
@@ -334,6 +339,6 @@ def convergence(adapter_modules, global_pairs) -> pa.Table:
 def _seed_partner(idents: dict[str, Ident], me: Ident) -> Optional[str]:
     """The same loss at another init seed, same LR and step (same data seed first)."""
     cands = [i for i in idents.values() if i.loss == me.loss and i.step == me.step and same_lr(i.lr, me.lr)
-             and i.init_seed != me.init_seed]
+             and i.init_seed != me.init_seed and i.horizon == me.horizon]
     cands.sort(key=lambda i: (i.data_seed != me.data_seed, i.init_seed, i.data_seed))
     return cands[0].name if cands else None

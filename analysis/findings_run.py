@@ -14,6 +14,7 @@ from ..core import rundir
 from ..core.config import config_hash
 from ..core.errors import WsgError
 from ..core.layout import RunLayout
+from ..rollouts.teacher import read_teacher_profile
 from .claims import CLAIMS_SCHEMA, RULE, Ctx, Measure, judge
 from .claims_defs import CLAIMS
 from .findings import (
@@ -26,6 +27,7 @@ from .findings import (
     identify,
     noise_floors,
 )
+from .settle import agreement_note, settle
 
 
 def claims_table(tables: dict, *, reference_loss: str = "sft", lr_scales: Optional[dict] = None) -> pa.Table:
@@ -45,6 +47,12 @@ def claims_table(tables: dict, *, reference_loss: str = "sft", lr_scales: Option
 def _row(ctx: Ctx, spec, label: str, m: Measure, p: Optional[Measure]) -> dict:
     verdict, why = judge(m, spec.test, spec.floor_mode)
     notes = [why] if why else []
+    st = settle(ctx, m.step, m.cells, spec.settle) if verdict != "not_measured" else None
+    if st is not None and not st.settled:
+        notes.insert(0, f"{st.note()} (settled, it would read {verdict})")
+        verdict = "unsettled"
+    if st is not None and spec.id.endswith(".cosine") and not spec.id.startswith("seed."):
+        notes.append(agreement_note(st, m.value))
     notes += m.notes
     vp = judge(p, spec.test, spec.floor_mode)[0] if p is not None and not p.missing else None
     if vp and verdict != "not_measured" and vp != verdict:
@@ -62,7 +70,9 @@ def _row(ctx: Ctx, spec, label: str, m: Measure, p: Optional[Measure]) -> dict:
             "floor_kind": m.floor_what if spec.floor_mode else "", "verdict": verdict, "cells": m.cells,
             "cells_converged": conv, "prev_step": p.step if p is not None and not p.missing else None,
             "value_prev": p.value if p is not None and not p.missing else None, "verdict_prev": vp,
-            "note": "; ".join(x for x in notes if x)}
+            "note": "; ".join(x for x in notes if x), "settled": None if st is None else st.settled,
+            "settle_kind": spec.settle, "order_agreement": None if st is None else st.order,
+            "horizon_agreement": None if st is None else st.horizon}
 
 
 # --- the run-level entry point -------------------------------------------------------
@@ -106,7 +116,9 @@ def run_findings(cfg, run: str) -> dict:
     losses = set(cfg.grid.losses) | {c.loss for c in cfg.grid.extra_cells}
     claims = claims_table(tables, reference_loss=cfg.analysis.reference_loss,
                             lr_scales={x: cfg.loss_cfg(x).lr_scale for x in losses})
-    md = _metadata(config_hash(cfg), {"wsg.claims_rule": RULE})
+    # The claims' context: who wrote the rollouts and what they are like.
+    teacher = read_teacher_profile(cfg, run)
+    md = _metadata(config_hash(cfg), {"wsg.claims_rule": RULE, "wsg.teacher": teacher})
     out = {"noise_floors": floors, "convergence": conv, "claims": claims}
     for name, table in out.items():
         rundir.write_table(lay.geometry_table(name), table.replace_schema_metadata(md))
@@ -115,5 +127,6 @@ def run_findings(cfg, run: str) -> dict:
     for v in claims.column("verdict").to_pylist():
         verdicts[v] += 1
     return {"noise_floor_pairs": floors.num_rows, "cells": len(cells),
-            "converged_cells": sum(1 for v in cells.values() if v), "claims": dict(verdicts),
+            "converged_cells": sum(1 for v in cells.values() if v), "claims": dict(verdicts), "teacher": teacher,
+            "claims_settled": sum(1 for v in claims.column("settled").to_pylist() if v), "n_claims": claims.num_rows,
             "tables": {k: lay.geometry_table(k) for k in out}}

@@ -21,6 +21,7 @@ from ..core import rundir
 from ..core.config import config_hash, parse_config
 from ..core.errors import WsgError
 from ..core.layout import RunLayout
+from ..rollouts.teacher import describe as describe_teacher
 from . import figures as F
 from . import report_findings as RF
 from .adapters import BASE, Adapter, describe, reference_pairs
@@ -54,7 +55,7 @@ td:first-child,th:first-child,td.s{text-align:left}summary{cursor:pointer;color:
 .meta td{text-align:left}img{max-width:100%;border:1px solid #eee}
 .sig{font-weight:bold}.note{color:#555;font-size:.9em}
 td.v-holds{background:#cdeccd}td.v-fails{background:#f6c9c9}td.v-inconclusive{background:#fbe8b0}
-td.v-not_measured{background:#e6e6e6;color:#555}.conv{border-left:4px solid #c0392b;padding:.5em 1em;background:#fbeeee}
+td.v-not_measured{background:#e6e6e6;color:#555}td.v-unsettled{background:#dde6f4}.conv{border-left:4px solid #c0392b;padding:.5em 1em;background:#fbeeee}
 .ok{border-left:4px solid #2e8b57;padding:.5em 1em;background:#eef8f1}td.w{text-align:left;max-width:28em}
 td.c{text-align:left;white-space:nowrap;font-size:.8em}
 """
@@ -86,6 +87,25 @@ def _run_config(run: str) -> tuple[str, dict]:
         first_line = str(err).splitlines()[0]
         return f"unknown (config.yaml unreadable: {first_line})", {}
     return h, data if isinstance(data, dict) else {}
+
+
+def _teacher_line(run: str) -> str:
+    """The teacher (rollouts/teacher.py): from the claims table's metadata,
+    else the rollouts stage's summary."""
+    import json
+
+
+    prof = None
+    claims = rundir.join(run, TABLES["claims"][0])
+    if rundir.exists(claims):
+        md = rundir.read_table(claims).schema.metadata or {}
+        raw = md.get(b"wsg.teacher")
+        prof = json.loads(raw) if raw else None
+
+    marker = RunLayout.of(run).rollouts_complete
+    if prof is None and rundir.exists(marker):
+        prof = rundir.read_json(marker).get("teacher_profile")
+    return f'<p class="teacher">{html.escape(describe_teacher(prof))}</p>'
 
 
 def _fmt(v) -> str:
@@ -310,7 +330,7 @@ def _render(run: str, out_dir: str) -> None:
     # The page opens with the claims; the run's identity and the contents follow.
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wsg report: "
             f"{html.escape(os.path.basename(str(run).rstrip('/')))}</title><style>{_CSS}</style></head><body>"
-            f"<h1>wsg report</h1>{parts[0]}<h2>Run</h2>{meta}{summary}<ul>{toc}</ul>{''.join(parts[1:])}"
+            f"<h1>wsg report</h1>{_teacher_line(run)}{parts[0]}<h2>Run</h2>{meta}{summary}<ul>{toc}</ul>{''.join(parts[1:])}"
             "</body></html>")
     with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
         f.write(page)

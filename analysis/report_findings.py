@@ -18,7 +18,7 @@ from .findings import (
     row_ident,
 )
 
-VERDICTS = ("holds", "fails", "inconclusive", "not_measured")
+VERDICTS = ("holds", "fails", "inconclusive", "unsettled", "not_measured")
 _FLOOR_NOT_WRITTEN = ("geometry/noise_floors.parquet has not been written for this run (the findings step after "
                       "geometry, analysis.findings_run.run_findings)")
 
@@ -55,16 +55,27 @@ def convergence_note(conv_rows, cells: set[str] | None, what: str) -> str:
     return f'<p class="ok">All {len(used)} {what} converged by the criterion of docs/findings.md.</p>'
 
 
+def settled_headline(rows: list[dict]) -> str:
+    """"3 of 19 claims settled: holds 2 · fails 1 · ...": settledness first,
+    so a run whose updates still move never reads as the paper failing."""
+    counts = {v: sum(1 for r in rows if r["verdict"] == v) for v in VERDICTS}
+    settled = sum(1 for r in rows if r.get("settled"))
+    return (f"{settled} of {len(rows)} claims settled: "
+            + " · ".join(f"{v.replace('_', ' ')} {counts[v]}" for v in VERDICTS))
+
+
 def claims_section(rows: list[dict], conv_rows, fmt, ci, figure: str = "") -> str:
     """The claims section: convergence note, how to read a verdict, `figure` (the forest plot), the table."""
-    counts = {v: sum(1 for r in rows if r["verdict"] == v) for v in VERDICTS}
-    head = " · ".join(f"{v.replace('_', ' ')} {counts[v]}" for v in VERDICTS)
+    head = _esc(settled_headline(rows))
     intro = ('<p class="note">Each headline claim of the seed paper (arXiv 2606.23740) checked on this run: value '
              'with its 95% CI, the noise floor it must beat (the same metric between cells of the reference loss '
              'that differ only in a seed or the LR), and the verdict by the rule of docs/findings.md — '
              '<b>holds</b>: the CI is on the claim\'s side of its test and beyond the floor; <b>fails</b>: the CI '
-             'is on the other side; <b>inconclusive</b>: neither; <b>not measured</b>: the note names the missing '
-             f'cells or tables.</p><p><b>{head}</b></p>')
+             'is on the other side; <b>inconclusive</b>: neither; <b>unsettled</b>: the cells have not settled '
+             '(two data orders of the same loss disagree, or the same cell on a 0.75x schedule ends elsewhere), so '
+             'the claim is neither confirmed nor refuted; value and CI are still shown and the note says what it '
+             'would read; <b>not measured</b>: the note names the missing cells or tables.</p>'
+             f'<p><b>{head}</b></p>')
     cols = ["verdict", "claim", "statement", "paper", "test", "value [95% CI]", "noise floor", "step",
             "previous step", "cells", "note"]
     body = []

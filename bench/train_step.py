@@ -39,7 +39,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 from wsg.core import rundir  # noqa: E402
 from wsg.core.cells import CellKey
 from wsg.core.layout import RunLayout
-from wsg.sweep.config import parse_config  # noqa: E402
+from wsg.sweep.config import parse_config
 
 LORA = {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 

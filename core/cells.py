@@ -11,7 +11,10 @@ Ids (the folder name under `<run>/cells/`):
 
 - `<loss>-s<seed>-lr<lr>` when init_seed == data_seed (every grid cell of a
   config without controls), e.g. `dpo-s42-lr5e-07`;
-- `<loss>-i<init>-d<data>-lr<lr>` otherwise, e.g. `sft-i43-d42-lr1e-04`.
+- `<loss>-i<init>-d<data>-lr<lr>` otherwise, e.g. `sft-i43-d42-lr1e-04`;
+- either followed by `-h<steps>` for a horizon control: the same cell trained
+  on a shorter schedule that ends (LR at its floor) at step <steps>, e.g.
+  `sft-s42-lr1e-04-h9` (docs/findings.md "Settled").
 
 The learning rate is written in numpy's shortest round-tripping scientific
 form, so parsing an id gives the same float back bit for bit.
@@ -29,8 +32,9 @@ from .errors import WsgError
 # first "-s" / "-i" after the name unambiguously starts the seeds.
 _LOSS = r"[a-z][a-z0-9_]*"
 _LR = r"[0-9.]+(?:e[+-]?\d+)?"
-_SAME = re.compile(rf"^(?P<loss>{_LOSS})-s(?P<seed>-?\d+)-lr(?P<lr>{_LR})$")
-_SPLIT = re.compile(rf"^(?P<loss>{_LOSS})-i(?P<init>-?\d+)-d(?P<data>-?\d+)-lr(?P<lr>{_LR})$")
+_H = r"(?:-h(?P<h>\d+))?"
+_SAME = re.compile(rf"^(?P<loss>{_LOSS})-s(?P<seed>-?\d+)-lr(?P<lr>{_LR}){_H}$")
+_SPLIT = re.compile(rf"^(?P<loss>{_LOSS})-i(?P<init>-?\d+)-d(?P<data>-?\d+)-lr(?P<lr>{_LR}){_H}$")
 
 
 def format_lr(lr: float) -> str:
@@ -47,6 +51,9 @@ class CellKey:
     init_seed: int
     data_seed: int
     lr: float
+    # A horizon control's own train.max_steps (its schedule ends there); None
+    # for every other cell, whose id, dict and fingerprint stay as they were.
+    horizon: int | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(_LOSS, self.loss):
@@ -61,12 +68,18 @@ class CellKey:
         object.__setattr__(self, "init_seed", int(self.init_seed))
         object.__setattr__(self, "data_seed", int(self.data_seed))
         object.__setattr__(self, "lr", float(lr))
+        h = self.horizon
+        if h is not None:
+            if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
+                raise WsgError(f"a horizon (steps) must be an integer >= 1, got {h!r}")
+            object.__setattr__(self, "horizon", int(h))
 
     @classmethod
     def of(cls, loss: str, seed: int, lr: float, *, init_seed: int | None = None,
-           data_seed: int | None = None) -> "CellKey":
+           data_seed: int | None = None, horizon: int | None = None) -> "CellKey":
         """A cell from the grid's `seed`, with either seed overridden."""
-        return cls(loss, seed if init_seed is None else init_seed, seed if data_seed is None else data_seed, lr)
+        return cls(loss, seed if init_seed is None else init_seed, seed if data_seed is None else data_seed, lr,
+                   horizon)
 
     @property
     def seed(self) -> int:
@@ -75,24 +88,30 @@ class CellKey:
 
     @property
     def id(self) -> str:
+        h = "" if self.horizon is None else f"-h{self.horizon}"
         if self.init_seed == self.data_seed:
-            return f"{self.loss}-s{self.init_seed}-lr{format_lr(self.lr)}"
-        return f"{self.loss}-i{self.init_seed}-d{self.data_seed}-lr{format_lr(self.lr)}"
+            return f"{self.loss}-s{self.init_seed}-lr{format_lr(self.lr)}{h}"
+        return f"{self.loss}-i{self.init_seed}-d{self.data_seed}-lr{format_lr(self.lr)}{h}"
 
     @classmethod
     def parse(cls, cid: str) -> "CellKey":
         """Inverse of `.id`."""
         m = _SAME.match(cid)
         if m:
-            return cls(m["loss"], int(m["seed"]), int(m["seed"]), float(m["lr"]))
+            return cls(m["loss"], int(m["seed"]), int(m["seed"]), float(m["lr"]), _horizon(m))
         m = _SPLIT.match(cid)
         if m:
-            return cls(m["loss"], int(m["init"]), int(m["data"]), float(m["lr"]))
+            return cls(m["loss"], int(m["init"]), int(m["data"]), float(m["lr"]), _horizon(m))
         raise WsgError(f"{cid!r} is not a cell id of the form <loss>-s<seed>-lr<lr> (e.g. dpo-s42-lr5e-07) "
                        "or <loss>-i<init_seed>-d<data_seed>-lr<lr>")
 
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "init_seed": self.init_seed, "data_seed": self.data_seed, "lr": self.lr}
+        d = {"loss": self.loss, "init_seed": self.init_seed, "data_seed": self.data_seed, "lr": self.lr}
+        return d if self.horizon is None else {**d, "horizon": self.horizon}
+
+
+def _horizon(m: re.Match) -> int | None:
+    return None if m["h"] is None else int(m["h"])
 
 
 def cell_id(loss: str, seed: int, lr: float) -> str:

@@ -265,6 +265,19 @@ class ControlsCfg(_Strict):
     init_seeds: list[int] = Field(default_factory=list)
     data_seeds: list[int] = Field(default_factory=list)
     lr_factors: list[float] = Field(default_factory=list)
+    # Horizon controls: the same cell on a shorter schedule, train.max_steps x
+    # this fraction, its LR schedule ending there (e.g. [0.75]). A claim is
+    # settled only if such a cell's final ΔW matches the full one's: a cosine
+    # schedule freezes ΔW near its end whatever the data (docs/findings.md).
+    horizons: list[float] = Field(default_factory=list)
+
+    @field_validator("horizons")
+    @classmethod
+    def _horizons(cls, v):
+        if any(not 0 < x < 1 for x in v):
+            raise ValueError(f"grid.controls.horizons must lie strictly between 0 and 1 (fractions of "
+                             f"train.max_steps, e.g. [0.75]), got {v}")
+        return v
 
     @field_validator("lr_factors")
     @classmethod
@@ -275,7 +288,7 @@ class ControlsCfg(_Strict):
 
     @property
     def any(self) -> bool:
-        return bool(self.init_seeds or self.data_seeds or self.lr_factors)
+        return bool(self.init_seeds or self.data_seeds or self.lr_factors or self.horizons)
 
 
 class GridCfg(_Strict):
@@ -457,6 +470,20 @@ class ExperimentConfig(_Strict):
 
     def loss_cfg(self, loss: str) -> LossCfg:
         return self.losses.get(loss, LossCfg())
+
+    def horizon_steps(self, frac: float) -> int:
+        """The last step of a horizon control at `frac` of train.max_steps."""
+        return max(1, int(round(self.train.max_steps * frac)))
+
+    def for_horizon(self, steps: int | None) -> "ExperimentConfig":
+        """This config with train.max_steps = steps (the LR schedule ends
+        there) and the checkpoints below it plus `steps`: a horizon control
+        cell's training config. None: this config itself."""
+        if steps is None or steps == self.train.max_steps:
+            return self
+        ckpts = [s for s in self.train.checkpoint_steps if s < steps] + [steps]
+        train = self.train.model_copy(update={"max_steps": steps, "checkpoint_steps": ckpts})
+        return self.model_copy(update={"train": train})
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

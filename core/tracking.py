@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from . import rundir
 from .config import MlflowCfg, TrackingCfg, config_hash, mlflow_store_kind
+from .teacher import teacher_identity
 from .trackers import (
     Mlflow,
     Named,
@@ -95,17 +96,26 @@ def cell_params(cfg, key, *, hyper: dict | None = None) -> dict:
            "lora_alpha": t.lora.alpha, "warmup_frac": t.warmup_frac, "weight_decay": t.weight_decay,
            "max_grad_norm": t.max_grad_norm, "precision": t.precision}
     out.update({f"hyper.{k}": v for k, v in sorted((lcfg.hyper if hyper is None else hyper).items())})
+    out.update(_teacher_params(cfg))
     return out
 
 
-def run_params(cfg) -> dict:
-    """The params of the run-level tracked run."""
+def _teacher_params(cfg, profile: dict | None = None) -> dict:
+    """The teacher's identity (and, given the rollouts' profile, what it
+    produced: accuracy, mixed prompts, text variety), None values left out."""
+    return {k: v for k, v in {**teacher_identity(cfg), **(profile or {})}.items() if v is not None}
+
+
+def run_params(cfg, teacher: dict | None = None) -> dict:
+    """The params of the run-level tracked run; `teacher`: the rollouts'
+    teacher profile (rollouts.teacher.read_teacher_profile)."""
 
     g = cfg.grid
     return {"config_name": cfg.name, "config_hash": config_hash(cfg), "model": cfg.model.name,
             "losses": ",".join(g.losses), "seeds": ",".join(map(str, g.seeds)),
             "lrs": ",".join(f"{x:g}" for x in g.lrs), "max_steps": cfg.train.max_steps,
-            "rollouts_backend": cfg.rollouts.backend, "data_source": cfg.data.source}
+            "rollouts_backend": cfg.rollouts.backend, "data_source": cfg.data.source,
+            **_teacher_params(cfg, teacher)}
 
 
 # ------------------------------------------------------------- the tracker

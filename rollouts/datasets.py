@@ -70,6 +70,7 @@ class LoadReport:
     n_loaded: int = 0
     n_bad_gold: int = 0
     n_empty_problem: int = 0
+    n_excluded: int = 0      # eval sets: candidates dropped because training asks the same problem
     bad_gold_examples: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -82,24 +83,52 @@ def load_problems(src) -> list["Problem"]:
     return problems
 
 
-def load_problems_with_report(src) -> tuple[list[Problem], LoadReport]:
+def load_problems_with_report(src, exclude: frozenset | None = None) -> tuple[list[Problem], LoadReport]:
+    """exclude: keys (synthetic.problem_key / normalize_text) of problems to
+    leave out (an eval set's training problems); None for training itself."""
     source = src.source
     if source == "synthetic":
-        return _synthetic(src)
+        return _synthetic(src, exclude)
     columns = _columns(src)
     rows, where = _read_rows(src)
-    return _select(rows, columns, src, where)
+    return _select(rows, columns, src, where, exclude or frozenset())
+
+
+def training_keys(data) -> frozenset:
+    """What the training prompts (a DataCfg) ask: for synthetic data both the
+    operation-operands key and the text, else the normalised text."""
+    if data.source == "synthetic":
+        rows = synthetic.generate(data.family, data.n_prompts, data.seed)
+        return frozenset([synthetic.problem_key(r["op"], r["a"], r["b"]) for r in rows]
+                         + [synthetic.normalize_text(r["problem"]) for r in rows])
+    return frozenset(synthetic.normalize_text(p.problem) for p in load_problems(data))
+
+
+def load_eval_problems(eval_set, data) -> tuple[list[Problem], LoadReport]:
+    """An eval set's problems, disjoint from the training prompts of `data` by
+    construction: a candidate that asks a training problem (same operation
+    and operands, or the same text) is skipped and the next one drawn. A
+    small synthetic family may run out: the set is then smaller than its
+    n_prompts (never a repeat), and the report says by how many."""
+    probs, report = load_problems_with_report(eval_set, exclude=training_keys(data))
+    if len(probs) < eval_set.n_prompts:
+        log.warning("eval set %r: %d of n_prompts=%d problems left once the %d training problems are excluded",
+                    getattr(eval_set, "name", "?"), len(probs), eval_set.n_prompts, data.n_prompts)
+    return probs, report
 
 
 # ------------------------------------------------------------------ synthetic
-def _synthetic(src) -> tuple[list[Problem], LoadReport]:
+def _synthetic(src, exclude: frozenset | None = None) -> tuple[list[Problem], LoadReport]:
     try:
-        rows = synthetic.generate(src.family, src.n_prompts, src.seed)
+        if exclude is None:
+            rows, dropped = synthetic.generate(src.family, src.n_prompts, src.seed), 0
+        else:
+            rows, dropped = synthetic.generate_excluding(src.family, src.n_prompts, src.seed, exclude)
     except KeyError as exc:
         raise WsgError(f"{_field(src, 'family')}: {exc.args[0]}") from None
     probs = [Problem(r["id"], r["problem"], r["answer"]) for r in rows]
     where = f"synthetic:{src.family}"
-    return probs, LoadReport("synthetic", where, len(rows), len(rows), len(probs))
+    return probs, LoadReport("synthetic", where, len(rows), len(rows) + dropped, len(probs), n_excluded=dropped)
 
 
 def _field(src, name: str) -> str:
@@ -224,7 +253,7 @@ def _gold_ok(gold: str) -> bool:
     return parse_gold(gold, alarm_s=5 if on_main else None) is not None
 
 
-def _select(rows: list[dict], columns: dict[str, str], src, where: str):
+def _select(rows: list[dict], columns: dict[str, str], src, where: str, exclude: frozenset = frozenset()):
     report = LoadReport(src.source, where, n_rows=len(rows))
     if not rows:
         raise WsgError(f"{where!r} holds no rows; give a non-empty dataset as {_field(src, 'path')}")
@@ -252,6 +281,9 @@ def _select(rows: list[dict], columns: dict[str, str], src, where: str):
         text = r.get(columns["problem"])
         if text is None or not str(text).strip():
             report.n_empty_problem += 1
+            continue
+        if exclude and synthetic.normalize_text(text) in exclude:
+            report.n_excluded += 1
             continue
         gold = gold_from_raw(r.get(columns["answer"]), src.source)
         if gold is None or not _gold_ok(gold):

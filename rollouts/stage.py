@@ -28,6 +28,7 @@ from ..core.errors import WsgError
 from ..core.layout import RunLayout
 from ..core.models import load_tokenizer, resolve_model
 from ..core.session import session
+from ..core.teacher import teacher_name
 from . import schema
 from .datasets import Problem, load_problems_with_report
 from .endpoint import EndpointClient
@@ -36,18 +37,11 @@ from .engine_rules import rollout_engine_options
 from .prompts import build_messages, encode_prompts, render_prompts
 from .reward import score_many, warm_up
 from .scripted import run_scripted
+from .teacher import teacher_profile
 
 # Shards queued per engine: the next one is already waiting while the driver
 # scores and writes the previous one, so engines never idle between shards.
 QUEUE_DEPTH = 2
-
-
-def teacher_name(cfg) -> str:
-    if cfg.rollouts.backend == "openai":
-        return f"openai:{cfg.rollouts.endpoint.model}"
-    if cfg.rollouts.backend == "scripted":
-        return f"scripted:error_rate={cfg.rollouts.scripted_error_rate}"
-    return cfg.rollouts.teacher or cfg.model.name
 
 
 def spec_hash(cfg) -> str:
@@ -342,6 +336,8 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
         "stage_s": round(time.perf_counter() - t0, 3), "n_reward_timeouts": stats.reward_timeouts,
         "finish_reasons": dict(Counter(r["finish_reason"] for r in rows)),
         "data": report.as_dict(), **extra,
+        # Who wrote the rollouts and how varied their text is (rollouts/teacher.py).
+        "teacher_profile": teacher_profile(cfg, rows),
     }
     rundir.mark_complete(out_dir, summary)
     _log(progress, f"done: {summary['n_samples']} samples, reward {summary['reward_mean']:.3f}, "

@@ -125,3 +125,46 @@ def generate(family: str, n: int, seed: int) -> list[dict]:
         out.append({"id": f"{family}-s{seed}-{i:05d}", "problem": text,
                     "answer": str(_APPLY[fam.op](a, b)), "a": a, "b": b, "op": fam.op})
     return out
+
+
+def problem_key(op: str, a: int, b: int) -> str:
+    """What a problem asks, whatever its phrasing ("What is 3 + 4?" and "Add
+    3 and 4." share it): the key eval sets are kept disjoint from training by."""
+    return f"{op}|{a}|{b}"
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def generate_excluding(family: str, n: int, seed: int, exclude: frozenset) -> tuple[list[dict], int]:
+    """Up to `n` problems of a family none of which is in `exclude` (keys of
+    `problem_key` or `normalize_text`), drawn without replacement in a seeded
+    order; fewer than n when the family has no more (never a repeat). Returns
+    (rows, how many drawn candidates were excluded). Eval sets only: training
+    prompts come from `generate`, which this leaves untouched."""
+    fam = get_family(family)
+    rng = _rng(family, seed)
+    (a0, a1), (b0, b1) = fam.a, fam.b
+    space = (a1 - a0 + 1) * (b1 - b0 + 1)
+    if space <= 200_000:
+        pool = [(a, b) for a in range(a0, a1 + 1) for b in range(b0, b1 + 1) if fam.keep(a, b)]
+        rng.shuffle(pool)
+    else:
+        pool = ((rng.randint(a0, a1), rng.randint(b0, b1)) for _ in range(50 * n + 1000))
+    out, seen, dropped = [], set(), 0
+    for a, b in pool:
+        if len(out) >= n:
+            break
+        if not fam.keep(a, b) or (a, b) in seen:
+            continue
+        seen.add((a, b))
+        tpl = rng.choice(_TEMPLATES[(fam.op, fam.style)])
+        text = tpl.format(a=a, b=b, name=rng.choice(_NAMES), item=rng.choice(_ITEMS))
+        if problem_key(fam.op, a, b) in exclude or normalize_text(text) in exclude:
+            dropped += 1
+            continue
+        out.append({"id": f"{family}-s{seed}-{len(out):05d}", "problem": text,
+                    "answer": str(_APPLY[fam.op](a, b)), "a": a, "b": b, "op": fam.op})
+    return out, dropped
+

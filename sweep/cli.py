@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arg(p, required=False)
     _add_ray_arg(p)
 
+    p = sub.add_parser("study", help="one run per value of a factor (the config's study: section), "
+                                     "then their claims in one table (resumes)")
+    _add_config_arg(p)
+    p.add_argument("--study", default=None, help="study folder: a local path or s3:// / gs:// URI "
+                                                   "(default: <storage.runs_root>/<config name>-study)")
+    _add_ray_arg(p)
+
     p = sub.add_parser("rollouts", help="sample K completions per prompt with vLLM and reward them")
     _add_config_arg(p)
     _add_run_arg(p, required=True)
@@ -125,6 +132,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "geometry":
         return pipeline.geometry_command(args)
+    if args.cmd == "study":
+        from .study import run_study
+
+        return run_study(args.config, args.study, address=args.address or os.environ.get("RAY_ADDRESS"),
+                         verbose=args.verbose)
 
     cfg = _load(args.config)
     run = args.run

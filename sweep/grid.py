@@ -37,7 +37,8 @@ def plan_cells(cfg: ExperimentConfig) -> list[CellKey]:
     §2 Training: 10x smaller). Controls (grid.controls): for each control
     loss and grid cell of it, one cell per other init seed, other data seed
     and LR factor, differing from that cell in that factor only (noise
-    floors, docs/findings.md). Duplicates (same id) are dropped."""
+    floors, docs/findings.md), and one per horizon: the same cell on a
+    shorter schedule (the settle rule). Duplicates (same id) are dropped."""
     cells: dict[str, CellKey] = {}
 
     def add(k: CellKey) -> None:
@@ -61,6 +62,8 @@ def plan_cells(cfg: ExperimentConfig) -> list[CellKey]:
                     add(CellKey.of(loss, seed, lr, data_seed=d))
                 for f in c.lr_factors:
                     add(CellKey.of(loss, seed, _rounded(lr * f)))
+                for h in c.horizons:
+                    add(CellKey.of(loss, seed, lr, horizon=cfg.horizon_steps(h)))
     for e in cfg.grid.extra_cells:
         add(CellKey.of(e.loss, e.seed, float(e.lr), init_seed=e.init_seed, data_seed=e.data_seed))
     return list(cells.values())

@@ -24,6 +24,7 @@ from ..core.errors import WsgError
 from ..core.layout import STAGES, RunLayout
 from ..core.session import connect, dashboard_url, session
 from ..rollouts.stage import run_rollouts
+from ..rollouts.teacher import read_teacher_profile
 from ..train.losses import loss_names
 from .config import load_config, parse_config
 from .grid import run_grid, run_one_cell
@@ -178,8 +179,11 @@ def _brief(name: str, s: dict) -> str:
     if not isinstance(s, dict):
         return str(s)
     if name == "rollouts":
+        tp = s.get("teacher_profile") or {}
+        jac = tp.get("teacher_token_jaccard")
         return (f"{s.get('n_samples')} samples of {s.get('n_prompts')} prompts, reward mean "
-                f"{s.get('reward_mean', float('nan')):.3f}, {s.get('n_pairs')} pairs")
+                f"{s.get('reward_mean', float('nan')):.3f}, {s.get('n_pairs')} pairs"
+                + ("" if jac is None else f"; teacher {tp.get('teacher')}, token overlap within a prompt {jac:.2f}"))
     if name == "grid":
         return f"{s.get('cells')} cells, {s.get('trained')} trained now"
     if name == "eval":
@@ -190,7 +194,8 @@ def _brief(name: str, s: dict) -> str:
         f = s.get("findings") or {}
         claims = ", ".join(f"{n} {v}" for v, n in sorted((f.get("claims") or {}).items()))
         return (f"{s.get('adapters')} adapters, {s.get('tables', {}).get('global_pairs')} pairs; "
-                f"{f.get('converged_cells')}/{f.get('cells')} cells converged; claims: {claims or 'none'}")
+                f"{f.get('converged_cells')}/{f.get('cells')} cells converged; {f.get('claims_settled')} of "
+                f"{f.get('n_claims')} claims settled; claims: {claims or 'none'}")
     return ", ".join(f"{k}={v}" for k, v in list(s.items())[:6])
 
 
@@ -229,7 +234,7 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
         path = build_report(run)
         if cfg.tracking.enabled:
             took = tracking.track_run(
-                cfg.tracking, experiment=cfg.name, run=layout.root, params=tracking.run_params(cfg),
+                cfg.tracking, experiment=cfg.name, run=layout.root, params=tracking.run_params(cfg, read_teacher_profile(cfg, run)),
                 artifacts={"accuracy.parquet": layout.eval_table("accuracy"),
                            "global_pairs.parquet": layout.geometry_table("global_pairs"),
                            "claims.parquet": layout.geometry_table("claims"), "report": layout.report_dir},

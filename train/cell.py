@@ -123,7 +123,8 @@ def run_cell(cfg: ExperimentConfig, run: str | RunLayout, key: CellKey, *, resum
     resume=False starts over, deleting the cell's resume state; stop_after
     stops resumably after that step (the cell is then not complete; call
     again to finish). prepared: the cell's data already built and validated
-    (the grid's), else built here. shared: run the loop in this process, a
+    (the grid's), else built here. A horizon control (key.horizon) trains
+    with train.max_steps = key.horizon, its schedule ending there. shared: run the loop in this process, a
     grid worker that trains many cells in turn (train/shared.py); else a Ray
     Train worker group. Works standalone (starts a local Ray, and stops only
     that) and inside a Tune trial."""
@@ -131,6 +132,7 @@ def run_cell(cfg: ExperimentConfig, run: str | RunLayout, key: CellKey, *, resum
 
     t0 = time.time()
     layout = run if isinstance(run, RunLayout) else RunLayout.of(run)  # local runs made absolute
+    cfg = cfg.for_horizon(key.horizon)
     cl = layout.cell(key.id)
     if rundir.is_complete(cl.root):
         return {**rundir.read_json(cl.complete_marker), "skipped": True}

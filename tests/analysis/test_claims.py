@@ -26,6 +26,8 @@ CELLS = {
     "dft": ("dft", 42, 42, 1e-4), "offline_grpo": ("offline_grpo", 42, 42, 1e-4), "dpo": ("dpo", 42, 42, 1e-5),
     "online_grpo": ("online_grpo", 42, 42, 1e-4),
     "sft_init": ("sft", 43, 42, 1e-4), "sft_data": ("sft", 42, 7, 1e-4), "sft_lr": ("sft", 42, 42, 1e-3),
+    # The horizon control (analysis/settle.py): SFT on a 0.75x schedule.
+    "sft_h": ("sft", 42, 42, 1e-4, 9),
 }
 STEPS = (6, 12)
 LAYERS = 8
@@ -48,6 +50,7 @@ class Fake:
         self.norm = {k: 1.0 for k in CELLS}
         self.norm.update(sft_lr=9.0, online_grpo=0.01)
         self.lmc, self.cka, self.dropped = {}, {}, set()
+        self.jit = {}  # cell -> per-layer norm jitter (default sin; sft_data cos)
         self.n = n_items
         self.correct = {k: self._flips(1150, k_ * 7 % 5) for k_, k in enumerate(CELLS)}
         self.correct["dpo"] = self._flips(1233, 0) if n_items > 1233 else self._flips(n_items - 2, 0)
@@ -61,6 +64,7 @@ class Fake:
         self.set("sft", "sft_data", cos=(0.9, 0.88, 0.92), orth=(0.43, 0.39, 0.47), orth_rev=(0.43, 0.39, 0.47),
                  u1=0.98, v1=0.99, late=[0.4] * LAYERS)
         self.set("sft", "sft_lr", cos=(0.55, 0.5, 0.6), u1=0.9)
+        self.set("sft", "sft_h", cos=(0.99, 0.98, 0.995))  # settled: the shorter schedule ends where SFT does
         self.lmc.update({("rift", "dpo"): [(0.0, 8.6), (0.5, 7.5), (1.0, 3.8)],
                          ("sft", "sft_data"): [(0.0, 2.0), (0.5, 2.004), (1.0, 2.0)],
                          ("sft", "sft_lr"): [(0.0, 2.1), (0.5, 2.06), (1.0, 2.0)]})
@@ -97,7 +101,7 @@ class Fake:
         return f"{CellKey(*self.cells[k]).id}@{step}"
 
     def ident(self, k, step, side=""):
-        loss, i, d, lr = self.cells[k]
+        loss, i, d, lr = self.cells[k][:4]  # a horizon control carries its reference's identity columns
         return {"loss" + side: loss, "init_seed" + side: i, "data_seed" + side: d, "lr" + side: lr, "step" + side: step}
 
     def tables(self) -> dict:
@@ -105,7 +109,7 @@ class Fake:
         keys = sorted(self.cells)
         for step in STEPS:
             for k in keys:
-                jit = (lambda l: math.sin(l)) if k != "sft_data" else (lambda l: math.cos(l))
+                jit = self.jit.get(k) or ((lambda l: math.sin(l)) if k != "sft_data" else (lambda l: math.cos(l)))
                 for layer in range(LAYERS):
                     for proj in ("q_proj", "v_proj"):
                         am.append({"adapter": self.name(k, step), "module": f"layers.{layer}.{proj}", "layer": layer,
@@ -219,7 +223,9 @@ CASES = [
     ("sft_rft_rift.top1_angle", "not_measured", lambda f: f.drop("rft")),
     ("dft.diverges", "fails", lambda f: f.set("sft", "dft", cos=(0.9, 0.88, 0.92))),
     ("dft.diverges", "inconclusive", lambda f: f.set("sft", "dft", cos=(0.66, 0.6, 0.72))),
-    ("dft.diverges", "inconclusive", lambda f: f.set("sft", "sft_data", cos=(0.6, 0.55, 0.65))),
+    # Two data orders of SFT disagree (cos 0.6): the update still depends on the
+    # last samples, so no verdict (analysis/settle.py).
+    ("dft.diverges", "unsettled", lambda f: f.set("sft", "sft_data", cos=(0.6, 0.55, 0.65))),
     ("dft.diverges", "not_measured", lambda f: f.drop("dft")),
     ("offline_grpo.orth_global", "fails", lambda f: f.set("sft", "offline_grpo", orth=(0.3, 0.25, 0.35))),
     ("offline_grpo.orth_global", "inconclusive", lambda f: f.set("sft", "offline_grpo", orth=(0.55, 0.5, 0.6))),
@@ -254,7 +260,8 @@ CASES = [
     ("lr10.cosine", "inconclusive", lambda f: f.set("sft", "sft_lr", cos=(0.4, 0.35, 0.45))),
     ("lr10.cosine", "not_measured", lambda f: f.drop("sft_lr")),
     ("lr10.norm_ratio", "fails", lambda f: f.norm.update(sft_lr=1.0)),
-    ("lr10.norm_ratio", "inconclusive", lambda f: f.norm.update(sft_data=16.0)),  # data order alone: 4x
+    ("lr10.norm_ratio", "unsettled", lambda f: f.norm.update(sft_data=16.0)),  # data order alone: 4x
+    ("lr10.norm_ratio", "inconclusive", lambda f: f.norm.update(sft_lr=2.25)),  # 1.5x: at the band's edge
     ("lr10.norm_ratio", "not_measured", lambda f: f.drop("sft_lr")),
     ("online_grpo.cosine", "fails", lambda f: f.set("sft", "online_grpo", cos=(0.5, 0.45, 0.55))),
     ("online_grpo.cosine", "inconclusive", lambda f: f.set("sft", "online_grpo", cos=(0.175, 0.15, 0.2))),
@@ -263,7 +270,9 @@ CASES = [
     ("online_grpo.orth", "inconclusive", lambda f: f.set("sft", "online_grpo", orth=(0.85, 0.8, 0.9))),
     ("online_grpo.orth", "not_measured", lambda f: f.drop("online_grpo")),
     ("online_grpo.norm_ratio", "fails", lambda f: f.norm.update(online_grpo=1.0)),
-    ("online_grpo.norm_ratio", "inconclusive", lambda f: f.norm.update(sft_data=144.0)),
+    ("online_grpo.norm_ratio", "unsettled", lambda f: f.norm.update(sft_data=144.0)),
+    ("online_grpo.norm_ratio", "inconclusive",  # 5x, its CI across the band's edge
+     lambda f: (f.norm.update(online_grpo=0.04), f.jit.update(online_grpo=lambda l: 8 * math.cos(l)))),
     ("online_grpo.norm_ratio", "not_measured", lambda f: f.drop("online_grpo")),
     ("accuracy.sft_rft_rift", "fails", lambda f: f.correct.update(rft=f._flips(1090, 0))),
     ("accuracy.sft_rft_rift", "not_measured", _drop_table("mcnemar")),
@@ -386,3 +395,80 @@ def test_u1_ci_from_module_pairs_leaves_out_nan():
     assert ctx.g(a, b, "mean_u1_abs_dot") == pytest.approx((0.2, 0.2, 0.2))
     v, lo, hi = ctx.g(a, b, "mean_v1_abs_dot")
     assert v == 0.2 and 0.1 - 1e-12 <= lo < 0.2 < hi <= 0.3 + 1e-12  # layer means 0.1, 0.2, 0.3 resampled
+
+
+# --- the settle rule (analysis/settle.py) -----------------------------------------------
+def test_settled_run_keeps_its_verdicts(baseline):
+    r = baseline["sft_rft_rift.cosine"]
+    assert r["settled"] is True and r["order_agreement"] == pytest.approx(0.9)
+    assert r["horizon_agreement"] == pytest.approx(0.99) and r["settle_kind"] == "direction"
+    # A cross-loss similarity is read against the same-loss agreement.
+    assert "same-loss agreement (data-order cos) 0.9" in r["note"] and "value / agreement = 1.09" in r["note"]
+    assert baseline["lr10.norm_ratio"]["settle_kind"] == "norm"
+    assert _row(baseline, "accuracy.dpo_best")["settle_kind"] == "function"
+    assert all(r["settled"] for r in baseline.values())
+
+
+def test_a_shorter_schedule_ending_elsewhere_is_unsettled_with_value_and_ci_shown():
+    fake = Fake()
+    fake.set("sft", "sft_h", cos=(0.6, 0.55, 0.65))
+    rows = fake.claims()
+    r = rows["sft_rft_rift.cosine"]
+    assert r["verdict"] == "unsettled" and r["settled"] is False
+    assert r["value"] == pytest.approx(0.98) and (r["ci_low"], r["ci_high"]) == pytest.approx((0.975, 0.985))
+    assert "trained to step 9 instead of 12 ends elsewhere" in r["note"] and "it would read holds" in r["note"]
+    # Norm claims have their own rule: the horizon's norm matches, so they still hold.
+    assert rows["lr10.norm_ratio"]["verdict"] == "holds" and rows["online_grpo.norm_ratio"]["verdict"] == "holds"
+    # A failing claim is not called a failure either.
+    fake.set("sft", "dpo", cos=(0.5, 0.45, 0.55))
+    d = fake.claims()["dpo.cosine"]
+    assert d["verdict"] == "unsettled" and "it would read fails" in d["note"]
+
+
+def test_norm_rule_is_separate_from_direction():
+    fake = Fake()
+    fake.norm["sft_h"] = 0.7  # ‖ΔW‖ at the shorter horizon: sqrt(0.7) = 0.84 of the full one
+    rows = fake.claims()
+    assert rows["lr10.norm_ratio"]["verdict"] == "unsettled" and "norm at horizon 9" in rows["lr10.norm_ratio"]["note"]
+    assert rows["sft_rft_rift.cosine"]["verdict"] == "holds"
+    assert _row(rows, "accuracy.dpo_best")["verdict"] == "unsettled"  # function claims need both
+
+
+def test_without_a_horizon_control_nothing_is_settled():
+    fake = Fake()
+    fake.drop("sft_h")
+    rows = fake.claims()
+    measured = [r for r in rows.values() if r["verdict"] != "not_measured"]
+    assert measured and all(r["verdict"] == "unsettled" for r in measured)
+    assert "grid.controls.horizons" in rows["dpo.cosine"]["note"]
+
+
+def test_the_12_step_self_teacher_default_comes_out_unsettled():
+    """Tables shaped like configs/smoke.yaml's run on this box (docs/findings.md:
+    12 steps, checkpoints 6/12, the self-teacher): data-order floor 0.10-0.16,
+    cross-loss SFT-RFT cosine ~0.12, no horizon control; the cosine schedule
+    alone makes each cell's last two checkpoints agree."""
+    fake = Fake(n_items=64)
+    fake.drop("sft_h")
+    for step, c in ((6, 0.10), (12, 0.16)):
+        fake.set("sft", "sft_data", step=step, cos=(c, c - 0.02, c + 0.02))
+    for a, b in combinations(("sft", "rft", "rift"), 2):
+        fake.set(a, b, cos=(0.12, 0.1, 0.14), top1=(40, 38, 42))
+    rows = fake.claims()
+    assert len(rows) == 19
+    assert not [k for k, r in rows.items() if r["verdict"] not in ("unsettled", "not_measured")]
+    assert sum(1 for r in rows.values() if r["settled"]) == 0
+    from wsg.analysis.report_findings import claims_section, settled_headline
+
+    head = settled_headline(list(rows.values()))
+    assert head.startswith("0 of 19 claims settled: holds 0 · fails 0 · inconclusive 0 · unsettled ")
+    html = claims_section(list(rows.values()), None, str, lambda v, lo, hi: f"{v} [{lo}, {hi}]")
+    assert '<td class="v-unsettled">unsettled' in html and "0 of 19 claims settled" in html
+    r = rows["sft_rft_rift.cosine"]
+    assert "agrees with its reference at cos 0.16 < 0.9 at step 12" in r["note"] and r["value"] == pytest.approx(0.12)
+    # Adding the horizon control does not rescue it: the data order still decides the update.
+    fake2 = Fake(n_items=64)
+    fake2.set("sft", "sft_data", cos=(0.16, 0.14, 0.18))
+    # (norm claims have their own rule: equal norms across data orders settle a norm ratio.)
+    got = {k: r["verdict"] for k, r in fake2.claims().items() if r["settle_kind"] != "norm"}
+    assert set(got.values()) == {"unsettled"}, got

@@ -85,6 +85,7 @@ def u1v1(x: dict, y: dict) -> tuple[float, float]:
 CELLS = ["sft-s42-lr1e-04", "sft-i43-d42-lr1e-04", "sft-i42-d7-lr1e-04", "sft-s42-lr1e-03", "sft-s43-lr1e-04",
          "rft-s42-lr1e-04"]
 STEPS = (6, 12)
+HORIZON = "sft-s42-lr1e-04-h9@9"
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +104,15 @@ def geo(tmp_path_factory):
             facs[name] = f
             paths[name] = write_adapter(str(root / "run" / "cells" / cell / f"step_{step}"), f)
     paths["sft_copy"] = write_adapter(str(root / "extra"), facs["sft-s42-lr1e-04@12"])
+    # A horizon control of the reference (0.75x schedule): its one final checkpoint,
+    # near the reference's final ΔW, and no identity columns (analysis.adapters).
+    facs[HORIZON] = {k: (b + 0.1 * rng.normal(size=b.shape), a) for k, (b, a) in facs["sft-s42-lr1e-04@12"].items()}
+    paths[HORIZON] = write_adapter(str(root / "run" / "cells" / HORIZON.split("@")[0] / "step_9"), facs[HORIZON])
     # Identity columns as the geometry stage gives them (analysis.adapters.cell_refs);
     # sft_copy, given by path, has none.
     cells = {}
     for name in paths:
-        if "@" in name:
+        if "@" in name and name != HORIZON:
             cell, step = name.split("@")
             k = CellKey.parse(cell)
             cells[name] = CellRef(k.loss, k.init_seed, k.data_seed, k.lr, int(step))
@@ -163,7 +168,8 @@ def test_convergence_against_dense(geo):
     t = convergence(tables["adapter_modules"], tables["global_pairs"])
     assert t.schema.equals(CONVERGENCE)
     rows = {(r["cell"], r["step"]): r for r in t.to_pylist()}
-    assert {c for c, _ in rows} == set(CELLS)  # the extra adapter given by path is not a cell
+    # The extra adapter given by path is not a cell; the horizon control only feeds the settle rule.
+    assert {c for c, _ in rows} == set(CELLS)
     for cell in CELLS:
         w6, w12 = dense(facs[f"{cell}@6"]), dense(facs[f"{cell}@12"])
         d = dense_global(w6, w12)
@@ -237,7 +243,7 @@ def test_run_findings_writes_tables(geo):
     rundir.write_text(RunLayout.of(run).config, dump_config(cfg))
     summary = run_findings(cfg, run)
     lay = RunLayout.of(run)
-    assert summary["cells"] == len(CELLS) and summary["noise_floor_pairs"] == 8
+    assert summary["cells"] == len(CELLS) and summary["noise_floor_pairs"] == 8  # the horizon is no floor
     assert sum(summary["claims"].values()) >= 19
     for name in ("noise_floors", "convergence", "claims"):
         t = rundir.read_table(lay.geometry_table(name))
@@ -249,6 +255,16 @@ def test_run_findings_writes_tables(geo):
     # sft at two init seeds is here; its cosine is measured (random factors: near 0).
     assert claims["seed.cosine"]["verdict"] != "not_measured" and claims["seed.cosine"]["step"] == 12
     assert claims["dpo.cosine"]["verdict"] == "not_measured" and "dpo" in claims["dpo.cosine"]["note"]
+    # The settle rule reads the horizon control's final ΔW against the reference's,
+    # and the data-order control at the claim's step, as dense computations give them.
+    _, _, facs = geo
+    ref = dense(facs["sft-s42-lr1e-04@12"])
+    s = claims["seed.cosine"]
+    assert s["horizon_agreement"] == pytest.approx(dense_global(dense(facs[HORIZON]), ref)["cosine"], rel=1e-5)
+    assert s["order_agreement"] == pytest.approx(
+        dense_global(dense(facs["sft-i42-d7-lr1e-04@12"]), ref)["cosine"], rel=1e-5, abs=1e-6)
+    # Random factors: two data orders disagree, so nothing is settled.
+    assert s["verdict"] == "unsettled" and s["settled"] is False
 
 
 def test_run_findings_needs_geometry(tmp_path):

@@ -57,3 +57,41 @@ def test_controls_differ_from_their_grid_cell_in_one_factor():
     two = parse_config({"grid": {"losses": ["sft", "dpo"], "controls": {"losses": ["sft", "dpo"],
                                                                          "init_seeds": [1]}}})
     assert {c.id for c in plan_cells(two)} >= {"sft-i1-d42-lr5e-06", "dpo-i1-d42-lr5e-06"}
+
+
+def test_horizon_control_is_the_same_cell_on_a_shorter_schedule():
+    import pytest
+    from wsg.core.errors import WsgError
+
+    cfg = parse_config({"grid": {"losses": ["sft", "rft"], "seeds": [42], "lrs": [1e-4],
+                                 "controls": {"data_seeds": [7], "horizons": [0.75]}},
+                        "train": {"max_steps": 12, "checkpoint_steps": [6, 12]}})
+    ids = [c.id for c in plan_cells(cfg)]
+    assert ids == ["sft-s42-lr1e-04", "rft-s42-lr1e-04", "sft-i42-d7-lr1e-04", "sft-s42-lr1e-04-h9"]
+    h = plan_cells(cfg)[-1]
+    assert (h.loss, h.init_seed, h.data_seed, h.lr, h.horizon) == ("sft", 42, 42, 1e-4, 9)
+    assert CellKey.parse(h.id) == h and CellKey(**h.as_dict()) == h
+    assert "horizon" not in plan_cells(cfg)[0].as_dict()  # other cells' dicts and fingerprints as before
+    # Its training config: the schedule ends at 9, checkpoints below it plus 9.
+    t = cfg.for_horizon(9).train
+    assert (t.max_steps, t.checkpoint_steps) == (9, [6, 9]) and cfg.train.max_steps == 12
+    assert cfg.for_horizon(None) is cfg
+    with pytest.raises(Exception, match="grid.controls.horizons"):
+        parse_config({"grid": {"controls": {"horizons": [1.5]}}})
+    with pytest.raises(WsgError):
+        CellKey("sft", 1, 1, 1e-4, 0)
+
+
+def test_shipped_configs_plan_the_same_cells_as_before_plus_only_new_controls():
+    """configs/tiny.yaml plans exactly the cells it did (its adapters cannot
+    change through the plan); configs/smoke.yaml's old cells are all kept."""
+    from wsg.sweep.config import load_config
+
+    tiny = [c.id for c in plan_cells(load_config("configs/tiny.yaml"))]
+    assert tiny == [f"{x}-s42-lr1e-03" for x in ("sft", "rft", "dft", "rift", "offline_grpo")] + [
+        "dpo-s42-lr1e-04", "online_grpo-s42-lr1e-03", "online_dapo-s42-lr1e-03"]
+    smoke = [c.id for c in plan_cells(load_config("configs/smoke.yaml"))]
+    old = [f"{x}-s42-lr1e-04" for x in ("sft", "rft", "dft", "rift", "offline_grpo")] + [
+        "dpo-s42-lr1e-05", "online_grpo-s42-lr1e-04", "online_dapo-s42-lr1e-04",
+        "sft-i43-d42-lr1e-04", "sft-i42-d7-lr1e-04", "sft-s42-lr1e-03"]
+    assert smoke[:len(old)] == old
