@@ -6,7 +6,7 @@ import json
 import pyarrow as pa
 import pytest
 import yaml
-from wsg.analysis.claims import claims_table
+from wsg.analysis.findings_run import claims_table
 from wsg.core import rundir
 from wsg.core.config import config_hash, dump_config
 from wsg.core.errors import WsgError
