@@ -12,14 +12,15 @@ Three rules, so that a grid never hangs in silence:
   it: on a 2-CPU worker it left 1.99 CPUs, and an online cell's 2-CPU bundle
   stayed PENDING forever.
 - A cell whose bundles no node of the cluster can ever hold (the alive nodes,
-  and the node types an autoscaler may add) fails before the grid starts,
-  naming the cell, what it asks for and the largest node.
+  and the node types an autoscaler reports it may add) fails before the grid
+  starts, naming the cell, what it asks for and the largest node.
 - A cell that waits for resources longer than WAIT_S says so on the console,
   naming the cell and the pending demand (`GroupWait`).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import threading
@@ -64,8 +65,7 @@ def trial_driver_resources() -> dict[str, float]:
 # --- what nodes the cluster has, or may get -------------------------------------
 def node_shapes() -> list[tuple[str, dict[str, float], int]]:
     """(label, total resources, how many such nodes) of every alive node, and
-    of every node type an autoscaler may add (its reported cluster config; a
-    `ray start` cluster has none). count -1: unbounded."""
+    of every node type an autoscaler may add (count -1: unbounded)."""
     import ray
 
     out = []
@@ -75,7 +75,14 @@ def node_shapes() -> list[tuple[str, dict[str, float], int]]:
             label = (f"node {n.get('NodeManagerAddress', '?')} {n.get('NodeID', '')[:8]}"
                      + (" (head)" if res.get(HEAD) else ""))
             out.append((label, dict(res), 1))
-    with contextlib.suppress(Exception):  # private API: without it, alive nodes only
+    return out + _autoscaler_types()
+
+
+def _autoscaler_types() -> list[tuple[str, dict[str, float], int]]:
+    """The node types of the cluster config an autoscaler reports to Ray
+    (KubeRay, autoscaler v2); none otherwise."""
+    out = []
+    with contextlib.suppress(Exception):  # private API: without it, none
         from ray._private.state import state
 
         cfg = state.get_cluster_config()
@@ -84,6 +91,21 @@ def node_shapes() -> list[tuple[str, dict[str, float], int]]:
                 out.append((f"node type {g.name!r} (autoscaler, up to {g.max_count})", dict(g.resources),
                             int(g.max_count)))
     return out
+
+
+def fixed_cluster() -> bool:
+    """True when no node will be added: Ray's autoscaler runs read-only (a
+    local Ray, or nodes made by `ray start`), which it reports as one node
+    type per alive node, named `node_<its id>`. False when an autoscaler
+    with real node types runs (`ray up`), or Ray does not say."""
+    with contextlib.suppress(Exception):
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or b"{}")
+        types = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+        return bool(types) and all(v == f"node_{k}" for k, v in types.items())
+    return False
 
 
 def _copies(bundle: dict[str, float], res: dict[str, float]) -> int:
@@ -126,8 +148,13 @@ def unplaceable(demands: dict[str, tuple[dict, int, dict | None]], shapes) -> li
 
 
 def check_cells_fit(demands: dict[str, tuple[dict, int, dict | None]]) -> None:
-    """Refuse, before any cell starts, cells that no node can ever hold."""
+    """Refuse, before any cell starts, cells that no node can ever hold. On a
+    cluster that an autoscaler may grow with node types Ray does not report
+    (`ray up`'s v1 autoscaler) nothing is refused: a cell that waits is told
+    on the console instead (GroupWait)."""
     shapes = node_shapes()
+    if not fixed_cluster() and not _autoscaler_types():
+        return
     bad = unplaceable(demands, shapes)
     if bad:
         raise WsgError(f"{len(bad)} cell(s) ask for more than any node of the Ray cluster can ever provide "

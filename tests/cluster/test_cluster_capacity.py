@@ -170,24 +170,34 @@ def test_a_cell_that_waits_says_so_naming_what_it_waits_for(nodes, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_with_its_online_cells_completes_on_head_1cpu_worker_2cpu(nodes, tmp_path):
+def test_tiny_with_its_online_cells_completes_on_head_1cpu_worker_2cpu(nodes):
     """`wsg run configs/tiny.yaml` onto the hand-made cluster, no custom
     resource: every cell, online ones included, completes (it sat forever
     behind a driver's 0.01 CPU before)."""
-    run = tmp_path / "run"
+    from wsg.sweep.config import load_config
+    from wsg.sweep.grid import is_online, plan_cells
+
+    cells = plan_cells(load_config(str(ROOT / "configs" / "tiny.yaml")))
+    assert sum(map(is_online, cells)) == 2
+    # the run folder outside pytest's numbered temp folders (other sessions prune those)
+    work = Path(tempfile.mkdtemp(prefix="wsgcap-run-"))
+    run = work / "run"
     env = {**nodes.env, "WSG_WAIT_WARN_S": "120"}
     for k in ("WSG_CACHE", "HF_HOME", "XDG_CACHE_HOME"):  # the tiny model's cache, as the other tests use it
         if k in os.environ:
             env[k] = os.environ[k]
     cmd = [sys.executable, "-m", "wsg.sweep.cli", "run", "configs/tiny.yaml", "--run", str(run),
            "--address", nodes.address]
-    t0 = time.time()
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=2400)
-    wall = time.time() - t0
-    log = out.stdout[-6000:] + out.stderr[-3000:]
-    assert out.returncode == 0, log
-    cells = sorted(p.parent.name for p in (run / "cells").glob("*/_COMPLETE"))
-    assert "online_grpo-s42-lr0.001" in cells and "online_dapo-s42-lr0.001" in cells, cells
-    assert (run / "geometry" / "global_pairs.parquet").exists()
-    assert "trial drivers run on the head node" in out.stdout
-    print(f"\ntiny on head(1 CPU) + worker(2 CPU): {wall:.0f} s, {len(cells)} cells")
+    try:
+        t0 = time.time()
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=2400)
+        wall = time.time() - t0
+        print(out.stdout[-4000:])
+        assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+        done = sorted(p.parent.name for p in (run / "cells").glob("*/_COMPLETE"))
+        assert done == sorted(c.id for c in cells), done
+        assert (run / "geometry" / "global_pairs.parquet").exists()
+        assert "trial drivers run on the head node" in out.stdout
+        print(f"tiny on head (1 CPU) + worker (2 CPUs): {wall:.0f} s, {len(done)} cells")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

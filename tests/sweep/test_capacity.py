@@ -60,3 +60,22 @@ def test_without_trial_slot_drivers_hold_a_sliver_of_the_head_and_no_cpu(ray_mod
             remove_placement_group(pg)
     shapes = cap.node_shapes()
     assert len(shapes) == 1 and shapes[0][0].endswith("(head)") and shapes[0][1]["CPU"] == 2.0
+
+
+def test_a_local_ray_is_a_fixed_cluster_and_refuses_a_cell_too_large(ray_module):
+    """Ray's read-only autoscaler (a local Ray) reports one node type per node:
+    nothing will be added, so a cell larger than the box is refused by name."""
+    import time
+
+    import pytest
+
+    from wsg.sweep.errors import WsgError
+
+    deadline = time.time() + 30
+    while not cap.fixed_cluster() and time.time() < deadline:  # the monitor's first report
+        time.sleep(0.5)
+    assert cap.fixed_cluster()
+    cap.check_cells_fit({"sft-s42-lr0.001": ({"CPU": 2.0}, 1, None)})
+    with pytest.raises(WsgError, match=r"online_grpo-s42-lr0.001: asks for \{CPU: 3\} per Ray Train worker x 1; "
+                                       r"the largest node is node .* \(head\) \{CPU: 2, GPU: 0\}"):
+        cap.check_cells_fit({"online_grpo-s42-lr0.001": ({"CPU": 3.0}, 1, None)})
