@@ -53,8 +53,7 @@ def _r_factor(gram):
     """For Grams g = X^T X (n, r, r, float64 torch on CPU): R with X = Q R,
     and P with Q = X P (orthonormal Q). Cholesky where it is well conditioned
     (Cholesky-QR), else an eigendecomposition that drops directions below
-    EIG_RTOL (rank-deficient factors, e.g. B = 0 at peft's init, or rank
-    padding)."""
+    EIG_RTOL (rank-deficient factors, e.g. B = 0 at peft's init)."""
     import torch
 
     low, info = torch.linalg.cholesky_ex(gram)
