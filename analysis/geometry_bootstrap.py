@@ -59,9 +59,14 @@ def ordered_dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     in that order, ((0 + x_0 w_0) + x_1 w_1) + ..., so a row's result does not
     depend on the other rows or on the CPU (no BLAS, no fused multiply-add)."""
     x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    out, term = np.zeros((x.shape[0], w.shape[1])), np.empty((x.shape[0], w.shape[1]))
-    for k in range(x.shape[1]):
-        out += np.multiply(x[:, k:k + 1], w[k], out=term)
+    out = np.zeros((x.shape[0], w.shape[1]))
+    # Blocks of rows small enough to stay in cache (elementwise: a row's bits
+    # do not depend on the block it is in).
+    step = max(1, _CHUNK // 64 // max(1, w.shape[1]))
+    for s in range(0, x.shape[0], step):
+        acc, term = out[s:s + step], np.empty((min(step, x.shape[0] - s), w.shape[1]))
+        for k in range(x.shape[1]):
+            acc += np.multiply(x[s:s + step, k:k + 1], w[k], out=term)
     return out
 
 
