@@ -35,7 +35,8 @@ from .geometry_math import (  # noqa: F401  (public API)
 )
 from .geometry_tables import effective_rank  # noqa: F401  (public API)
 
-CACHE_VERSION = "geometry-v2"  # v2: float64 inner products (v1 cached float32-exact ones)
+CACHE_VERSION = "geometry-v3"  # v3: per-pair products (v2 batched them, so its bits depended on the table)
+# v2: float64 inner products (v1 cached float32-exact ones)
 
 
 # --- one shard (a Ray task, or in-process) -------------------------------------
@@ -272,8 +273,8 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
 
     if need_sigma or need_pairs:
         involved = set(need_sigma) | {h for p in need_pairs for h in p}
-        # Cached adapters first, new ones last: each row of Gram blocks then
-        # starts at the first adapter it has a missing pair with (module_geometry).
+        # Cached adapters first, new ones last (the order results are listed in;
+        # every pair is computed from its own two adapters, module_geometry).
         proc = sorted(involved, key=lambda h: (h in need_sigma, h))
         by_layer = defaultdict(list)
         for m, layer, _ in mod_list:

@@ -10,8 +10,8 @@ them, so with c_l the number of times layer l is drawn,
 
     cos* = sum_l c_l I_l / sqrt(sum_l c_l A_l * sum_l c_l B_l)
 
-with I_l, A_l, B_l the layer's sums (the layer_pairs numbers): one matrix
-product gives every pair x resample. The median top-1 angle of a resample is
+with I_l, A_l, B_l the layer's sums (the layer_pairs numbers), summed over
+l in a fixed order for every pair x resample (ordered_dot). The median top-1 angle of a resample is
 the weighted median of the per-module angles, module weight c_(its layer).
 
 Intervals are percentile intervals (the 2.5% and 97.5% quantiles of the
@@ -19,6 +19,13 @@ resampled statistic, numpy's linear interpolation) over the resamples where
 the statistic is defined. The resamples are drawn once, from the seed: the
 same for every pair, so a pair's interval does not depend on which other
 adapters are in the table.
+
+Sums over layers and modules are never BLAS products: a GEMM's summation
+order depends on its shape (one pair is a GEMV, several a GEMM; OpenBLAS picks
+kernels by size and CPU), so a pair's bits changed with the number of other
+pairs in the table. ordered_dot adds term by term, in index order, with
+elementwise IEEE operations: a row's result depends on that row alone, on any
+CPU.
 """
 from __future__ import annotations
 
@@ -47,6 +54,30 @@ def layer_counts(n_layers: int, n_boot: int = N_RESAMPLES, seed: int = SEED) -> 
     return counts
 
 
+def ordered_dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w for x (rows, K), w (K, cols), each element summed over k = 0..K-1
+    in that order, ((0 + x_0 w_0) + x_1 w_1) + ..., so a row's result does not
+    depend on the other rows or on the CPU (no BLAS, no fused multiply-add)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    out = np.zeros((x.shape[0], w.shape[1]))
+    # Blocks of rows small enough to stay in cache (elementwise: a row's bits
+    # do not depend on the block it is in).
+    step = max(1, _CHUNK // 64 // max(1, w.shape[1]))
+    for s in range(0, x.shape[0], step):
+        acc, term = out[s:s + step], np.empty((min(step, x.shape[0] - s), w.shape[1]))
+        for k in range(x.shape[1]):
+            acc += np.multiply(x[s:s + step, k:k + 1], w[k], out=term)
+    return out
+
+
+def ordered_row_sum(x: np.ndarray) -> np.ndarray:
+    """Row sums of (rows, K) in index order (see ordered_dot)."""
+    out = np.zeros(x.shape[0])
+    for k in range(x.shape[1]):
+        out += x[:, k]
+    return out
+
+
 def percentile_interval(stats: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
     """Row-wise (low, high) quantiles of (pairs, resamples), NaN resamples
     left out; NaN where a row has none."""
@@ -67,13 +98,13 @@ def _ratio(num, den):
 
 def cosine_stats(inner: np.ndarray, sq_a: np.ndarray, sq_b: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(pairs, resamples) global cosine from (pairs, layers) layer sums."""
-    i, a, b = (x @ counts.T for x in (inner, sq_a, sq_b))
+    i, a, b = (ordered_dot(x, counts.T) for x in (inner, sq_a, sq_b))
     return np.clip(_ratio(i, np.sqrt(a * b)), -1.0, 1.0)
 
 
 def frac_stats(resid: np.ndarray, sq: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(pairs, resamples) orthogonal fraction sqrt(sum resid / sum ||b||^2)."""
-    return np.minimum(np.sqrt(_ratio(resid @ counts.T, sq @ counts.T)), 1.0)
+    return np.minimum(np.sqrt(_ratio(ordered_dot(resid, counts.T), ordered_dot(sq, counts.T))), 1.0)
 
 
 def median_stats(values: np.ndarray, module_layer: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ adapter multiply exactly in float64; only accumulations round).
   orthogonality to ~1e-16 for condition numbers up to ~1e7, where one pass
   leaves ~1e-16 cond^2), then the SVD of the r x r core s R_B R_A^T gives
   dW's singular values and its singular bases U (d_out x r), V (d_in x r).
-- Across the adapters of a module, one stacked float64 product gives every
-  pair's r x r blocks U_a^T U_b, V_a^T V_b, hence <dW_a, dW_b>_F to ~1e-15
+- Per pair of a module, one float64 product of the pair's bases gives its
+  r x r blocks U_a^T U_b, V_a^T V_b, hence <dW_a, dW_b>_F to ~1e-15
   relative. The orthogonal residual ||dW_b||^2 - <a,b>^2/||dW_a||^2 cancels
   for near-colinear pairs: with float32 blocks (1e-7) a gauge copy of one
   update read an orthogonal fraction of ~3e-4; in float64 it reads ~1e-8.
@@ -24,7 +24,7 @@ adapter multiply exactly in float64; only accumulations round).
 """
 from __future__ import annotations
 
-from collections import defaultdict
+import math
 
 import numpy as np
 
@@ -35,8 +35,6 @@ EIG_RTOL = 1e-12
 # Numerical rank of dW for the principal-angle cap: singular values above
 # RANK_RTOL * s_1 (the float32 resolution of the stored factors).
 RANK_RTOL = 1e-7
-# Rows of Gram blocks per GEMM: taller GEMMs run ~1.4x faster than one row at a time.
-ROW_BLOCK = 8
 # Pairs whose smallest angle (from arccos) is under this get their small angles
 # from sines (d x k work per pair): above it, a cosine error of 1e-13 moves an
 # angle by < 1e-9 degree.
@@ -55,8 +53,7 @@ def _r_factor(gram):
     """For Grams g = X^T X (n, r, r, float64 torch on CPU): R with X = Q R,
     and P with Q = X P (orthonormal Q). Cholesky where it is well conditioned
     (Cholesky-QR), else an eigendecomposition that drops directions below
-    EIG_RTOL (rank-deficient factors, e.g. B = 0 at peft's init, or rank
-    padding)."""
+    EIG_RTOL (rank-deficient factors, e.g. B = 0 at peft's init)."""
     import torch
 
     low, info = torch.linalg.cholesky_ex(gram)
@@ -86,58 +83,60 @@ def _qr2(x, first_grams):
     return q1, p2, r2 @ r1
 
 
-def _stacked(mats, r: int, device):
-    """Factors (d x r_i) as one float64 (n, d, r) tensor on device, ranks
-    padded to r with zero columns (zero columns change no dW)."""
+def _basis(mat, device):
+    """One factor (d x r) as a float64 (1, d, r) tensor on device."""
     import torch
 
-    out = torch.zeros((len(mats), mats[0].shape[0], r), dtype=torch.float64, device=device)
-    for i, m in enumerate(mats):
-        out[i, :, :m.shape[1]] = torch.as_tensor(m).to(device)
-    return out
+    return torch.as_tensor(mat).to(device=device, dtype=torch.float64)[None]
 
 
 def singular_bases(factors, device=None):
-    """Batched thin SVD of dW_i = s_i B_i A_i without forming U, V: (sigma (n,
-    r) numpy, (Q_B, M), (Q_A, N)) with dW_i's singular bases U_i = Q_B,i M_i,
-    V_i = Q_A,i N_i (columns by descending singular value). Q_B (d_out, n r),
-    Q_A (d_in, n r): the first-pass Cholesky-QR bases of the factors, stacked
-    (adapter i in columns i r .. (i + 1) r, ranks padded to the largest r with
-    zero columns); M, N (n, r, r) numpy.
+    """Thin SVD of each dW_i = s_i B_i A_i without forming U, V: (sigma: list
+    of (r_i,) numpy, U bases, V bases), a basis being a list of (Q_i, M_i) with
+    U_i = Q_i M_i: Q_i (d_out, r_i) the first-pass Cholesky-QR basis of B_i (a
+    torch tensor on device), M_i (r_i, r_i) numpy; the same for V with A_i^T.
 
     B = Q R_B, A^T = Q' R_A, so dW = Q (s R_B R_A^T) Q'^T and the SVD of the
     r x r core U_c S V_c^T gives dW's: U = Q U_c = Q_B P2_B U_c (Q = Q_B P2_B
-    after the second pass). Cross Grams U_a^T U_b = M_a^T (Q_B,a^T Q_B,b) M_b
-    are then r x r work on top of one stacked GEMM of the Q_B."""
+    after the second pass). Cross Grams U_a^T U_b = M_a^T (Q_B,a^T Q_B,b) M_b.
+
+    Each adapter is computed alone, at its own rank: batching adapters (or
+    padding ranks to the table's largest) made an adapter's bits depend on
+    which others were in the table (a batched GEMM's rounding follows its
+    shape; a padded factor takes the eigendecomposition path)."""
     import torch
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    n, r = len(factors), max(int(f[0].shape[1]) for f in factors)
-    q1s, p2s, rs = [], [], []
-    for mats in ([f[0] for f in factors], [torch.as_tensor(f[1]).T for f in factors]):
-        x = _stacked(mats, r, dev)
-        gram = (x.mT @ x).cpu()
-        # NaN/inf anywhere in a factor reaches its Gram: one r x r check per adapter.
-        bad = torch.nonzero(~torch.isfinite(gram).reshape(n, -1).all(-1)).flatten().tolist()
-        if bad:
-            raise NonFiniteFactors(bad)
-        q1, p2, rf = _qr2(x, gram)
-        del x
-        q1s.append(q1.permute(1, 0, 2).reshape(q1.shape[1], n * r))  # (n, d, r) -> (d, n r)
-        p2s.append(p2)
-        rs.append(rf)
-        del q1
-    scale = torch.tensor([float(f[2]) for f in factors], dtype=torch.float64)
-    uc, sigma, vch = torch.linalg.svd(scale[:, None, None] * (rs[0] @ rs[1].transpose(-1, -2)))
-    return sigma.numpy(), (q1s[0], (p2s[0] @ uc).numpy()), (q1s[1], (p2s[1] @ vch.mT).numpy())
+    sigma, ub, vb, bad = [], [], [], []
+    for i, (b, a, scale) in enumerate(factors):
+        out = []
+        for mat in (b, torch.as_tensor(a).T):
+            x = _basis(mat, dev)
+            gram = (x.mT @ x).cpu()
+            # NaN/inf anywhere in a factor reaches its Gram: one r x r check.
+            if not bool(torch.isfinite(gram).all()):
+                break
+            q1, p2, rf = _qr2(x, gram)
+            out.append((q1[0], p2[0], rf[0]))
+        if len(out) < 2:
+            bad.append(i)
+            continue
+        (qb, p2b, rb), (qa, p2a, ra) = out
+        uc, sg, vch = torch.linalg.svd(float(scale) * (rb @ ra.T))
+        sigma.append(sg.numpy())
+        ub.append((qb, (p2b @ uc).numpy()))
+        vb.append((qa, (p2a @ vch.T).numpy()))
+    if bad:
+        raise NonFiniteFactors(bad)
+    return sigma, ub, vb
 
 
-def _columns(basis, i: int, r: int, p: int):
-    """Adapter i's first p singular vectors (d x p torch) from (Q, M)."""
+def _columns(basis, i: int, p: int):
+    """Adapter i's first p singular vectors (d x p torch) from [(Q, M)]."""
     import torch
 
-    q, m = basis
-    return q[:, i * r:(i + 1) * r] @ torch.from_numpy(np.ascontiguousarray(m[i][:, :p])).to(q.device)
+    q, m = basis[i]
+    return q @ torch.from_numpy(np.ascontiguousarray(m[:, :p])).to(q.device)
 
 
 def numerical_rank(sigma: np.ndarray) -> int:
@@ -163,7 +162,7 @@ def factored_svd(b, a, *, scale: float = 1.0):
     """Thin SVD of s * B @ A without forming it: (U d_out x r, S (r,), Vh r x d_in)."""
     sigma, ub, vb = singular_bases([(np.asarray(b, np.float64), np.asarray(a, np.float64), scale)])
     r = len(sigma[0])
-    return _columns(ub, 0, r, r).numpy(), sigma[0], _columns(vb, 0, r, r).numpy().T
+    return _columns(ub, 0, r).numpy(), sigma[0], _columns(vb, 0, r).numpy().T
 
 
 def principal_angles(u_a, u_b) -> np.ndarray:
@@ -175,77 +174,57 @@ def principal_angles(u_a, u_b) -> np.ndarray:
 
 
 def module_geometry(factors, *, top_k: int = 10, pairs=None, device=None):
-    """Geometry of one module across n adapters, batched, in float64.
+    """Geometry of one module across n adapters, in float64.
 
     factors: list of (B d_out x r_i, A r_i x d_in, scale) as torch tensors or
-    arrays; ranks may differ (padded with zero columns/rows, which change no
-    dW). pairs: iterable of (i, j), i <= j, to compute (default: all i < j).
-    Returns (sigma: list of (r_i,) arrays, results: {(i, j): (inner,
-    angles_deg, u1_abs_dot, v1_abs_dot)}).
-    """
+    arrays; ranks may differ. pairs: iterable of (i, j), i <= j, to compute
+    (default: all i < j). Returns (sigma: list of (r_i,) arrays, results:
+    {(i, j): (inner, angles_deg, u1_abs_dot, v1_abs_dot)}).
 
-    n = len(factors)
-    ranks = [int(f[0].shape[1]) for f in factors]
-    r = max(ranks)
+    Every number of a pair is computed from that pair's two adapters alone,
+    with operands of the pair's own shapes: the same bits whatever else the
+    table holds (the geometry cache reuses pairs across tables).
+    """
     sigma, ub, vb = singular_bases(factors, device)
     kcap = [min(top_k, numerical_rank(s)) for s in sigma]
-    k = min(top_k, r)
-
-    want = defaultdict(set)
-    for i, j in (pairs if pairs is not None else [(i, j) for i in range(n) for j in range(i + 1, n)]):
-        want[min(i, j)].add(max(i, j))
+    todo = sorted({(min(i, j), max(i, j)) for i, j in
+                   (pairs if pairs is not None else [(i, j) for i in range(len(factors))
+                                                      for j in range(i + 1, len(factors))])})
     results = {}
-    rows = sorted(want)
-    for g in range(0, len(rows), ROW_BLOCK):
-        # A block of rows [r0, r1] against columns [c0, n): c0 is the first
-        # wanted partner (the caller orders adapters so that cached pairs fall
-        # before it). Blocks of rows keep the GEMMs efficient.
-        r0, r1 = rows[g], rows[min(g + ROW_BLOCK, len(rows)) - 1]
-        c0 = min(min(want[i]) for i in rows[g:g + ROW_BLOCK])
-        gu, gv = ((q[:, r0 * r:(r1 + 1) * r].T @ q[:, c0 * r:]).cpu().numpy().reshape(r1 + 1 - r0, r, n - c0, r)
-                  for q, _ in (ub, vb))
-        for i in rows[g:g + ROW_BLOCK]:
-            jj = sorted(want[i])
-            sel = np.array(jj) - c0
-            # U_i^T U_j = M_i^T (Q_i^T Q_j) M_j, and the same for V: (len(jj), r, r)
-            bu, bv = (m[i].T @ x[i - r0].transpose(1, 0, 2)[sel] @ m[jj] for x, (_, m) in ((gu, ub), (gv, vb)))
-            # <dW_i, dW_j> = sum_kl s_ik s_jl (U_i^T U_j)_kl (V_i^T V_j)_kl
-            inner = np.einsum("k,mkl,ml->m", sigma[i], bu * bv, sigma[jj])
-            angles = _angles(i, jj, bu[:, :k, :k], kcap, ub, r)
-            for off, j in enumerate(jj):
-                live = kcap[i] > 0 and kcap[j] > 0
-                results[(i, j)] = (float(inner[off]), angles[off],
-                                   float(abs(bu[off, 0, 0])) if live else float("nan"),
-                                   float(abs(bv[off, 0, 0])) if live else float("nan"))
-    return [sigma[i][:ranks[i]] for i in range(n)], results
+    for i, j in todo:
+        # U_i^T U_j = M_i^T (Q_i^T Q_j) M_j, and the same for V: (r_i, r_j)
+        bu, bv = (m_i.T @ (q_i.T @ q_j).cpu().numpy() @ m_j
+                  for (q_i, m_i), (q_j, m_j) in ((ub[i], ub[j]), (vb[i], vb[j])))
+        # <dW_i, dW_j> = sum_kl s_ik s_jl (U_i^T U_j)_kl (V_i^T V_j)_kl, summed
+        # exactly rounded (fsum): no order to depend on
+        inner = math.fsum((sigma[i][:, None] * (bu * bv) * sigma[j][None, :]).ravel())
+        live = kcap[i] > 0 and kcap[j] > 0
+        results[(i, j)] = (inner, _angles(i, j, bu, kcap, ub),
+                           float(abs(bu[0, 0])) if live else float("nan"),
+                           float(abs(bv[0, 0])) if live else float("nan"))
+    return sigma, results
 
 
-def _angles(i, jj, uu, kcap, ub, r) -> list[list[float]]:
-    """Principal angles (degrees, ascending) of row i's pairs between the top-p
+def _angles(i, j, uu, kcap, ub) -> list[float]:
+    """Principal angles (degrees, ascending) of pair (i, j) between the top-p
     left singular subspaces, p = min(top_k, rank_i, rank_j) (docs/geometry.md):
-    one batched SVD per p for the cosines, and sines for pairs with a small angle."""
+    the SVD of the top-p block for the cosines, and sines for a pair with a
+    small angle."""
     import torch
 
-    p_of = np.array([min(kcap[i], kcap[j]) for j in jj])
-    out = [[] for _ in jj]
-    for p in set(p_of.tolist()) - {0}:
-        hit = np.flatnonzero(p_of == p)
-        cos = np.linalg.svd(uu[hit, :p, :p], compute_uv=False)  # (m, p), descending
-        rad = np.arccos(np.clip(cos, -1.0, 1.0))
-        small = hit[rad[:, 0] < np.radians(SINE_BELOW_DEG)]
-        if small.size:
-            # Sines: singular values of U_j,p - U_i,p (U_i,p^T U_j,p), the part of
-            # one span outside the other, ascending (d x p per pair, batched).
-            ui = _columns(ub, i, r, p)
-            uj = torch.stack([_columns(ub, jj[h], r, p) for h in small])  # (m, d, p)
-            blk = torch.from_numpy(np.ascontiguousarray(uu[small, :p, :p])).to(ui.device)
-            sines = torch.linalg.svdvals(uj - ui @ blk).cpu().numpy()[:, ::-1]
-            at = np.searchsorted(hit, small)
-            rad[at] = np.where(cos[at] ** 2 >= 0.5, np.arcsin(np.clip(sines, 0.0, 1.0)), rad[at])
-        deg = np.sort(np.degrees(rad), axis=-1)
-        for h, d in zip(hit, deg):
-            out[h] = d.tolist()
-    return out
+    p = min(kcap[i], kcap[j])
+    if p == 0:
+        return []
+    cos = np.linalg.svd(uu[:p, :p], compute_uv=False)  # descending
+    rad = np.arccos(np.clip(cos, -1.0, 1.0))
+    if rad[0] < np.radians(SINE_BELOW_DEG):
+        # Sines: singular values of U_j,p - U_i,p (U_i,p^T U_j,p), the part of
+        # one span outside the other, ascending (d x p work).
+        ui, uj = _columns(ub, i, p), _columns(ub, j, p)
+        blk = torch.from_numpy(np.ascontiguousarray(uu[:p, :p])).to(ui.device)
+        sines = torch.linalg.svdvals(uj - ui @ blk).cpu().numpy()[::-1]
+        rad = np.where(cos ** 2 >= 0.5, np.arcsin(np.clip(sines, 0.0, 1.0)), rad)
+    return np.sort(np.degrees(rad)).tolist()
 
 
 __all__ = ["module_geometry", "singular_bases", "factored_inner", "factored_cosine", "factored_svd",

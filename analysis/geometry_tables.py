@@ -120,6 +120,14 @@ def _nan_reduce(fn, x: np.ndarray) -> np.ndarray:
         return fn(x, axis=1) if x.shape[1] else np.full(x.shape[0], np.nan)
 
 
+def _ordered_nanmean(x: np.ndarray) -> np.ndarray:
+    """Row-wise nanmean summed in index order (gb.ordered_row_sum): a pair's
+    mean does not depend on the other pairs in the table."""
+    live = ~np.isnan(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(live.any(1), gb.ordered_row_sum(np.where(live, x, 0.0)) / live.sum(1), np.nan)
+
+
 def _lists(values: list) -> pa.Array:
     return pa.array(values, type=LIST_F64)
 
@@ -130,10 +138,12 @@ def _effective_ranks(spectra: list[np.ndarray]) -> np.ndarray:
     s = np.zeros((len(spectra), width))
     for i, x in enumerate(spectra):
         s[i, :len(x)] = x
-    total = s.sum(axis=1, keepdims=True)
+    # Sums in index order: the zero padding (set by the largest rank in the
+    # table) then adds exact zeros and cannot regroup a pairwise sum.
+    total = gb.ordered_row_sum(s)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         p = s / total
-        ent = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+        ent = -gb.ordered_row_sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0))
     return np.where(total[:, 0] > 0, np.exp(ent), np.nan)
 
 
@@ -208,25 +218,28 @@ def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
         "orth_frac_a_off_b": _frac(oa2, na2).ravel(),
     }, MODULE_PAIRS)
 
-    # Layer aggregates: sums over the layer's modules (one-hot module -> layer).
+    # Layer aggregates: sums over the layer's modules (one-hot module -> layer),
+    # in module order per pair (gb.ordered_dot: a BLAS product's bits would
+    # depend on how many pairs the table holds).
     uniq = np.unique(layers)
     onehot = (layers[:, None] == uniq[None, :]).astype(np.float64)
-    li, la2, lb2, lob2, loa2 = (x @ onehot for x in (inner, na2, nb2, ob2, oa2))
+    li, la2, lb2, lob2, loa2 = (gb.ordered_dot(x, onehot) for x in (inner, na2, nb2, ob2, oa2))
     out["layer_pairs"] = _table({
         "adapter_a": np.repeat(a_names, len(uniq)), "adapter_b": np.repeat(b_names, len(uniq)),
         **pair_ident(len(uniq)), "layer": np.tile(uniq, n_pair).astype(np.int32), "cosine": _cosine(li, la2, lb2).ravel(),
         "orth_frac_b_off_a": _frac(lob2, lb2).ravel(), "orth_frac_a_off_b": _frac(loa2, la2).ravel(),
     }, LAYER_PAIRS)
-    gi, ga2, gb2 = inner.sum(1), na2.sum(1), nb2.sum(1)
+    gi, ga2, gb2 = (gb.ordered_row_sum(x) for x in (inner, na2, nb2))
     # Uncertainty: resample layers (with all their modules) from the layer sums.
     cis = gb.global_cis(layer_sums={"inner": li, "sq_a": la2, "sq_b": lb2, "resid_b": lob2, "resid_a": loa2},
                         top1=top1, module_layer=np.searchsorted(uniq, layers), n_boot=n_boot, seed=boot_seed)
     out["global_pairs"] = _table({
         "adapter_a": a_names, "adapter_b": b_names, **pair_ident(1), "cosine": _cosine(gi, ga2, gb2),
-        "orth_frac_b_off_a": _frac(ob2.sum(1), gb2), "orth_frac_a_off_b": _frac(oa2.sum(1), ga2),
+        "orth_frac_b_off_a": _frac(gb.ordered_row_sum(ob2), gb2),
+        "orth_frac_a_off_b": _frac(gb.ordered_row_sum(oa2), ga2),
         "median_top1_angle_deg": _nan_reduce(np.nanmedian, top1),
         "median_worst_angle_deg": _nan_reduce(np.nanmedian, worst),
-        "mean_u1_abs_dot": _nan_reduce(np.nanmean, u1), "mean_v1_abs_dot": _nan_reduce(np.nanmean, v1), **cis,
+        "mean_u1_abs_dot": _ordered_nanmean(u1), "mean_v1_abs_dot": _ordered_nanmean(v1), **cis,
     }, GLOBAL_PAIRS)
     out = {k: t.replace_schema_metadata(meta) for k, t in out.items()}
     out["global_pairs"] = out["global_pairs"].replace_schema_metadata({**meta, **gb.metadata(n_boot, boot_seed)})

@@ -17,11 +17,12 @@ from ..core.cells import CellKey
 from ..core.config import ExperimentConfig
 from ..core.errors import WsgError
 from ..core.layout import RunLayout
-from ..core.session import TRIAL_SLOT, placement_groups, remove_placement_groups
+from ..core.session import placement_groups, remove_placement_groups
 from ..train.cell import Prepared, prepare, run_cell
 from ..train.losses import get_loss
 from ..train.shared import shares_worker
 from ..train.task import placement
+from .capacity import GroupWait, check_cells_fit, trial_driver_resources
 
 
 def _rounded(lr: float) -> float:
@@ -83,6 +84,13 @@ def cell_resources(cfg: ExperimentConfig, cell: CellKey) -> dict[str, float]:
     return out
 
 
+def cell_demand(cfg: ExperimentConfig, cell: CellKey) -> tuple[dict, int, dict | None]:
+    """(worker bundle, number of workers, engine actor's resources or None):
+    the placement a running cell asks Ray for (sweep/capacity.py)."""
+    p = placement(cfg, online=is_online(cell))
+    return dict(p.worker), cfg.train.num_workers, (dict(p.engine) if p.engine else None)
+
+
 def max_concurrent(cfg: ExperimentConfig, cells: list[CellKey]) -> int:
     import ray
 
@@ -135,26 +143,6 @@ def _trial(cfg: ExperimentConfig, layout: RunLayout, key: CellKey, prepared: Pre
     tune.report({"done": 1, "skipped": int(bool((summary or {}).get("skipped", False)))})
 
 
-def trial_driver_resources() -> dict[str, float]:
-    """What a trial's driver function holds: nothing its cell needs.
-
-    The TorchTrainer and engines of the cell ask for the real CPUs/GPUs. The
-    driver itself must hold no CPU, or an online cell whose placement group
-    asks for every CPU of a small box could never be placed (deadlock).
-    `{"CPU": 0}` alone is refused by Tune (empty bundle), so the driver holds
-    a custom `wsg_trial_slot` resource, which `wsg` declares when it starts
-    Ray and cluster.yaml declares on the head node. On a cluster without it,
-    fall back to a sliver of CPU.
-    """
-    import ray
-
-    if ray.cluster_resources().get(TRIAL_SLOT, 0) >= 1:
-        return {"CPU": 0, TRIAL_SLOT: 1}
-    console.say(f"wsg: warning: the Ray cluster declares no {TRIAL_SLOT!r} resource; trial drivers hold "
-          "0.01 CPU each (declare it, e.g. `ray start --resources='{\"wsg_trial_slot\": 1000}'`)")
-    return {"CPU": 0.01}
-
-
 def _tune_storage(run: str) -> str:
     path = RunLayout.of(run).tune_dir
     return path if not rundir.is_local(path) else rundir.resolve(path)[1]
@@ -170,6 +158,8 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     console.say(f"wsg: grid of {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run")
     if not todo:
         return {"cells": len(cells), "trained": 0, "failed": 0}
+    # A cell no node can ever hold would wait forever: refuse it now, by name.
+    check_cells_fit({c.id: cell_demand(cfg, c) for c in todo})
     # Every cell's data, built and validated once per loss before any worker
     # starts (bad input is refused now); the trials use it as it is.
     prepared: dict[str, Prepared] = {}
@@ -210,7 +200,7 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
             run_config=run_config)
     held_before = placement_groups()
     try:
-        with console.GridWatch(layout, [c.id for c in todo]):
+        with console.GridWatch(layout, [c.id for c in todo]), GroupWait(layout, [c.id for c in todo], held_before):
             results = tuner.fit()
     finally:
         # No cell runs any more: a placement group the grid made that Ray still
