@@ -186,13 +186,26 @@ def _norm_table(module_rows: list[dict]) -> list[dict]:
     return out
 
 
-def _render(run: str, out_dir: str) -> None:
-    """Write index.html and figures/ into the local folder out_dir."""
-    fig_dir = os.path.join(out_dir, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    t = {k: _read(run, k) for k in TABLES}
-    cfg_hash, cfg = _run_config(run)
-    ref_loss = (cfg.get("analysis") or {}).get("reference_loss", "sft")
+#: The report's sections in page order: (title, tables it needs, _Sections method).
+SECTIONS = (
+    ("Claims of the seed paper", ("claims",), "claims"),
+    ("Convergence", ("convergence",), "convergence"),
+    ("Accuracy", ("accuracy",), "accuracy"),
+    ("McNemar tests", ("mcnemar",), "mcnemar"),
+    ("Global cosine of weight updates", ("global_pairs",), "global_cos"),
+    ("Noise floors", ("noise_floors",), "floors"),
+    ("Per-layer cosine to the reference loss", ("layer_pairs",), "layer_cos"),
+    ("Principal angles", ("module_pairs",), "angles"),
+    ("Update norm and effective rank", ("adapter_modules",), "norms"),
+    ("Seed and learning-rate sensitivity", ("global_pairs", "adapter_modules"), "seed_lr"),
+    ("Linear mode connectivity", ("lmc",), "lmc"),
+    ("Representational similarity (CKA)", ("cka",), "cka"),
+    ("Logit lens", ("logit_lens",), "lens"),
+)
+
+
+def _adapter_names(t: dict) -> set[str]:
+    """Every adapter (and the base) that a table names."""
     names = set()
     for k in ("global_pairs", "layer_pairs", "module_pairs", "lmc", "cka"):
         for r in t[k] or []:
@@ -201,119 +214,122 @@ def _render(run: str, out_dir: str) -> None:
         names.add(r["adapter"])
     for r in t["accuracy"] or []:
         names.add(r["model"])
-    ref_pairs = reference_pairs(_adapters_from_names(names), ref_loss)
-    order = sorted(names - {BASE}, key=lambda n: (describe(n)["step"], n))
+    return names
 
-    def fig(name, fn, *args, **kw):
-        return fn(*args, os.path.join(fig_dir, name), **kw)
 
-    sections = []
+class _Sections:
+    """The body of each section, from the run's tables (figures written to fig_dir)."""
 
-    def section(title, keys, body_fn):
-        absent = [k for k in keys if t[k] is None]
-        body = _missing(absent) if absent else body_fn()
-        sections.append((title, body, bool(absent)))
+    def __init__(self, t: dict, fig_dir: str, ref_loss: str, names: set[str]):
+        self.t, self.fig_dir, self.ref_loss = t, fig_dir, ref_loss
+        self.ref_pairs = reference_pairs(_adapters_from_names(names), ref_loss)
+        self.order = sorted(names - {BASE}, key=lambda n: (describe(n)["step"], n))
 
-    def accuracy():
-        p = fig("accuracy.png", F.accuracy_bars, t["accuracy"])
+    def fig(self, name, fn, *args, **kw):
+        return fn(*args, os.path.join(self.fig_dir, name), **kw)
+
+    def build(self, keys, method: str) -> tuple[str, bool]:
+        """(html, whether a table it needs is absent)."""
+        absent = [k for k in keys if self.t[k] is None]
+        return (_missing(absent) if absent else getattr(self, method)()), bool(absent)
+
+    def accuracy(self):
+        p = self.fig("accuracy.png", F.accuracy_bars, self.t["accuracy"])
         cols = ["model", "step", "dataset", "n", "correct", "accuracy", "ci_low", "ci_high"]
         return (_figure(p, "figures/accuracy.png", "Greedy pass@1 with Wilson 95% intervals (seed Fig. 3).")
-                + _table(t["accuracy"], cols))
+                + _table(self.t["accuracy"], cols))
 
-    def mcnemar():
-        rows = sorted(t["mcnemar"], key=lambda r: (r["dataset"], r["p_value"], r["model_a"], r["model_b"]))
+    def mcnemar(self):
+        rows = sorted(self.t["mcnemar"], key=lambda r: (r["dataset"], r["p_value"], r["model_a"], r["model_b"]))
         return ('<p class="note">Exact McNemar test on the items both models were scored on; b01 = items '
                 'model_a got wrong and model_b right, b10 the reverse. Bold: p &lt; 0.05 (uncorrected).</p>'
                 + _fold(_table(rows, ["dataset", "model_a", "model_b", "n", "a_correct", "b_correct", "b01", "b10",
                                       "p_value"], bold=lambda r: r["p_value"] < 0.05), len(rows),
                         "McNemar tests, smallest p first"))
 
-    def claims():
-        p = fig("claims_forest.png", claims_forest, t["claims"])
+    def claims(self):
+        p = self.fig("claims_forest.png", claims_forest, self.t["claims"])
         plot = _figure(p, "figures/claims_forest.png",
                        "Each claim's value (dot, coloured by its verdict) with its 95% CI (bar), the band its test "
                        "accepts (shaded) and the noise floor it must beat (tick); one axis per measured quantity.")
-        return RF.claims_section(t["claims"], t["convergence"], _fmt, _ci, figure=plot)
+        return RF.claims_section(self.t["claims"], self.t["convergence"], _fmt, _ci, figure=plot)
 
-    def convergence():
-        p = fig("convergence.png", F.convergence_curves, t["convergence"])
-        rows = RF.convergence_rows(t["convergence"], _fmt)
-        return (RF.convergence_note(t["convergence"], None, "cells")
+    def convergence(self):
+        p = self.fig("convergence.png", F.convergence_curves, self.t["convergence"])
+        rows = RF.convergence_rows(self.t["convergence"], _fmt)
+        return (RF.convergence_note(self.t["convergence"], None, "cells")
                 + '<p class="note">Per cell: cosine of each checkpoint\'s ΔW with the final one and the norm growth; '
                   'converged when the direction has settled (cos >= 0.99 with the last checkpoint at <= 80% of the '
                   'final step) and the norm grows by <= 10% and no faster than before (docs/findings.md).</p>'
                 + _figure(p, "figures/convergence.png", "Direction and norm of ΔW over checkpoints, per cell.")
                 + _fold(_table(rows, list(rows[0]) if rows else ["cell"]), len(rows), "cells at their final step"))
 
-    def floors():
-        rows, cols = RF.floor_rows_for_table(t["noise_floors"], _fmt, _ci)
+    def floors(self):
+        rows, cols = RF.floor_rows_for_table(self.t["noise_floors"], _fmt, _ci)
         return ('<p class="note">The global metrics between two cells of one loss at one step that differ in one '
                 'factor only: the LoRA-init seed, the data-order seed, or the LR. A loss effect must exceed them.</p>'
                 + _fold(_table(rows, cols), len(rows), "control pairs"))
 
-    def global_cos():
-        p = fig("global_cosine.png", F.global_cosine_heatmap, t["global_pairs"], order=order)
-        ref = {tuple(sorted(x)) for x in ref_pairs}
-        rows = [r for r in t["global_pairs"] if (r["adapter_a"], r["adapter_b"]) in ref] or t["global_pairs"]
-        rows, cols, note = RF.global_rows(rows, t["noise_floors"], ref_loss, _fmt, _ci)
+    def global_cos(self):
+        p = self.fig("global_cosine.png", F.global_cosine_heatmap, self.t["global_pairs"], order=self.order)
+        ref = {tuple(sorted(x)) for x in self.ref_pairs}
+        rows = [r for r in self.t["global_pairs"] if (r["adapter_a"], r["adapter_b"]) in ref] or self.t["global_pairs"]
+        rows, cols, note = RF.global_rows(rows, self.t["noise_floors"], self.ref_loss, _fmt, _ci)
         return (_figure(p, "figures/global_cosine.png", "Global cosine of the LoRA updates ΔW (seed Fig. 1).")
                 + "<h3>Pairs with the reference loss, with CIs and noise floors</h3>" + note + _table(rows, cols))
 
-    def layer_cos():
-        p = fig("layer_cosine.png", F.layer_cosine, t["layer_pairs"], ref_pairs=ref_pairs)
+    def layer_cos(self):
+        p = self.fig("layer_cosine.png", F.layer_cosine, self.t["layer_pairs"], ref_pairs=self.ref_pairs)
         return _figure(p, "figures/layer_cosine.png",
-                       f"Per-layer cosine of ΔW to the reference loss {html.escape(ref_loss)} (seed Fig. 4).")
+                       f"Per-layer cosine of ΔW to the reference loss {html.escape(self.ref_loss)} (seed Fig. 4).")
 
-    def angles():
-        p = fig("principal_angles.png", F.principal_angles, t["module_pairs"], ref_pairs=ref_pairs)
+    def angles(self):
+        p = self.fig("principal_angles.png", F.principal_angles, self.t["module_pairs"],
+                     ref_pairs=self.ref_pairs)
         return _figure(p, "figures/principal_angles.png",
                        "Principal angles between top-k left singular subspaces, distribution over modules, "
-                       f"for pairs with {html.escape(ref_loss)} (seed §3.3).")
+                       f"for pairs with {html.escape(self.ref_loss)} (seed §3.3).")
 
-    def norms():
+    def norms(self):
         return ('<p class="note">‖ΔW‖_F over all modules; effective rank exp(−Σ p log p) of each module\'s '
                 'singular values (Roy &amp; Vetterli).</p>'
-                + _table(_norm_table(t["adapter_modules"]),
+                + _table(_norm_table(self.t["adapter_modules"]),
                          ["adapter", "modules", "global_fro_norm", "mean_module_fro_norm", "effective_rank_mean",
                           "effective_rank_min", "effective_rank_max"]))
 
-    def seed_lr():
-        p = fig("seed_lr.png", F.seed_lr_panels, t["global_pairs"], t["adapter_modules"])
+    def seed_lr(self):
+        p = self.fig("seed_lr.png", F.seed_lr_panels, self.t["global_pairs"], self.t["adapter_modules"])
         return _figure(p, "figures/seed_lr.png", "Seed and learning-rate sensitivity (seed Fig. 2).")
 
-    def lmc():
-        p = fig("lmc.png", F.lmc_curves, t["lmc"])
-        cols = [c for c in ("adapter_a", "adapter_b", "alpha", "ce", "n_items") if t["lmc"] and c in t["lmc"][0]]
+    def lmc(self):
+        p = self.fig("lmc.png", F.lmc_curves, self.t["lmc"])
+        cols = [c for c in ("adapter_a", "adapter_b", "alpha", "ce", "n_items") if self.t["lmc"] and c in self.t["lmc"][0]]
         return _figure(p, "figures/lmc.png", "Linear mode connectivity: masked-answer CE of the gold "
                        "\\boxed{answer} along α·ΔW_a + (1−α)·ΔW_b (seed Fig. 5).") + _fold(
-            _table(t["lmc"], cols), len(t["lmc"]), "LMC points")
+            _table(self.t["lmc"], cols), len(self.t["lmc"]), "LMC points")
 
-    def cka():
-        p = fig("cka.png", F.cka_layers, t["cka"])
+    def cka(self):
+        p = self.fig("cka.png", F.cka_layers, self.t["cka"])
         return _figure(p, "figures/cka.png", "Linear CKA of per-layer hidden states (seed Fig. 6).")
 
-    def lens():
-        rows = t["logit_lens"]
+    def lens(self):
+        rows = self.t["logit_lens"]
         cols = list(rows[0]) if rows else ["adapter"]
         return ('<p class="note">Mean prediction depth: the first layer from which the logit-lens top-1 '
                 'prediction equals the final one and stays (seed §3.6).</p>' + _table(rows, cols))
 
-    section("Claims of the seed paper", ["claims"], claims)
-    section("Convergence", ["convergence"], convergence)
-    section("Accuracy", ["accuracy"], accuracy)
-    section("McNemar tests", ["mcnemar"], mcnemar)
-    section("Global cosine of weight updates", ["global_pairs"], global_cos)
-    section("Noise floors", ["noise_floors"], floors)
-    section("Per-layer cosine to the reference loss", ["layer_pairs"], layer_cos)
-    section("Principal angles", ["module_pairs"], angles)
-    section("Update norm and effective rank", ["adapter_modules"], norms)
-    if F.varies_seed_or_lr(names):
-        section("Seed and learning-rate sensitivity", ["global_pairs", "adapter_modules"], seed_lr)
-    section("Linear mode connectivity", ["lmc"], lmc)
-    section("Representational similarity (CKA)", ["cka"], cka)
-    section("Logit lens", ["logit_lens"], lens)
 
-    absent = [k for k in TABLES if t[k] is None]
+def _render(run: str, out_dir: str) -> None:
+    """Write index.html and figures/ into the local folder out_dir."""
+    fig_dir = os.path.join(out_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    t = {k: _read(run, k) for k in TABLES}
+    cfg_hash, cfg = _run_config(run)
+    ref_loss = (cfg.get("analysis") or {}).get("reference_loss", "sft")
+    names = _adapter_names(t)
+    body = _Sections(t, fig_dir, ref_loss, names)
+    sections = [(title, *body.build(keys, method)) for title, keys, method in SECTIONS
+                if method != "seed_lr" or F.varies_seed_or_lr(names)]
     meta = _table([{"item": "run directory", "value": str(run)},
                    {"item": "config hash", "value": cfg_hash},
                    {"item": "model", "value": (cfg.get("model") or {}).get("name", "unknown")},
@@ -321,19 +337,23 @@ def _render(run: str, out_dir: str) -> None:
                    {"item": "adapters in the tables", "value": str(len(names - {BASE}))},
                    {"item": "built", "value": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}],
                   ["item", "value"], cls="meta")
+    with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
+        f.write(_page(run, t, meta, sections))
+
+
+def _page(run: str, t: dict, meta: str, sections: list[tuple[str, str, bool]]) -> str:
+    """The page: the claims first, then the run's identity and the contents."""
+    absent = [k for k in TABLES if t[k] is None]
     summary = ("<p>All tables present.</p>" if not absent else
                f'<div class="missing">Missing tables, so some sections are empty: '
                f'{", ".join("<code>" + TABLES[k][0] + "</code>" for k in absent)}.</div>')
     toc = "".join(f'<li><a href="#s{k}">{html.escape(title)}</a>{" (missing)" if miss else ""}</li>'
                   for k, (title, _, miss) in enumerate(sections))
     parts = [f'<h2 id="s{k}">{html.escape(title)}</h2>{b}' for k, (title, b, _) in enumerate(sections)]
-    # The page opens with the claims; the run's identity and the contents follow.
-    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wsg report: "
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wsg report: "
             f"{html.escape(os.path.basename(str(run).rstrip('/')))}</title><style>{_CSS}</style></head><body>"
-            f"<h1>wsg report</h1>{_teacher_line(run)}{parts[0]}<h2>Run</h2>{meta}{summary}<ul>{toc}</ul>{''.join(parts[1:])}"
-            "</body></html>")
-    with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
-        f.write(page)
+            f"<h1>wsg report</h1>{_teacher_line(run)}{parts[0]}<h2>Run</h2>{meta}{summary}<ul>{toc}</ul>"
+            f"{''.join(parts[1:])}</body></html>")
 
 
 def build_report(run: str) -> str:
