@@ -146,7 +146,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "train":
         pipeline.check_cell_args(args.loss, args.lr)  # before any Ray start-up
     run = pipeline.prepare_run(cfg, run)
-    with pipeline.open_console(run, verbose=args.verbose), pipeline.ray_while_quiet(address):
+    with pipeline.open_console(run, verbose=args.verbose), pipeline.session(address, dashboard=True):
         if args.cmd == "train":
             cfg = pipeline.check_tracking(cfg)
         if args.cmd == "rollouts":

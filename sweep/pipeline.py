@@ -22,7 +22,7 @@ from ..core.config import ExperimentConfig, config_hash, dump_config
 from ..core.console import RunConsole, say
 from ..core.errors import WsgError
 from ..core.layout import STAGES, RunLayout
-from ..core.session import connect, dashboard_url, session
+from ..core.session import dashboard_url, session
 from ..rollouts.stage import run_rollouts
 from ..rollouts.teacher import read_teacher_profile
 from ..train.losses import loss_names
@@ -68,19 +68,6 @@ def load_run_config(run: str) -> ExperimentConfig:
     if not rundir.exists(cpath):
         raise WsgError(f"{run} is not a wsg run directory (no config.yaml); start one with `wsg run CONFIG --run {run}`")
     return parse_config(yaml.safe_load(rundir.read_text(cpath)), cpath)
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Join a cluster when an address is given, else start a local instance with the dashboard."""
-    connect(address, dashboard=True)
-
-
-def ray_while_quiet(address: str | None) -> contextlib.AbstractContextManager[bool]:
-    """`ensure_ray` for a block inside a RunConsole: the Ray this block
-    started is shut down before the console gives the terminal back, so the
-    worker log lines Ray forwards at shutdown land in the log, not after the
-    user's prompt."""
-    return session(address, dashboard=True)
 
 
 def check_tracking(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -139,7 +126,7 @@ def geometry_command(args) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     if args.run:
         cfg = load_config_or_run(args.config_opt, args.run)
-        with open_console(args.run, verbose=args.verbose), ray_while_quiet(address):
+        with open_console(args.run, verbose=args.verbose), session(address, dashboard=True):
             summary = stage_geometry(cfg, args.run, extra=extra, out=args.out, top_k=args.top_k)
             say(f"wsg: [geometry] {_brief('geometry', summary)}")
             print(summary, flush=True)  # the whole summary, into the log
@@ -149,7 +136,7 @@ def geometry_command(args) -> int:
     if not args.out:
         raise WsgError("--out DIR is required with --adapter (where the Parquet tables go)")
     out = rundir.canonical(args.out)
-    with open_console(out, verbose=args.verbose), ray_while_quiet(address):
+    with open_console(out, verbose=args.verbose), session(address, dashboard=True):
         tables = run_geometry(extra, out, top_k=args.top_k or 10)
         for name, t in tables.items():
             say(f"{name}: {t.num_rows} rows")
@@ -209,7 +196,7 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
             say(f"wsg: third-party output (Ray, vLLM, transformers) goes to {layout.logs}/wsg.log; "
                 "--verbose shows it here")
         cfg = check_tracking(cfg)
-        stack.enter_context(ray_while_quiet(address))
+        stack.enter_context(session(address, dashboard=True))
         if (url := dashboard_url()):
             say(f"wsg: Ray dashboard at http://{url}")
         t0 = time.time()

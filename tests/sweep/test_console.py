@@ -86,14 +86,14 @@ def test_grid_watch_counts_cells_and_reads_running_progress(tmp_path):
 def test_ray_worker_lines_land_in_the_log_even_at_shutdown(tmp_path):
     """A real local Ray under the console: a task's print is forwarded by Ray
     to the driver, also the last one before the run ends (it used to reach
-    the terminal after wsg had given it back); `ray_while_quiet` shuts down
+    the terminal after wsg had given it back); `session(dashboard=True)` shuts down
     the Ray it started while the console still holds the terminal."""
     logs = tmp_path / "logs"
     out = _run(f"""
         import ray
         from wsg.core.console import RunConsole, say
-        from wsg.sweep.pipeline import ray_while_quiet
-        with RunConsole({str(logs)!r}), ray_while_quiet(None):
+        from wsg.core.session import session
+        with RunConsole({str(logs)!r}), session(None, dashboard=True):
             @ray.remote
             def loud(i):
                 print(f"worker line {{i}}", flush=True)
