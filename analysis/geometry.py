@@ -137,7 +137,7 @@ def _hash_all(specs: list[lora_io.AdapterSpec], out: str) -> None:
 
     def stamp(spec):
         st = [os.stat(os.path.join(spec.path, f)) for f in (lora_io.CONFIG_FILE, lora_io.WEIGHTS_FILE)]
-        return "|".join([spec.path] + [f"{x.st_size}:{x.st_mtime_ns}:{x.st_ino}" for x in st])
+        return "|".join([_where(spec.path, out)] + [f"{x.st_size}:{x.st_mtime_ns}:{x.st_ino}" for x in st])
 
     todo = [s for s in specs if not isinstance(memo.get(stamp(s)), str)]
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(todo)))) as ex:  # hashlib releases the GIL
@@ -147,6 +147,16 @@ def _hash_all(specs: list[lora_io.AdapterSpec], out: str) -> None:
         spec.content_hash = memo[stamp(spec)]
     if todo:
         rundir.write_json(memo_uri, memo)
+
+
+def _where(path: str, out: str) -> str:
+    """An adapter's key in the memo without a path of this machine: relative
+    to the output folder when a local one, else a digest of the path."""
+    import hashlib
+
+    if rundir.is_local(out):
+        return os.path.relpath(path, rundir.resolve(out)[1])
+    return hashlib.sha256(path.encode()).hexdigest()[:16]
 
 
 def _run_in_process(jobs: list[dict], bar) -> list:

@@ -28,7 +28,7 @@ from wsg.rollouts.engine import shutdown_engines, start_engines, wait_ready
 from wsg.rollouts.engine_rules import rollout_engine_options
 from wsg.rollouts.prompts import build_messages, encode_prompts, render_prompts
 from wsg.rollouts.reward import score_many, warm_up
-from wsg.sweep import rundir, telemetry
+from wsg.sweep import integrity, rundir, telemetry
 from wsg.sweep.errors import WsgError
 from wsg.sweep.layout import RunLayout
 
@@ -294,8 +294,8 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     out_dir = layout.rollouts_dir
     final_r, final_p = layout.rollouts, layout.pairs
     spec = spec_hash(cfg)
-    if rundir.is_complete(out_dir) and rundir.exists(final_r) and rundir.exists(final_p):
-        info = rundir.read_json(layout.rollouts_complete)
+    if integrity.revoke(out_dir, "rollouts", run=layout.root) and rundir.exists(final_r) and rundir.exists(final_p):
+        info = integrity.info(out_dir)
         if info.get("spec_hash") not in (None, spec):
             raise WsgError(f"{out_dir} holds finished rollouts of other settings (spec "
                            f"{info.get('spec_hash')} != {spec}); use a new --run folder or delete it")
@@ -347,7 +347,7 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
         "finish_reasons": dict(Counter(r["finish_reason"] for r in rows)),
         "data": report.as_dict(), **extra,
     }
-    rundir.mark_complete(out_dir, summary)
+    rundir.mark_complete(out_dir, summary, files=[final_r, final_p], root=layout.root)
     _log(progress, f"done: {summary['n_samples']} samples, reward {summary['reward_mean']:.3f}, "
                    f"{summary['frac_prompts_mixed']:.0%} prompts mixed, {len(pairs)} pairs, "
                    f"{summary['tok_s']} tok/s")

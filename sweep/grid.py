@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import traceback
 
-from wsg.sweep import console, rundir, telemetry, tracking
+from wsg.sweep import console, integrity, rundir, telemetry, tracking
 from wsg.sweep.cells import CellKey
 from wsg.sweep.config import ExperimentConfig
 from wsg.sweep.errors import WsgError
@@ -149,7 +149,10 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
 
     layout = RunLayout.of(run)
     cells = plan_cells(cfg)
-    todo = [c for c in cells if not rundir.is_complete(layout.cell(c.id).root)]
+    # A cell whose marker no longer matches its files (integrity.revoke) runs again.
+    had = {c.id for c in cells if rundir.is_complete(layout.cell(c.id).root)}
+    todo = [c for c in cells if not integrity.revoke(layout.cell(c.id).root, f"cell {c.id}", run=layout.root)]
+    revoked = had & {c.id for c in todo}
     console.say(f"wsg: grid of {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run")
     if not todo:
         return {"cells": len(cells), "trained": 0, "failed": 0}
@@ -177,6 +180,9 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     run_config = tune.RunConfig(name=name, storage_path=storage,
                                 failure_config=tune.FailureConfig(max_failures=1),
                                 verbose=1 if console.verbose() else 0)
+    if revoked and tune.Tuner.can_restore(exp):  # Tune would count a revoked cell's trial as done
+        fs, path = rundir.resolve(exp)
+        fs.delete_dir(path)
     if tune.Tuner.can_restore(exp):
         tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=True)

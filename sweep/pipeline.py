@@ -17,13 +17,14 @@ from wsg.analysis.functional import run_functional
 from wsg.analysis.geometry import parse_adapter_args, run_geometry
 from wsg.analysis.report import build_report
 from wsg.rollouts.stage import run_rollouts
-from wsg.sweep import rundir, tracking
+from wsg.sweep import integrity, rundir, tracking
 from wsg.sweep.cells import CellKey
 from wsg.sweep.config import ExperimentConfig, config_hash, dump_config, load_config, parse_config
 from wsg.sweep.console import RunConsole, say
 from wsg.sweep.errors import WsgError
 from wsg.sweep.grid import run_grid, run_one_cell
 from wsg.sweep.layout import STAGES, RunLayout
+from wsg.sweep.runlock import RunLock
 from wsg.sweep.session import connect, dashboard_url, session
 from wsg.train.losses import loss_names
 
@@ -179,6 +180,7 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
     run = prepare_run(cfg, run)
     layout = RunLayout(run)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(RunLock(run))  # one writer: a second `wsg run` here exits 2 naming this one
         con = stack.enter_context(open_console(run, verbose=verbose))
         say(f"wsg: run directory {run} (config hash {config_hash(cfg)})")
         if con.log_path:
@@ -195,15 +197,18 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
             ("functional", lambda: run_functional(cfg, run)),
             ("geometry", lambda: stage_geometry(cfg, run)),
         ]
+        remade = False  # a stage made something again: every later one runs (each skips what still holds)
         for name, fn in steps:
             marker = layout.stage_marker_dir(name)
-            if rundir.is_complete(marker) and name != "grid":
+            if name != "grid" and not remade and integrity.revoke(marker, f"[{name}]", run=run):
                 say(f"wsg: [{name}] complete, skipped")
                 continue
             t = time.time()
             say(f"wsg: [{name}] starting")
             summary = fn()
-            rundir.mark_complete(marker, {"summary": summary, "seconds": round(time.time() - t, 1)})
+            remade = remade or (bool(summary.get("trained")) if name == "grid" else not summary.get("skipped"))
+            rundir.mark_complete(marker, {"summary": summary, "seconds": round(time.time() - t, 1)},
+                                 files=stage_outputs(layout, name), root=run)
             print(f"wsg: [{name}] summary: {summary}", flush=True)  # whole, into the log
             say(f"wsg: [{name}] done in {time.time() - t:.0f}s: {_brief(name, summary)}")
         path = build_report(run)
@@ -218,6 +223,15 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
         say(f"wsg: finished in {time.time() - t0:.0f}s")
         say(f"wsg: report: {path}")
     return 0
+
+
+def stage_outputs(layout: RunLayout, stage: str) -> list[str]:
+    """The files a stage's marker vouches for: the top-level files of its
+    folder (the grid's cells vouch for themselves)."""
+    folder = {"rollouts": layout.rollouts_dir, "eval": layout.eval_dir, "functional": layout.functional_dir,
+              "geometry": layout.geometry_dir}.get(stage)
+    names = rundir.list_files(folder) if folder else []
+    return [rundir.join(folder, n) for n in names if n != rundir.COMPLETE_MARKER]
 
 
 def status_text(run: str) -> str:

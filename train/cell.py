@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from wsg.sweep import rundir
+from wsg.sweep import integrity, rundir
 from wsg.sweep.cells import CellKey
 from wsg.sweep.config import ExperimentConfig, config_hash
 from wsg.sweep.errors import WsgError
@@ -137,8 +137,8 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     key = CellKey.of(loss, seed, lr, init_seed=init_seed, data_seed=data_seed)
     layout = RunLayout.of(run)  # local runs made absolute: workers run in another working directory
     cl = layout.cell(key.id)
-    if rundir.is_complete(cl.root):
-        return {**rundir.read_json(cl.complete_marker), "skipped": True}
+    if integrity.revoke(cl.root, f"cell {key.id}", run=layout.root):
+        return {**integrity.info(cl.root), "skipped": True}
     t = cfg.train
     if fault_crash_at is None and os.environ.get("WSG_FAULT_CRASH_AT_STEP"):  # the fault-tolerance tests
         fault_crash_at = int(os.environ["WSG_FAULT_CRASH_AT_STEP"])
@@ -196,13 +196,18 @@ def run_cell(cfg: ExperimentConfig, run: str, *, loss: str, seed: int, lr: float
     steps = sorted(s for s in set(t.checkpoint_steps) | {t.max_steps} if s <= status["step"])
     summary = {"cell_id": key.id, **key.as_dict(), "seed": key.seed, "variant": spec.variant,
                "online": spec.online, "state": status["state"], "step": status["step"], "max_steps": t.max_steps,
-               "checkpoints": [cl.step(s) for s in steps], "final": status.get("final", {}),
+               "checkpoints": [layout.relative(cl.step(s)) for s in steps], "final": status.get("final", {}),
                "node_id": status.get("node_id"), "sync": sync, "num_workers": t.num_workers,
                "deepspeed_stage": t.deepspeed.zero_stage if t.deepspeed.enabled and not spec.online else None,
                "config_hash": config_hash(cfg), "wall_s": round(time.time() - t0, 3), "skipped": False,
                "timeline": {"started": t0, "fit_started": t_fit, "fit_done": t_done, **status.get("timeline", {})}}
     if status["state"] == "complete":
-        rundir.mark_complete(cl.root, summary)
+        # The marker vouches for the cell's adapters and tables (run-relative).
+        from wsg.train.checkpoint import ADAPTER_FILES
+
+        vouched = [cl.metrics, cl.spec, cl.fingerprint] + [rundir.join(cl.step(s), f) for s in steps
+                                                            for f in ADAPTER_FILES]
+        rundir.mark_complete(cl.root, summary, files=vouched, root=layout.root)
         _delete(layout.train_state(key.id))  # resume state is useless once the cell is whole
     return summary
 

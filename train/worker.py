@@ -216,7 +216,7 @@ def fit(task: CellTask, source, *, rank: int, world: int, device, report, resume
         if s in publish:
             card = AdapterCard.of(cfg, key, s, rollouts_hash=task.rollouts_hash if not task.online else "on-policy",
                                   hyper=hyper)
-            ck.publish_adapter(trainer, cl.step(s), rank=rank, card=card)
+            ck.publish_adapter(trainer, cl.step(s), rank=rank, card=card, root=task.run)
         if s in publish or stopping or (t.resume_every and s % t.resume_every == 0):
             with tempfile.TemporaryDirectory(prefix="wsg-resume-", ignore_cleanup_errors=True) as tmp:
                 ck.save_resume_state(trainer, tmp, rank=rank, state={
