@@ -397,4 +397,4 @@ def run_findings(cfg, run: str) -> dict:
         verdicts[v] += 1
     return {"noise_floor_pairs": floors.num_rows, "cells": len(cells),
             "converged_cells": sum(1 for v in cells.values() if v), "claims": dict(verdicts),
-            "tables": {k: lay.geometry_table(k) for k in out}}
+            "tables": {k: lay.relative(lay.geometry_table(k)) for k in out}}

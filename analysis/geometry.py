@@ -235,13 +235,15 @@ def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
 
 def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_hash: str = "",
                  use_ray: bool = True, progress: bool = True, cells: Optional[Mapping] = None,
-                 n_boot: int = gb.N_RESAMPLES, boot_seed: int = gb.SEED) -> dict[str, pa.Table]:
+                 where: Optional[Mapping[str, str]] = None, n_boot: int = gb.N_RESAMPLES, boot_seed: int = gb.SEED) -> dict[str, pa.Table]:
     """Compute and write adapter_modules / module_pairs / layer_pairs /
     global_pairs .parquet to `out` (local path or URI); return the tables.
 
     cells: adapter name -> analysis.adapters.CellRef, the identity columns of
     every table (`analysis.adapters.cell_refs`); names not in it (adapters
-    given by path) get nulls. n_boot, boot_seed: the layer bootstrap of the
+    given by path) get nulls. where: adapter name -> how the metadata names
+    its folder (a run's adapters: run-relative, so a copied run holds no path
+    of this machine); default its path. n_boot, boot_seed: the layer bootstrap of the
     global_pairs CIs (recorded in its b"wsg.bootstrap" metadata).
 
     Results are cached under <out>/.cache/ by adapter content hash (+ top_k),
@@ -314,7 +316,7 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
                 pairs[(ha, hb, m)] = tuple(raw)
 
     meta = gt.metadata(tool_version=_tool_version(), config_hash=config_hash, top_k=top_k,
-                       adapters={s.name: (s.path, s.content_hash) for s in specs})
+                       adapters={s.name: ((where or {}).get(s.name, s.path), s.content_hash) for s in specs})
     tables = gt.assemble(names=names, modules=mod_list, sigma=sigma, pairs=pairs, meta=meta, cells=cells,
                          n_boot=n_boot, boot_seed=boot_seed)
     for name, table in tables.items():

@@ -110,7 +110,8 @@ def stage_geometry(cfg: ExperimentConfig, run: str, extra: dict[str, str] | None
     if len(adapters) < 1:
         raise WsgError(f"{run} has no complete adapters yet; run the grid first (`wsg run`)")
     tables = run_geometry(adapters, out or RunLayout.of(run).geometry_dir, top_k=top_k or cfg.analysis.top_k,
-                          config_hash=config_hash(cfg), cells=cell_refs(found))
+                          config_hash=config_hash(cfg), cells=cell_refs(found),
+                          where={a.name: RunLayout.of(run).relative(a.uri) for a in found})
     summary = {"adapters": len(adapters), "tables": {k: t.num_rows for k, t in tables.items()}}
     if out is None:
         summary["findings"] = run_findings(cfg, run)
