@@ -14,7 +14,8 @@ did where it was written.
 """
 from __future__ import annotations
 
-import posixpath
+import os
+import threading
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
@@ -44,12 +45,23 @@ class _Memo:
     digests: dict = field(default_factory=dict)
     files: int = 0
     bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def prefetch(self, wanted: list[tuple[str, int]]) -> None:
+        """Hash files on a few threads (hashlib and pyarrow's reads release the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [(u, s) for u, s in dict(wanted).items() if u not in self.digests]
+        if len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=min(4, len(os.sched_getaffinity(0)), len(todo))) as ex:
+                list(ex.map(lambda us: self.digest(*us), todo))
 
     def digest(self, uri: str, size: int) -> str:
         if uri not in self.digests:
             got, sha = rundir.file_digest(uri)
-            self.digests[uri] = sha if got == size else None
-            self.files, self.bytes = self.files + 1, self.bytes + got
+            with self.lock:
+                self.digests[uri] = sha if got == size else None
+                self.files, self.bytes = self.files + 1, self.bytes + got
         return self.digests[uri]
 
 
@@ -77,11 +89,12 @@ def check(folder: str, memo: _Memo | None = None, run: str | None = None) -> lis
     if not isinstance(vouches, dict):
         return []
     root = _run_root(folder, vouches.get("at", ""))
+    listed = [(rundir.join(root, *f["path"].split("/")), f) for f in vouches.get("files", [])]
+    stats = [rundir.resolve(uri)[0].get_file_info(rundir.resolve(uri)[1]) for uri, _ in listed]
+    memo.prefetch([(uri, f["size"]) for (uri, f), st in zip(listed, stats)
+                   if st.type == pafs.FileType.File and st.size == f["size"]])
     problems = []
-    for f in vouches.get("files", []):
-        uri = rundir.join(root, *f["path"].split("/"))
-        fs, path = rundir.resolve(uri)
-        st = fs.get_file_info(path)
+    for (uri, f), st in zip(listed, stats):
         why = None
         if st.type != pafs.FileType.File:
             why = "missing"
