@@ -209,8 +209,9 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
         reasons = []
         for cid in failed:
             f = layout.cell(cid).failed
-            why = rundir.read_text(f).splitlines()[0] if rundir.exists(f) else "did not finish"
-            reasons.append(f"  {cid}: {why}")
+            # the message, not its traceback: a failed write names its file on a later line
+            why = rundir.read_text(f).split("\n\n")[0].strip() if rundir.exists(f) else "did not finish"
+            reasons.append(f"  {cid}: " + "\n    ".join(why.splitlines()[:8]))
         raise WsgError(f"{len(failed)} cell(s) did not complete (finished ones are kept; rerun the same "
                        "command to retry):\n" + "\n".join(reasons))
     return {"cells": len(cells), "trained": len(todo), "failed": 0, "trial_errors": n_err}
