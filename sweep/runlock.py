@@ -4,7 +4,9 @@
 the run. It is a JSON file naming the holder: host, pid, the process's start
 time, since when it holds the lock, a random token, and a heartbeat the
 holder rewrites every `BEAT_S` seconds. A second writer exits 2 naming the
-holder. A lock is taken over (with one console line) when its holder is dead:
+holder. A lock is taken over (with one console line) when its holder is dead
+or the lock was copied with the run from another folder (it records a digest
+of the folder it was taken for):
 
 - on the same host: its pid no longer runs, or runs another process (a start
   time other than the recorded one: the pid was reused);
@@ -18,6 +20,7 @@ other's token and both give way; neither writes the run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -53,8 +56,15 @@ def _started(pid: int) -> float | None:
     return None if fields[0] in ("Z", "X") else float(fields[19])
 
 
-def dead_reason(holder: dict, now: float, stale_s: float = STALE_S) -> str | None:
+def run_digest(run: str) -> str:
+    """Which folder a lock was taken for, without naming it (runs are copied)."""
+    return hashlib.sha256(rundir.canonical(run).encode()).hexdigest()[:16]
+
+
+def dead_reason(holder: dict, now: float, stale_s: float = STALE_S, run: str | None = None) -> str | None:
     """Why a lock's holder counts as dead (the takeover rule), or None if it may live."""
+    if run is not None and holder.get("run", run_digest(run)) != run_digest(run):
+        return "the lock was copied with the run from another folder"
     if holder.get("host") == socket.gethostname():
         started = _started(int(holder.get("pid", -1)))
         if started is None:
@@ -82,7 +92,8 @@ class RunLock:
         self._thread: threading.Thread | None = None
         pid = os.getpid()
         self.record = {"host": socket.gethostname(), "pid": pid, "started": _started(pid),
-                       "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": self.token}
+                       "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": self.token,
+                       "run": run_digest(run)}
 
     def _read(self) -> dict | None:
         try:
@@ -115,7 +126,7 @@ class RunLock:
                 if not self._create():
                     continue
             else:
-                why = dead_reason(held, time.time(), self.stale_s)
+                why = dead_reason(held, time.time(), self.stale_s, self.run)
                 if why is None:
                     raise WsgError(f"{self.run} is in use by another wsg process ({describe(held)}); wait for it "
                                    f"to end, or stop it. A lock whose holder died is taken over ({self.uri})")

@@ -105,6 +105,18 @@ def test_another_hosts_lock_is_taken_over_only_when_its_heartbeat_is_stale(tmp_p
     assert "no heartbeat for 61 s (> 60 s)" in said[0]
 
 
+def test_a_lock_copied_with_its_run_does_not_hold_the_copy(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    with RunLock(str(run)):
+        shutil.copytree(run, tmp_path / "copy")
+        said = []
+        with RunLock(str(tmp_path / "copy"), say=said.append):
+            pass
+        assert "copied with the run from another folder" in said[0]
+
+
 def test_the_holder_beats_and_a_reused_pid_is_dead(tmp_path):
     run = str(tmp_path / "run")
     with RunLock(run, beat_s=0.1) as lock:
