@@ -24,7 +24,8 @@ from wsg.sweep.console import RunConsole, say
 from wsg.sweep.errors import WsgError
 from wsg.sweep.grid import run_grid, run_one_cell
 from wsg.sweep.layout import STAGES, RunLayout
-from wsg.sweep.runlock import RunLock
+from wsg.sweep.runlock import LOCK, RunLock
+from wsg.sweep.runlock import describe as describe_holder
 from wsg.sweep.session import connect, dashboard_url, session
 from wsg.train.losses import loss_names
 
@@ -240,6 +241,12 @@ def status_text(run: str) -> str:
     if not rundir.exists(layout.config):
         raise WsgError(f"{run} is not a wsg run directory (no config.yaml)")
     lines = [f"run {run}"]
+    lock = rundir.join(run, LOCK)
+    if rundir.exists(lock):
+        try:
+            lines.append(f"  being written by {describe_holder(rundir.read_json(lock))}")
+        except (ValueError, OSError):
+            pass  # a lock half written: nothing to say
     for name in STAGES[:-1]:
         done = rundir.is_complete(layout.stage_marker_dir(name))
         lines.append(f"  {name:<11} {'complete' if done else 'not complete'}")

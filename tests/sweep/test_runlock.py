@@ -51,6 +51,8 @@ def _second_run_is_refused(run: str, proc: subprocess.Popen, capsys) -> None:
     holder = json.loads(rundir.read_text(rundir.join(run, LOCK)))
     assert f"host {socket.gethostname()}, pid {proc.pid}, since {holder['since']}" in err
     assert holder["pid"] == proc.pid
+    assert main(["status", run]) == 0
+    assert f"being written by host {socket.gethostname()}, pid {proc.pid}" in capsys.readouterr().out
 
 
 def _takeover_after_sigkill(run: str, proc: subprocess.Popen) -> None:
