@@ -150,9 +150,7 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     layout = RunLayout.of(run)
     cells = plan_cells(cfg)
     # A cell whose marker no longer matches its files (integrity.revoke) runs again.
-    had = {c.id for c in cells if rundir.is_complete(layout.cell(c.id).root)}
     todo = [c for c in cells if not integrity.revoke(layout.cell(c.id).root, f"cell {c.id}", run=layout.root)]
-    revoked = had & {c.id for c in todo}
     console.say(f"wsg: grid of {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run")
     if not todo:
         return {"cells": len(cells), "trained": 0, "failed": 0}
@@ -180,19 +178,20 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     run_config = tune.RunConfig(name=name, storage_path=storage,
                                 failure_config=tune.FailureConfig(max_failures=1),
                                 verbose=1 if console.verbose() else 0)
-    if revoked and tune.Tuner.can_restore(exp):  # Tune would count a revoked cell's trial as done
+    # The cells' markers, not Tune's trial states, say what is left: Tune would
+    # count the trial of a cell whose marker was voided (integrity.revoke) or
+    # removed as done. So a fresh experiment every time: a complete cell's
+    # trial returns at once, an unfinished cell resumes from its own Ray Train
+    # state (train_state/), as it would under Tune's restore.
+    if rundir.exists(exp):
         fs, path = rundir.resolve(exp)
         fs.delete_dir(path)
-    if tune.Tuner.can_restore(exp):
-        tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True,
-                                   restart_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg, todo),
-                                        trial_name_creator=lambda t: _trial_name(t),
-                                        trial_dirname_creator=lambda t: _trial_name(t)),
-            run_config=run_config)
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg, todo),
+                                    trial_name_creator=lambda t: _trial_name(t),
+                                    trial_dirname_creator=lambda t: _trial_name(t)),
+        run_config=run_config)
     held_before = placement_groups()
     try:
         with console.GridWatch(layout, [c.id for c in todo]):
