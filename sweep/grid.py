@@ -2,9 +2,10 @@
 
 Each Tune trial is a driver *function* that builds and fits the cell's
 `TorchTrainer` (Ray 2.60: passing a Trainer to `Tuner` is deprecated). Tune
-state lives in `<run>/tune/grid`; an existing sweep is continued with
-`Tuner.restore`, and a cell that is already complete returns at once, so a
-killed `wsg run` resumes without retraining finished cells. No early-stopping
+state lives in `<run>/tune/grid`, started afresh by every grid: the cells'
+verified markers say what is left, a cell that is already complete returns at
+once and an unfinished one resumes from its Ray Train state, so a killed
+`wsg run` resumes without retraining finished cells. No early-stopping
 schedulers: with Train V2 under Tune they leak placement groups.
 """
 from __future__ import annotations
