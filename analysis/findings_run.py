@@ -129,4 +129,4 @@ def run_findings(cfg, run: str) -> dict:
     return {"noise_floor_pairs": floors.num_rows, "cells": len(cells),
             "converged_cells": sum(1 for v in cells.values() if v), "claims": dict(verdicts), "teacher": teacher,
             "claims_settled": sum(1 for v in claims.column("settled").to_pylist() if v), "n_claims": claims.num_rows,
-            "tables": {k: lay.geometry_table(k) for k in out}}
+            "tables": {k: lay.relative(lay.geometry_table(k)) for k in out}}

@@ -145,7 +145,7 @@ def _hash_all(specs: list[lora_io.AdapterSpec], out: str) -> None:
 
     def stamp(spec):
         st = [os.stat(os.path.join(spec.path, f)) for f in (lora_io.CONFIG_FILE, lora_io.WEIGHTS_FILE)]
-        return "|".join([spec.path] + [f"{x.st_size}:{x.st_mtime_ns}:{x.st_ino}" for x in st])
+        return "|".join([_where(spec.path, out)] + [f"{x.st_size}:{x.st_mtime_ns}:{x.st_ino}" for x in st])
 
     todo = [s for s in specs if not isinstance(memo.get(stamp(s)), str)]
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(todo)))) as ex:  # hashlib releases the GIL
@@ -155,6 +155,16 @@ def _hash_all(specs: list[lora_io.AdapterSpec], out: str) -> None:
         spec.content_hash = memo[stamp(spec)]
     if todo:
         rundir.write_json(memo_uri, memo)
+
+
+def _where(path: str, out: str) -> str:
+    """An adapter's key in the memo without a path of this machine: relative
+    to the output folder when a local one, else a digest of the path."""
+    import hashlib
+
+    if rundir.is_local(out):
+        return os.path.relpath(path, rundir.resolve(out)[1])
+    return hashlib.sha256(path.encode()).hexdigest()[:16]
 
 
 def _run_in_process(jobs: list[dict], bar) -> list:
@@ -232,13 +242,15 @@ def _run_shards(jobs: list[dict], *, use_ray: bool, progress: bool):
 
 def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_hash: str = "",
                  use_ray: bool = True, progress: bool = True, cells: Optional[Mapping] = None,
-                 n_boot: int = gb.N_RESAMPLES, boot_seed: int = gb.SEED) -> dict[str, pa.Table]:
+                 where: Optional[Mapping[str, str]] = None, n_boot: int = gb.N_RESAMPLES, boot_seed: int = gb.SEED) -> dict[str, pa.Table]:
     """Compute and write adapter_modules / module_pairs / layer_pairs /
     global_pairs .parquet to `out` (local path or URI); return the tables.
 
     cells: adapter name -> analysis.adapters.CellRef, the identity columns of
     every table (`analysis.adapters.cell_refs`); names not in it (adapters
-    given by path) get nulls. n_boot, boot_seed: the layer bootstrap of the
+    given by path) get nulls. where: adapter name -> how the metadata names
+    its folder (a run's adapters: run-relative, so a copied run holds no path
+    of this machine); default its path. n_boot, boot_seed: the layer bootstrap of the
     global_pairs CIs (recorded in its b"wsg.bootstrap" metadata).
 
     Results are cached under <out>/.cache/ by adapter content hash (+ top_k),
@@ -311,7 +323,7 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
                 pairs[(ha, hb, m)] = tuple(raw)
 
     meta = gt.metadata(tool_version=_tool_version(), config_hash=config_hash, top_k=top_k,
-                       adapters={s.name: (s.path, s.content_hash) for s in specs})
+                       adapters={s.name: ((where or {}).get(s.name, s.path), s.content_hash) for s in specs})
     tables = gt.assemble(names=names, modules=mod_list, sigma=sigma, pairs=pairs, meta=meta, cells=cells,
                          n_boot=n_boot, boot_seed=boot_seed)
     for name, table in tables.items():

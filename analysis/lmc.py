@@ -121,7 +121,8 @@ def interpolated_adapter(pair: tuple, alpha: float) -> tuple[dict, dict]:
 def save_adapter(config: dict, tensors: dict, out_dir: str, marker: dict | None = None) -> str:
     rundir.write_bytes(rundir.join(out_dir, WEIGHTS_FILE), st_save(tensors, metadata={"format": "pt"}))
     rundir.write_json(rundir.join(out_dir, CONFIG_FILE), config)
-    rundir.mark_complete(out_dir, marker or {})
+    rundir.mark_complete(out_dir, marker or {}, files=[rundir.join(out_dir, WEIGHTS_FILE),
+                                                       rundir.join(out_dir, CONFIG_FILE)])
     return out_dir
 
 

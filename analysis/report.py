@@ -68,6 +68,12 @@ def _read(run: str, key: str):
     return rundir.read_table(path).to_pylist()
 
 
+def _run_name(run: str) -> str:
+    """The run as the page names it: a local folder by its name (the page
+    travels with the run when it is copied), an object-store run by its URI."""
+    return os.path.basename(str(run).rstrip("/")) if rundir.is_local(run) else str(run)
+
+
 def _run_config(run: str) -> tuple[str, dict]:
     """(config hash, the resolved config as a dict); ('unknown', {}) if absent."""
     path = RunLayout.of(run).config
@@ -330,7 +336,7 @@ def _render(run: str, out_dir: str) -> None:
     body = _Sections(t, fig_dir, ref_loss, names)
     sections = [(title, *body.build(keys, method)) for title, keys, method in SECTIONS
                 if method != "seed_lr" or F.varies_seed_or_lr(names)]
-    meta = _table([{"item": "run directory", "value": str(run)},
+    meta = _table([{"item": "run directory", "value": _run_name(run)},
                    {"item": "config hash", "value": cfg_hash},
                    {"item": "model", "value": (cfg.get("model") or {}).get("name", "unknown")},
                    {"item": "reference loss", "value": ref_loss},

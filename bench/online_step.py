@@ -59,7 +59,7 @@ def run_cell(args, *, loss: str, sync: str, steps: int, lr: float) -> tuple[dict
     out = run_cell(cfg, run, CellKey.of(loss, args.seed, lr))
     wall = time.perf_counter() - t0
     rows = pq.read_table(os.path.join(RunLayout.of(run).cell(out["cell_id"]).root, "metrics.parquet")).to_pylist()
-    adapters = [p for p in out["checkpoints"] if rundir.is_complete(p)]
+    adapters = [p for p in (rundir.join(run, c) for c in out["checkpoints"]) if rundir.is_complete(p)]
     return {"loss": loss, "sync": out["sync"], "steps": out["step"], "wall_s": wall, "adapters": adapters,
             "run": run}, rows
 

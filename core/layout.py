@@ -12,6 +12,7 @@
     <run>/analysis/lmc.parquet, cka.parquet, logit_lens.parquet, parts/
     <run>/report/index.html, figures/<name>.png
     <run>/tracking/run.json, tensorboard/<cell_id>/, wandb/   experiment trackers' files
+    <run>/_LOCK                          the writing command (core/runlock.py)
 
 A run is a local folder or an object-store URI; paths are joined with
 `rundir.join`, so both work. No other module joins run-directory path strings.

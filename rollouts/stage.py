@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..core import rundir, telemetry
+from ..core import integrity, rundir, telemetry
 from ..core.console import say
 from ..core.errors import WsgError
 from ..core.layout import RunLayout
@@ -286,8 +286,8 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     out_dir = layout.rollouts_dir
     final_r, final_p = layout.rollouts, layout.pairs
     spec = spec_hash(cfg)
-    if rundir.is_complete(out_dir) and rundir.exists(final_r) and rundir.exists(final_p):
-        info = rundir.read_json(layout.rollouts_complete)
+    if integrity.revoke(out_dir, "rollouts", run=layout.root) and rundir.exists(final_r) and rundir.exists(final_p):
+        info = integrity.info(out_dir)
         if info.get("spec_hash") not in (None, spec):
             raise WsgError(f"{out_dir} holds finished rollouts of other settings (spec "
                            f"{info.get('spec_hash')} != {spec}); use a new --run folder or delete it")
@@ -339,7 +339,7 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
         # Who wrote the rollouts and how varied their text is (rollouts/teacher.py).
         "teacher_profile": teacher_profile(cfg, rows),
     }
-    rundir.mark_complete(out_dir, summary)
+    rundir.mark_complete(out_dir, summary, files=[final_r, final_p], root=layout.root)
     _log(progress, f"done: {summary['n_samples']} samples, reward {summary['reward_mean']:.3f}, "
                    f"{summary['frac_prompts_mixed']:.0%} prompts mixed, {len(pairs)} pairs, "
                    f"{summary['tok_s']} tok/s")

@@ -11,6 +11,7 @@ import sys
 
 from ..core.console import say
 from ..core.errors import WsgError
+from ..core.runlock import RunLock
 
 EXIT_USER_ERROR = 2
 
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="which stages and cells of a run are complete")
     p.add_argument("run", help="run directory")
 
+    p = sub.add_parser("verify", help="check every artifact of a run against its completion marker "
+                                      "(exit 1 listing each problem)")
+    p.add_argument("run", help="run directory: a local path or s3:// / gs:// URI")
+
     p = sub.add_parser("config", help="config tools")
     csub = p.add_subparsers(dest="config_cmd", metavar="SUBCOMMAND")
     cs = csub.add_parser("show", help="print the resolved config and its hash")
@@ -126,6 +131,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "status":
         print(pipeline.status_text(args.run))
         return 0
+    if args.cmd == "verify":
+        from ..core.integrity import verify_text
+
+        code, text = verify_text(args.run)
+        print(text)
+        return code
     if args.cmd == "report":
         path = pipeline.build_report(args.run)
         print(f"report: {path}")
@@ -146,7 +157,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "train":
         pipeline.check_cell_args(args.loss, args.lr)  # before any Ray start-up
     run = pipeline.prepare_run(cfg, run)
-    with pipeline.open_console(run, verbose=args.verbose), pipeline.session(address, dashboard=True):
+    with RunLock(run), pipeline.open_console(run, verbose=args.verbose), pipeline.session(address, dashboard=True):
         if args.cmd == "train":
             cfg = pipeline.check_tracking(cfg)
         if args.cmd == "rollouts":

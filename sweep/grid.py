@@ -2,9 +2,10 @@
 
 Each Tune trial is a driver *function* that builds and fits the cell's
 `TorchTrainer` (Ray 2.60: passing a Trainer to `Tuner` is deprecated). Tune
-state lives in `<run>/tune/grid`; an existing sweep is continued with
-`Tuner.restore`, and a cell that is already complete returns at once, so a
-killed `wsg run` resumes without retraining finished cells. No early-stopping
+state lives in `<run>/tune/grid`, started afresh by every grid: the cells'
+verified markers say what is left, a cell that is already complete returns at
+once and an unfinished one resumes from its Ray Train state, so a killed
+`wsg run` resumes without retraining finished cells. No early-stopping
 schedulers: with Train V2 under Tune they leak placement groups.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import traceback
 
-from ..core import console, rundir, telemetry, tracking
+from ..core import console, integrity, rundir, telemetry, tracking
 from ..core.cells import CellKey
 from ..core.config import ExperimentConfig
 from ..core.errors import WsgError
@@ -154,7 +155,8 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
 
     layout = RunLayout.of(run)
     cells = plan_cells(cfg)
-    todo = [c for c in cells if not rundir.is_complete(layout.cell(c.id).root)]
+    # A cell whose marker no longer matches its files (integrity.revoke) runs again.
+    todo = [c for c in cells if not integrity.revoke(layout.cell(c.id).root, f"cell {c.id}", run=layout.root)]
     console.say(f"wsg: grid of {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run")
     if not todo:
         return {"cells": len(cells), "trained": 0, "failed": 0}
@@ -188,16 +190,20 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     run_config = tune.RunConfig(name=name, storage_path=storage,
                                 failure_config=tune.FailureConfig(max_failures=retries),
                                 verbose=1 if console.verbose() else 0)
-    if tune.Tuner.can_restore(exp):
-        tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=True,
-                                   restart_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg, todo), reuse_actors=True,
-                                        trial_name_creator=lambda t: _trial_name(t),
-                                        trial_dirname_creator=lambda t: _trial_name(t)),
-            run_config=run_config)
+    # The cells' markers, not Tune's trial states, say what is left: Tune would
+    # count the trial of a cell whose marker was voided (integrity.revoke) or
+    # removed as done. So a fresh experiment every time: a complete cell's
+    # trial returns at once, an unfinished cell resumes from its own Ray Train
+    # state (train_state/), as it would under Tune's restore.
+    if rundir.exists(exp):
+        fs, path = rundir.resolve(exp)
+        fs.delete_dir(path)
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg, todo), reuse_actors=True,
+                                    trial_name_creator=lambda t: _trial_name(t),
+                                    trial_dirname_creator=lambda t: _trial_name(t)),
+        run_config=run_config)
     held_before = placement_groups()
     try:
         with console.GridWatch(layout, [c.id for c in todo]), GroupWait(layout, [c.id for c in todo], held_before):
@@ -214,8 +220,9 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
         reasons = []
         for cid in failed:
             f = layout.cell(cid).failed
-            why = rundir.read_text(f).splitlines()[0] if rundir.exists(f) else "did not finish"
-            reasons.append(f"  {cid}: {why}")
+            # the message, not its traceback: a failed write names its file on a later line
+            why = rundir.read_text(f).split("\n\n")[0].strip() if rundir.exists(f) else "did not finish"
+            reasons.append(f"  {cid}: " + "\n    ".join(why.splitlines()[:8]))
         raise WsgError(f"{len(failed)} cell(s) did not complete (finished ones are kept; rerun the same "
                        "command to retry):\n" + "\n".join(reasons))
     return {"cells": len(cells), "trained": len(todo), "failed": 0, "trial_errors": n_err}

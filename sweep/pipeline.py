@@ -16,12 +16,14 @@ from ..analysis.findings_run import run_findings
 from ..analysis.functional import run_functional
 from ..analysis.geometry import parse_adapter_args, run_geometry
 from ..analysis.report import build_report
-from ..core import rundir, tracking
+from ..core import integrity, rundir, tracking
 from ..core.cells import CellKey
 from ..core.config import ExperimentConfig, config_hash, dump_config
 from ..core.console import RunConsole, say
 from ..core.errors import WsgError
 from ..core.layout import STAGES, RunLayout
+from ..core.runlock import LOCK, RunLock
+from ..core.runlock import describe as describe_holder
 from ..core.session import dashboard_url, session
 from ..rollouts.stage import run_rollouts
 from ..rollouts.teacher import read_teacher_profile
@@ -110,7 +112,8 @@ def stage_geometry(cfg: ExperimentConfig, run: str, extra: dict[str, str] | None
     if len(adapters) < 1:
         raise WsgError(f"{run} has no complete adapters yet; run the grid first (`wsg run`)")
     tables = run_geometry(adapters, out or RunLayout.of(run).geometry_dir, top_k=top_k or cfg.analysis.top_k,
-                          config_hash=config_hash(cfg), cells=cell_refs(found))
+                          config_hash=config_hash(cfg), cells=cell_refs(found),
+                          where={a.name: RunLayout.of(run).relative(a.uri) for a in found})
     summary = {"adapters": len(adapters), "tables": {k: t.num_rows for k, t in tables.items()}}
     if out is None:
         summary["findings"] = run_findings(cfg, run)
@@ -190,6 +193,7 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
     run = prepare_run(cfg, run)
     layout = RunLayout(run)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(RunLock(run))  # one writer: a second `wsg run` here exits 2 naming this one
         con = stack.enter_context(open_console(run, verbose=verbose))
         say(f"wsg: run directory {run} (config hash {config_hash(cfg)})")
         if con.log_path:
@@ -207,15 +211,18 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
             ("functional", lambda: run_functional(cfg, run)),
             ("geometry", lambda: stage_geometry(cfg, run)),
         ]
+        remade = False  # a stage made something again: every later one runs (each skips what still holds)
         for name, fn in steps:
             marker = layout.stage_marker_dir(name)
-            if rundir.is_complete(marker) and name != "grid":
+            if name != "grid" and not remade and integrity.revoke(marker, f"[{name}]", run=run):
                 say(f"wsg: [{name}] complete, skipped")
                 continue
             t = time.time()
             say(f"wsg: [{name}] starting")
             summary = fn()
-            rundir.mark_complete(marker, {"summary": summary, "seconds": round(time.time() - t, 1)})
+            remade = remade or (bool(summary.get("trained")) if name == "grid" else not summary.get("skipped"))
+            rundir.mark_complete(marker, {"summary": summary, "seconds": round(time.time() - t, 1)},
+                                 files=stage_outputs(layout, name), root=run)
             print(f"wsg: [{name}] summary: {summary}", flush=True)  # whole, into the log
             say(f"wsg: [{name}] done in {time.time() - t:.0f}s: {_brief(name, summary)}")
         path = build_report(run)
@@ -232,11 +239,26 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
     return 0
 
 
+def stage_outputs(layout: RunLayout, stage: str) -> list[str]:
+    """The files a stage's marker vouches for: the top-level files of its
+    folder (the grid's cells vouch for themselves)."""
+    folder = {"rollouts": layout.rollouts_dir, "eval": layout.eval_dir, "functional": layout.functional_dir,
+              "geometry": layout.geometry_dir}.get(stage)
+    names = rundir.list_files(folder) if folder else []
+    return [rundir.join(folder, n) for n in names if n != rundir.COMPLETE_MARKER]
+
+
 def status_text(run: str) -> str:
     layout = RunLayout.of(run)
     if not rundir.exists(layout.config):
         raise WsgError(f"{run} is not a wsg run directory (no config.yaml)")
     lines = [f"run {run}"]
+    lock = rundir.join(run, LOCK)
+    if rundir.exists(lock):
+        try:
+            lines.append(f"  being written by {describe_holder(rundir.read_json(lock))}")
+        except (ValueError, OSError):
+            pass  # a lock half written: nothing to say
     for name in STAGES[:-1]:
         done = rundir.is_complete(layout.stage_marker_dir(name))
         lines.append(f"  {name:<11} {'complete' if done else 'not complete'}")

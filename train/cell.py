@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..core import rundir
+from ..core import integrity, rundir
 from ..core.cells import CellKey
 from ..core.config import ExperimentConfig, config_hash
 from ..core.errors import WsgError
@@ -29,6 +29,7 @@ from ..core.layout import RunLayout
 from ..core.models import load_tokenizer
 from ..core.session import remove_placement_groups, session
 from ..rollouts.engine_rules import adapter_mode
+from .checkpoint import ADAPTER_FILES
 from .data import build_train_set
 from .losses import get_loss, validate_hyper
 from .online import prepare_prompts, validate_online
@@ -134,8 +135,8 @@ def run_cell(cfg: ExperimentConfig, run: str | RunLayout, key: CellKey, *, resum
     layout = run if isinstance(run, RunLayout) else RunLayout.of(run)  # local runs made absolute
     cfg = cfg.for_horizon(key.horizon)
     cl = layout.cell(key.id)
-    if rundir.is_complete(cl.root):
-        return {**rundir.read_json(cl.complete_marker), "skipped": True}
+    if integrity.revoke(cl.root, f"cell {key.id}", run=layout.root):
+        return {**integrity.info(cl.root), "skipped": True}
     if fault_crash_at is None and os.environ.get("WSG_FAULT_CRASH_AT_STEP"):  # the fault-tolerance tests
         fault_crash_at = int(os.environ["WSG_FAULT_CRASH_AT_STEP"])
     if stop_after is not None and not 1 <= stop_after <= cfg.train.max_steps:
@@ -221,14 +222,17 @@ def _summarise(task: CellTask, timeline: dict) -> dict:
     steps = sorted(s for s in set(t.checkpoint_steps) | {t.max_steps} if s <= status["step"])
     summary = {"cell_id": key.id, **key.as_dict(), "seed": key.seed, "variant": spec.variant,
                "online": spec.online, "state": status["state"], "step": status["step"], "max_steps": t.max_steps,
-               "checkpoints": [cl.step(s) for s in steps], "final": status.get("final", {}),
+               "checkpoints": [layout.relative(cl.step(s)) for s in steps], "final": status.get("final", {}),
                "node_id": status.get("node_id"), "sync": task.sync, "num_workers": t.num_workers,
                "deepspeed_stage": t.deepspeed.zero_stage if t.deepspeed.enabled and not spec.online else None,
                "shared_worker": task.shared, "config_hash": config_hash(cfg),
                "wall_s": round(time.time() - timeline["started"], 3), "skipped": False,
                "timeline": {**timeline, **status.get("timeline", {})}}
     if status["state"] == "complete":
-        rundir.mark_complete(cl.root, summary)
+        # The marker vouches for the cell's adapters and tables (run-relative).
+        vouched = [cl.metrics, cl.spec, cl.fingerprint] + [rundir.join(cl.step(s), f) for s in steps
+                                                            for f in ADAPTER_FILES]
+        rundir.mark_complete(cl.root, summary, files=vouched, root=layout.root)
         _delete(layout.train_state(key.id))  # resume state is useless once the cell is whole
     return summary
 

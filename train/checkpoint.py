@@ -39,18 +39,21 @@ def export_adapter(trainer, local_dir: str, *, rank: int) -> None:
             trainer.policy.save_pretrained(local_dir, safe_serialization=True)
 
 
-def publish_adapter(trainer, dest: str, *, rank: int, card=None) -> str:
+def publish_adapter(trainer, dest: str, *, rank: int, card=None, root: str | None = None) -> str:
     """Export the adapter and upload it whole to `dest` (a step folder of the
     run, RunLayout.cell(...).step(n)); with a `core.adapter_card.AdapterCard`
     the folder is made portable (the base model's hub id) and gets its model
-    card. The weights file is never touched."""
+    card. The weights file is never touched. The marker vouches for the two
+    adapter files (the card changes when eval adds accuracy); root: the run,
+    for run-relative paths in the marker."""
 
     with tempfile.TemporaryDirectory(prefix="wsg-adapter-") as tmp:
         export_adapter(trainer, tmp, rank=rank)
         if rank == 0:
             if card is not None:
                 make_portable(tmp, card)
-            rundir.upload_dir(tmp, dest, files=ADAPTER_FILES + ((CARD_FILE,) if card is not None else ()))
+            rundir.upload_dir(tmp, dest, files=ADAPTER_FILES + ((CARD_FILE,) if card is not None else ()),
+                              vouch=ADAPTER_FILES, root=root)
     return dest
 
 

@@ -247,7 +247,7 @@ class _Loop:
         if s in self.publish:
             card = AdapterCard.of(task.cfg, task.key, s, hyper=self.hyper,
                                   rollouts_hash=task.rollouts_hash if not task.online else "on-policy")
-            ck.publish_adapter(self.trainer, self.cl.step(s), rank=self.rank, card=card)
+            ck.publish_adapter(self.trainer, self.cl.step(s), rank=self.rank, card=card, root=task.run)
         if s in self.publish or stopping or (t.resume_every and s % t.resume_every == 0):
             with tempfile.TemporaryDirectory(prefix="wsg-resume-", ignore_cleanup_errors=True) as tmp:
                 ck.save_resume_state(self.trainer, tmp, rank=self.rank, state={

@@ -101,7 +101,8 @@ def test_full_report(full_run, tmp_path):
     index = build_report(run)
     assert index == os.path.join(run, "report", "index.html")
     page = open(index, encoding="utf-8").read()
-    assert config_hash(cfg) in page and run in page
+    assert config_hash(cfg) in page and f">{os.path.basename(run)}<" in page
+    assert run not in page  # the page travels with a copied run: no path of this machine
     assert "missing because" not in page and "All tables present" in page
     imgs = _images(page)
     assert {os.path.basename(i) for i in imgs} == {
