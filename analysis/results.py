@@ -24,7 +24,7 @@ from ..core import rundir
 from ..core.cells import CellKey
 from ..core.config import parse_config
 from ..core.errors import WsgError
-from ..core.layout import STAGES, RunLayout
+from ..core.layout import STAGES, RunLayout, StudyLayout
 
 _GEOMETRY = "the geometry stage (`wsg geometry --run RUN`)"
 _FINDINGS = "the findings step of the geometry stage (`wsg geometry --run RUN`; docs/findings.md)"
@@ -284,3 +284,61 @@ class Run:
 def open_run(path_or_uri: str) -> Run:
     """Open a wsg run directory (a local folder or an `s3://` / `gs://` URI) for reading; see `Run`."""
     return Run(path_or_uri)
+
+
+class Study:
+    """A study folder written by `wsg study CONFIG` (sweep/study.py), read back:
+    the runs' claims side by side and each run as a `Run`.
+
+        >>> study = wsg.open_study("runs/teacher-study")
+        >>> study.claims.pivot(index="claim", columns="factor_value", values="verdict")
+    """
+
+    def __init__(self, path_or_uri: str):
+        self.layout = StudyLayout.of(path_or_uri)
+        if not rundir.exists(self.layout.root):
+            raise WsgError(f"study folder {path_or_uri} does not exist; pass the folder given to `wsg study`")
+
+    @property
+    def path(self) -> str:
+        """The study folder (a local path made absolute, or the URI)."""
+        return self.layout.root
+
+    @property
+    def claims(self):
+        """claim x run: each run's claims table (see `Run.claims`) with the
+        columns run, factor, factor_value, config_hash and the teacher's
+        profile (teacher, teacher_kind, teacher_accuracy, ...)."""
+        if not rundir.exists(self.layout.claims):
+            raise MissingTable(f"{self.layout.claims} is absent: `wsg study CONFIG --study {self.path}` writes it "
+                               "once a run of the study has finished")
+        return rundir.read_table(self.layout.claims).to_pandas()
+
+    @property
+    def factor(self) -> Optional[str]:
+        """The factor the runs differ in (the study config's `study.factor`)."""
+        c = self.claims
+        return str(c["factor"].iloc[0]) if len(c) else None
+
+    @property
+    def labels(self) -> list[str]:
+        """The values' labels, one run folder each, in the study's order."""
+        if rundir.exists(self.layout.claims):
+            return list(dict.fromkeys(self.claims["run"]))
+        return sorted(n for n in rundir.listdir(self.layout.root)
+                      if rundir.exists(RunLayout.of(self.layout.run(n)).config))
+
+    @property
+    def runs(self) -> dict[str, Run]:
+        """label -> the run of that value of the factor (`open_run` of its folder)."""
+        return {label: Run(self.layout.run(label)) for label in self.labels}
+
+    @property
+    def figure(self) -> Optional[str]:
+        """The path of claims.png (each claim's value, CI and floor against the factor), or None."""
+        return self.layout.figure if rundir.exists(self.layout.figure) else None
+
+
+def open_study(path_or_uri: str) -> Study:
+    """Open a study folder (local or `s3://` / `gs://`) for reading; see `Study`."""
+    return Study(path_or_uri)

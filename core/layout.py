@@ -209,3 +209,31 @@ class RunLayout:
     def relative(self, path: str) -> str:
         root = self.root.rstrip("/") + "/"
         return path[len(root):] if path.startswith(root) else path
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """A study folder (`wsg study`, sweep/study.py): one run per value of its
+    factor and the runs' claims side by side.
+
+        <study>/<label>/        an ordinary run (RunLayout) per value
+        <study>/claims.parquet  claim x run, with the factor's value (sweep/study.py)
+        <study>/claims.png      each claim's value, CI and floor against the factor
+    """
+
+    root: str
+
+    @classmethod
+    def of(cls, study: str) -> "StudyLayout":
+        return cls(rundir.canonical(study))
+
+    def run(self, label: str) -> str:
+        return rundir.join(self.root, label)
+
+    @property
+    def claims(self) -> str:
+        return rundir.join(self.root, "claims.parquet")
+
+    @property
+    def figure(self) -> str:
+        return rundir.join(self.root, "claims.png")

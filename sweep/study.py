@@ -37,7 +37,7 @@ from ..core import rundir
 from ..core.config import config_hash
 from ..core.console import say
 from ..core.errors import WsgError
-from ..core.layout import STAGES, RunLayout
+from ..core.layout import STAGES, RunLayout, StudyLayout
 from . import pipeline
 from .config import parse_config
 
@@ -116,11 +116,11 @@ def load_study(path: str) -> tuple[StudyCfg, list[tuple[StudyValue, Any]]]:
 
 
 def run_folder(study_dir: str, label: str) -> str:
-    return rundir.join(study_dir, label)
+    return StudyLayout.of(study_dir).run(label)
 
 
 def combined_path(study_dir: str) -> str:
-    return rundir.join(study_dir, "claims.parquet")
+    return StudyLayout.of(study_dir).claims
 
 
 def finished(run: str) -> bool:
@@ -165,7 +165,7 @@ def combine(study_dir: str, study: StudyCfg, runs: list[tuple[StudyValue, Any]])
 
 
 def figure_path(study_dir: str) -> str:
-    return rundir.join(study_dir, "claims.png")
+    return StudyLayout.of(study_dir).figure
 
 
 def _figure(study_dir: str, study: StudyCfg, runs: list, table: pa.Table) -> None:

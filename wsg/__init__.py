@@ -19,7 +19,7 @@ if not _os.path.isdir(_os.path.join(_here, "sweep")) and _os.path.isfile(_os.pat
 
 def __getattr__(name):
     # `wsg.open_run` without importing the stages (torch, Ray) with `import wsg`.
-    if name in ("open_run", "Run"):
+    if name in ("open_run", "Run", "open_study", "Study"):
         from wsg.analysis import results
 
         return getattr(results, name)

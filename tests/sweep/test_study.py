@@ -124,6 +124,17 @@ def test_combined_claims_table_read_back_with_pandas_and_duckdb(tmp_path):
     meta = pa.parquet.read_schema(path).metadata[b"wsg.study"]
     assert json.loads(meta)["factor"] == "teacher"
 
+    # wsg.open_study reads the same folder back: the combined table, each run, the figure.
+    import wsg
+
+    st = wsg.open_study(sdir)
+    pd.testing.assert_frame_equal(st.claims, df)
+    assert st.factor == "teacher" and st.labels == [v.label for v, _ in runs]
+    assert st.figure == figure_path(sdir)
+    for label, run in st.runs.items():
+        own = pd.read_parquet(RunLayout.of(run_folder(sdir, label)).geometry_table("claims"))
+        pd.testing.assert_frame_equal(run.claims, own)
+
 
 def test_combine_without_any_claims_writes_nothing(tmp_path):
     study, runs = load_study(_study_yaml(tmp_path))
