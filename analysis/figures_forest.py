@@ -22,7 +22,8 @@ from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from .claims import Test  # noqa: E402
 from .figures import DPI  # noqa: E402
 
-VERDICT_COLOURS = {"holds": "#2e8b57", "fails": "#c0392b", "inconclusive": "#e69500", "not_measured": "#9a9a9a"}
+VERDICT_COLOURS = {"holds": "#2e8b57", "fails": "#c0392b", "inconclusive": "#e69500", "unsettled": "#4a6fa5",
+                   "not_measured": "#9a9a9a"}
 BAND_COLOUR, FLOOR_COLOUR = "#3a7bd5", "#222222"
 # (axis label, the claim measures drawn on it (a claim id after its first "."), log scale,
 #  the range always shown, so a lone value is read against the scale it lives on)

@@ -338,6 +338,11 @@ class Study:
         """The path of claims.png (each claim's value, CI and floor against the factor), or None."""
         return self.layout.figure if rundir.exists(self.layout.figure) else None
 
+    @property
+    def forest(self) -> Optional[str]:
+        """The path of claims_forest.png (the report's forest plot, each claim once per run), or None."""
+        return self.layout.forest if rundir.exists(self.layout.forest) else None
+
 
 def open_study(path_or_uri: str) -> Study:
     """Open a study folder (local or `s3://` / `gs://`) for reading; see `Study`."""

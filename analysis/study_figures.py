@@ -13,12 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLOURS = {"holds": "#2e8b57", "fails": "#c0392b", "inconclusive": "#e69500", "unsettled": "#4a6fa5",
-           "not_measured": "#999999"}
-
-
-def _num(v) -> Optional[float]:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+from .figures_forest import VERDICT_COLOURS as COLOURS  # noqa: E402
+from .figures_forest import _num, claims_forest  # noqa: E402
 
 
 def claims_by_factor(rows: list[dict], runs: list[str], factor: str, path: str) -> Optional[str]:
@@ -59,3 +55,18 @@ def claims_by_factor(rows: list[dict], runs: list[str], factor: str, path: str) 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def study_rows(rows: list[dict], runs: list[str]) -> list[dict]:
+    """The combined claims table's rows as forest rows: each claim once per
+    run, named `claim[run]`, in claim order then the study's run order."""
+    order = {r: k for k, r in enumerate(runs)}
+    rank = {c: k for k, c in enumerate(dict.fromkeys(r["claim"] for r in rows))}
+    picked = sorted((r for r in rows if r["run"] in order), key=lambda r: (rank[r["claim"]], order[r["run"]]))
+    return [{**r, "claim": f"{r['claim']}[{r['run']}]"} for r in picked]
+
+
+def study_forest(rows: list[dict], runs: list[str], path: str) -> Optional[str]:
+    """The report's claims forest plot (analysis/figures_forest.py) for a
+    study, each claim once per run on the claim's own axis; None without claims."""
+    return claims_forest(study_rows(rows, runs), path)

@@ -219,6 +219,7 @@ class StudyLayout:
         <study>/<label>/        an ordinary run (RunLayout) per value
         <study>/claims.parquet  claim x run, with the factor's value (sweep/study.py)
         <study>/claims.png      each claim's value, CI and floor against the factor
+        <study>/claims_forest.png  the report's forest plot, each claim once per run
     """
 
     root: str
@@ -237,3 +238,7 @@ class StudyLayout:
     @property
     def figure(self) -> str:
         return rundir.join(self.root, "claims.png")
+
+    @property
+    def forest(self) -> str:
+        return rundir.join(self.root, "claims_forest.png")

@@ -32,7 +32,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..analysis.claims import CLAIMS_SCHEMA
-from ..analysis.study_figures import claims_by_factor
+from ..analysis.study_figures import claims_by_factor, study_forest
 from ..core import rundir
 from ..core.config import config_hash
 from ..core.console import say
@@ -169,17 +169,18 @@ def figure_path(study_dir: str) -> str:
 
 
 def _figure(study_dir: str, study: StudyCfg, runs: list, table: pa.Table) -> None:
-    """<study>/claims.png: each claim's value, CI and floor against the factor."""
+    """<study>/claims.png (each claim against the factor) and claims_forest.png
+    (the report's forest plot, each claim once per run)."""
     import os
     import tempfile
 
-
+    rows, labels, lay = table.to_pylist(), [v.label for v, _ in runs], StudyLayout.of(study_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        local = claims_by_factor(table.to_pylist(), [v.label for v, _ in runs], study.factor,
-                                 os.path.join(tmp, "claims.png"))
-        if local:
-            with open(local, "rb") as f:
-                rundir.write_bytes(figure_path(study_dir), f.read())
+        for dest, local in ((lay.figure, claims_by_factor(rows, labels, study.factor, os.path.join(tmp, "a.png"))),
+                            (lay.forest, study_forest(rows, labels, os.path.join(tmp, "b.png")))):
+            if local:
+                with open(local, "rb") as f:
+                    rundir.write_bytes(dest, f.read())
 
 
 def run_study(path: str, study_dir: Optional[str], *, address: Optional[str] = None, verbose: bool = False) -> int:

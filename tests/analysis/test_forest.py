@@ -93,6 +93,37 @@ def test_random_claims_every_test_kind_with_floors():
     plt.close(fig)
 
 
+def test_study_forest_draws_each_claim_once_per_run(tmp_path):
+    """A study's forest plot: the combined table's rows, each claim once per
+    run (`claim[run]`, runs in the study's order) on the claim's own axis,
+    drawn as the table says; unsettled claims get their own colour."""
+    import matplotlib.pyplot as plt
+    from wsg.analysis.figures_forest import VERDICT_COLOURS, forest_figure
+    from wsg.analysis.study_figures import study_forest, study_rows
+
+    rng = np.random.default_rng(3)
+    runs = ["scripted-0.15", "scripted-0.80", "self"]
+    rows = []
+    for run in reversed(runs):  # the table's order is not the study's
+        for k, claim in enumerate(["sft_rft_rift.cosine", "dpo.cosine", "accuracy.dpo_best[gsm8k]"]):
+            v = float(rng.uniform(-0.2, 0.9))
+            rows.append({"claim": claim, "run": run, "test": C.above(0.5).text(), "value": v, "ci_low": v - 0.05,
+                         "ci_high": v + 0.05, "noise_floor": float(rng.uniform(0, 0.5)),
+                         "verdict": ["unsettled", "holds", "fails"][k]})
+    got = study_rows(rows, runs)
+    assert [r["claim"] for r in got[:3]] == [f"sft_rft_rift.cosine[{r}]" for r in runs]
+    assert len(got) == 9 and got[-1]["claim"] == "accuracy.dpo_best[gsm8k][self]"
+    fig = forest_figure(got)
+    check_drawn(fig, got)
+    unsettled = fig.axes[0].lines
+    assert any(a.get_gid() == f"sft_rft_rift.cosine[{runs[0]}]:value" and a.get_color() == VERDICT_COLOURS["unsettled"]
+               for a in unsettled)
+    plt.close(fig)
+    path = study_forest(rows, runs, str(tmp_path / "f.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_forest_on_the_reports_first_screen(full_run):  # noqa: F811
     import matplotlib.pyplot as plt
     from wsg.analysis.figures_forest import forest_figure

@@ -130,7 +130,7 @@ def test_combined_claims_table_read_back_with_pandas_and_duckdb(tmp_path):
     st = wsg.open_study(sdir)
     pd.testing.assert_frame_equal(st.claims, df)
     assert st.factor == "teacher" and st.labels == [v.label for v, _ in runs]
-    assert st.figure == figure_path(sdir)
+    assert st.figure == figure_path(sdir) and st.forest.endswith("claims_forest.png")
     for label, run in st.runs.items():
         own = pd.read_parquet(RunLayout.of(run_folder(sdir, label)).geometry_table("claims"))
         pd.testing.assert_frame_equal(run.claims, own)
