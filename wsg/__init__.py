@@ -1,6 +1,7 @@
 """wsg: do different post-training losses change a language model in different ways?
 
-The package's parts are `wsg.sweep` (config, grid, pipeline, CLI), `wsg.train`
+The package's parts are `wsg.core` (the shared vocabulary: config schema, run
+layout, cell identity, errors, models), `wsg.sweep` (grid, pipeline, CLI), `wsg.train`
 (the training cell), `wsg.rollouts` (vLLM generation, rewards) and
 `wsg.analysis` (geometry, evaluation, statistics, report). An installed wsg
 (`pip install .`) holds them under this folder (pyproject.toml maps them with

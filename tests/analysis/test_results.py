@@ -55,7 +55,7 @@ def _check(r, run: str, cfg, read) -> None:
         assert len(got) > 0, name
         assert_frame_equal(got, read(rel).to_pandas())
     claims = r.claims
-    assert len(claims) >= 19 and set(claims["verdict"]) <= {"holds", "fails", "inconclusive", "not_measured"}
+    assert len(claims) >= 19 and set(claims["verdict"]) <= {"holds", "fails", "inconclusive", "unsettled", "not_measured"}
     for name, rel, writer in (("predictions", "eval/predictions.parquet", "eval stage"),
                               ("rollouts", "rollouts/rollouts.parquet", "rollouts stage"),
                               ("pairs", "rollouts/pairs.parquet", "rollouts stage")):
