@@ -108,30 +108,23 @@ def test_open_run_local(run_copy):
     assert wsg.open_run(rel).path == run
 
 
-def test_open_run_s3(run_copy, tmp_path, monkeypatch):
+def test_open_run_s3(run_copy, s3_bucket):
     import pyarrow.fs as pafs
-    from _cluster import S3Server
 
     import wsg
 
     cfg, local = run_copy
-    s3 = S3Server(tmp_path / "s3").start()
-    try:
-        for k, v in s3.env.items():
-            monkeypatch.setenv(k, v)
-        s3.make_bucket("wsg")
-        uri = "s3://wsg/runs/tiny"
-        pafs.copy_files(local, uri.removeprefix("s3://"), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=s3.fs())
+    s3 = s3_bucket
+    uri = "s3://wsg/runs/tiny"
+    pafs.copy_files(local, uri.removeprefix("s3://"), source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3.fs())
 
-        def read(rel, raw=False):
-            return s3.read(f"{uri}/{rel}") if raw else pq.read_table(f"wsg/runs/tiny/{rel}", filesystem=s3.fs())
+    def read(rel, raw=False):
+        return s3.read(f"{uri}/{rel}") if raw else pq.read_table(f"wsg/runs/tiny/{rel}", filesystem=s3.fs())
 
-        r = wsg.open_run(uri)
-        assert r.path == uri
-        _check(r, uri, cfg, read)
-    finally:
-        s3.stop()
+    r = wsg.open_run(uri)
+    assert r.path == uri
+    _check(r, uri, cfg, read)
 
 
 def test_not_a_run(tmp_path):

@@ -142,24 +142,16 @@ def test_a_copied_run_verifies_and_holds_no_path_of_its_folder(tmp_path, capsys)
             assert str(run).encode() not in open(os.path.join(dirpath, n), "rb").read(), n
 
 
-def test_verify_an_s3_run(tmp_path, monkeypatch, capsys):
-    from _cluster import S3Server
-
-    s3 = S3Server(tmp_path / "s3").start()
-    try:
-        for k, v in s3.env.items():
-            monkeypatch.setenv(k, v)
-        s3.make_bucket("wsg")
-        run = "s3://wsg/runs/a"
-        wrote = _fake_run(run, np.random.default_rng(6))
-        assert s3.read(f"{run}/{CELL}/step_2/adapter_model.safetensors") == wrote[f"{CELL}/step_2/adapter_model.safetensors"]
-        code, out = _verify(run, capsys)
-        assert code == 0 and "clean" in out
-        rundir.write_bytes(f"{run}/{CELL}/step_2/adapter_model.safetensors", b"x" * 1000)
-        code, out = _verify(run, capsys)
-        assert code == 1 and f"{CELL}/step_2/adapter_model.safetensors: size 1000 bytes" in out
-    finally:
-        s3.stop()
+def test_verify_an_s3_run(tmp_path, s3_bucket, capsys):
+    s3 = s3_bucket
+    run = "s3://wsg/runs/a"
+    wrote = _fake_run(run, np.random.default_rng(6))
+    assert s3.read(f"{run}/{CELL}/step_2/adapter_model.safetensors") == wrote[f"{CELL}/step_2/adapter_model.safetensors"]
+    code, out = _verify(run, capsys)
+    assert code == 0 and "clean" in out
+    rundir.write_bytes(f"{run}/{CELL}/step_2/adapter_model.safetensors", b"x" * 1000)
+    code, out = _verify(run, capsys)
+    assert code == 1 and f"{CELL}/step_2/adapter_model.safetensors: size 1000 bytes" in out
 
 
 def test_a_failed_write_keeps_the_old_file_leaves_no_temp_and_says_what_to_do(tmp_path, monkeypatch):

@@ -152,31 +152,24 @@ def test_cli_study_refuses_a_config_without_a_study_section(tmp_path, capsys):
     assert "no `study:` section" in capsys.readouterr().err
 
 
-def test_open_study_on_an_object_store(tmp_path, monkeypatch):
+def test_open_study_on_an_object_store(tmp_path, s3_bucket):
     """The same study made and read on an S3 API server (moto, on loopback):
     `wsg.open_study("s3://…")` gives the combined table, the runs and the figures."""
     import pandas as pd
-    from _cluster import S3Server
 
     import wsg
 
-    s3 = S3Server(tmp_path / "s3").start()
-    try:
-        for k, v in s3.env.items():
-            monkeypatch.setenv(k, v)
-        s3.make_bucket("wsg")
-        sdir = "s3://wsg/studies/teacher"
-        study, runs = load_study(_study_yaml(tmp_path))
-        for k, (v, cfg) in enumerate(runs):
-            _fake_run(sdir, v, cfg, {"teacher_kind": "scripted", "teacher_accuracy": 0.2 + 0.3 * k})
-        table = combine(sdir, study, runs)
-        st = wsg.open_study(sdir)
-        assert st.path == sdir and st.factor == "teacher" and st.labels == [v.label for v, _ in runs]
-        pd.testing.assert_frame_equal(st.claims, table.to_pandas())
-        assert st.figure == f"{sdir}/claims.png" and st.forest == f"{sdir}/claims_forest.png"
-        assert s3.read(f"{sdir}/claims_forest.png")[:8] == b"\x89PNG\r\n\x1a\n"
-        for label, run in st.runs.items():
-            assert run.path == f"{sdir}/{label}"
-            assert (run.claims["claim"] == st.claims.loc[st.claims["run"] == label, "claim"].values).all()
-    finally:
-        s3.stop()
+    s3 = s3_bucket
+    sdir = "s3://wsg/studies/teacher"
+    study, runs = load_study(_study_yaml(tmp_path))
+    for k, (v, cfg) in enumerate(runs):
+        _fake_run(sdir, v, cfg, {"teacher_kind": "scripted", "teacher_accuracy": 0.2 + 0.3 * k})
+    table = combine(sdir, study, runs)
+    st = wsg.open_study(sdir)
+    assert st.path == sdir and st.factor == "teacher" and st.labels == [v.label for v, _ in runs]
+    pd.testing.assert_frame_equal(st.claims, table.to_pandas())
+    assert st.figure == f"{sdir}/claims.png" and st.forest == f"{sdir}/claims_forest.png"
+    assert s3.read(f"{sdir}/claims_forest.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    for label, run in st.runs.items():
+        assert run.path == f"{sdir}/{label}"
+        assert (run.claims["claim"] == st.claims.loc[st.claims["run"] == label, "claim"].values).all()
