@@ -2,9 +2,10 @@
 
 One offline cell (sft) and one online cell (online_grpo) of the embedded
 default (SmolLM2-135M-Instruct, LoRA r=16, 12 steps), run one after the
-other in one Ray session through `train.cell.run_cell`, exactly as a grid
-trial runs them. For each: the cell's wall time against the sum of its step
-times (ratio = wall / Σ steps: the baseline is the cell's own compute,
+other in one Ray session through `train.cell.run_cell` in a fresh Ray Train
+worker group each (`wsg train`'s path; the grid now trains such cells in
+shared worker processes: bench/grid_overhead.py measures both). For each:
+the cell's wall time against the sum of its step times (ratio = wall / Σ steps: the baseline is the cell's own compute,
 measured in the same run), and where the rest went, from the cell's
 timeline (status.json): validation and data building on the driver, Ray
 Train's start (controller, worker group, process group), the worker's setup

@@ -152,26 +152,39 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-class GridWatch:
-    """Polls the cells' progress.json files while the grid runs and shows the
-    cells done / running / failed, each running cell's step, loss and tokens/s,
-    and an ETA (mean finished-cell time × cells left / cells running)."""
+class Watcher:
+    """A daemon thread that polls while a `with` block runs (the grid's
+    watchers: GridWatch here, sweep/capacity.py's GroupWait); subclasses
+    define `_run`, which returns once `_stop` is set."""
 
-    def __init__(self, layout, cell_ids: list[str], *, poll_s: float = 3.0):
-        self.layout, self.ids, self.poll_s = layout, list(cell_ids), poll_s
+    def __init__(self, name: str, poll_s: float):
+        self.poll_s = poll_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="wsg-grid-watch")
-        self.t0 = time.time()
-        self._finished: dict[str, float] = {}
-        self._seen_running: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
 
-    def __enter__(self) -> "GridWatch":
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+class GridWatch(Watcher):
+    """Polls the cells' progress.json files while the grid runs and shows the
+    cells done / running / failed, each running cell's step, loss and tokens/s,
+    and an ETA (mean finished-cell time × cells left / cells running)."""
+
+    def __init__(self, layout, cell_ids: list[str], *, poll_s: float = 3.0):
+        super().__init__("wsg-grid-watch", poll_s)
+        self.layout, self.ids = layout, list(cell_ids)
+        self.t0 = time.time()
+        self._finished: dict[str, float] = {}
+        self._seen_running: dict[str, float] = {}
 
     def snapshot(self) -> dict:
         done, failed, running = [], [], []

@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import os
-import threading
 import time
 
 from ..core import console, rundir
@@ -202,7 +201,7 @@ def _mtime(uri: str):
     return None
 
 
-class GroupWait:
+class GroupWait(console.Watcher):
     """While the grid runs: a placement group of this grid that stays
     pending longer than `wait_s` gets a console line naming the cells that
     wait (started, i.e. their cell.json rewritten, and no worker yet, i.e.
@@ -213,9 +212,7 @@ class GroupWait:
                  poll_s: float = 5.0):
         self.layout, self.ids, self.ignore = layout, list(cell_ids), set(ignore)
         self.wait_s = wait_s if wait_s is not None else wait_warn_s()
-        self.poll_s = min(poll_s, self.wait_s / 2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="wsg-group-wait")
+        super().__init__("wsg-group-wait", min(poll_s, self.wait_s / 2))
         self._seen: dict[str, float] = {}   # pending group id -> first seen
         self._told: dict[str, int] = {}     # group id -> multiples of wait_s told
         self._start_marks = {c: self._marks(c) for c in self.ids}
@@ -224,14 +221,6 @@ class GroupWait:
     def _marks(self, cid: str):
         cl = self.layout.cell(cid)
         return _mtime(cl.spec), _mtime(cl.placement_group)
-
-    def __enter__(self) -> "GroupWait":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def waiting_cells(self) -> list[str]:
         out = []
