@@ -8,9 +8,10 @@ LMC, CKA, logit lens), so the report can join them. The base model is `base`.
 
 Cell ids (`<loss>-s<seed>-lr<lr>`, or `<loss>-i<init>-d<data>-lr<lr>` for
 control cells whose LoRA-init and data-order seeds differ) are read by
-`core.cells.CellKey.parse`, the one parser. `CellRef` is what the analysis
-tables say about an adapter's cell (the identity columns of the geometry
-tables, issue 13 item 4).
+`core.cells.CellKey.parse`, the one parser. An analysed adapter knows its
+cell (`Adapter.cell`, a CellKey); what the analysis tables say about it (the
+identity columns of the geometry tables, issue 13 item 4) is its
+`core.cells.AdapterRef`.
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..core import rundir
-from ..core.cells import CellKey
+from ..core.cells import ADAPTER_SEP, AdapterRef, CellKey
 from ..core.errors import WsgError
 from ..core.layout import RunLayout
 from ..core.models import cache_root
 
 BASE = "base"
-SEP = "@"
+SEP = ADAPTER_SEP
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Extra adapter names become file names (eval/models/<name>.parquet) and
 # table keys: keep them to a safe alphabet.
@@ -37,53 +38,31 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+\-]*$")
 
 
 @dataclass(frozen=True)
-class CellRef:
-    """The grid cell an adapter comes from, and its checkpoint step (None
-    when unknown): the identity columns of the geometry tables."""
-
-    loss: str
-    init_seed: int
-    data_seed: int
-    lr: float
-    step: Optional[int] = None
-
-
-@dataclass(frozen=True)
 class Adapter:
-    """One analysed adapter: `path` is a local folder, `uri` where it lives.
-    `seed` is the grid seed (= init_seed); init_seed and data_seed default to
-    it (core.cells.CellKey.of)."""
+    """One analysed adapter: `path` is a local folder, `uri` where it lives,
+    `cell` the grid cell it is a checkpoint of (None for an extra adapter
+    whose name is not a cell's)."""
 
     name: str
     path: str
     uri: str
     step: int  # -1 when unknown (extra adapters)
-    cell_id: Optional[str] = None
-    loss: Optional[str] = None
-    seed: Optional[int] = None
-    lr: Optional[float] = None
-    init_seed: Optional[int] = None
-    data_seed: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.seed is None and self.init_seed is not None:
-            object.__setattr__(self, "seed", self.init_seed)
-        for k in ("init_seed", "data_seed"):
-            if getattr(self, k) is None and self.seed is not None:
-                object.__setattr__(self, k, self.seed)
+    cell: Optional[CellKey] = None
 
     @property
-    def cell(self) -> Optional[CellRef]:
-        """Its CellRef; None for an adapter whose name is not a cell's."""
-        if self.loss is None:
+    def ref(self) -> Optional[AdapterRef]:
+        """Its identity in the analysis tables; None for an adapter that is
+        not a cell's, and for a horizon control (its identity columns would
+        repeat its reference cell's; its name tells it apart)."""
+        if self.cell is None or self.cell.horizon is not None:
             return None
-        return CellRef(self.loss, self.init_seed, self.data_seed, self.lr, None if self.step < 0 else self.step)
+        return AdapterRef(self.cell, None if self.step < 0 else self.step, self.name)
 
 
-def cell_refs(adapters: list[Adapter]) -> dict[str, CellRef]:
-    """name -> CellRef of every adapter that is a grid cell's checkpoint
-    (`run_geometry(..., cells=cell_refs(list_adapters(cfg, run)))`)."""
-    return {a.name: a.cell for a in adapters if a.cell is not None}
+def adapter_refs(adapters: list[Adapter]) -> dict[str, AdapterRef]:
+    """name -> AdapterRef of every adapter that is a grid cell's checkpoint
+    (`run_geometry(..., cells=adapter_refs(list_adapters(cfg, run)))`)."""
+    return {a.name: a.ref for a in adapters if a.ref is not None}
 
 
 def _parse(cell_id: str) -> Optional[CellKey]:
@@ -105,18 +84,17 @@ def split_name(name: str) -> tuple[str, Optional[int]]:
     return name, None
 
 
-def describe(name: str) -> dict:
-    """Loss/seeds/lr/step of an analysis table's adapter name (None where
-    unknown; `seed` is the init seed).
+def cell_of(name: str) -> Optional[CellKey]:
+    """The cell of an analysis table's adapter name (`<cell_id>@<step>` or a
+    cell id alone); None for `base` and extra adapters whose names are not
+    cell ids. Used by the report to label and group rows."""
+    return _parse(split_name(name)[0])
 
-    Used by the report to label and group rows; `base` and extra adapters
-    whose names are not cell ids get loss None.
-    """
-    cell, step = split_name(name)
-    k = _parse(cell)
-    return {"name": name, "cell_id": cell if k else None, "loss": k and k.loss, "seed": k and k.init_seed,
-            "init_seed": k and k.init_seed, "data_seed": k and k.data_seed, "lr": k and k.lr,
-            "step": -1 if step is None else step}
+
+def step_of(name: str) -> int:
+    """The checkpoint step of an adapter name; -1 when it has none."""
+    step = split_name(name)[1]
+    return -1 if step is None else step
 
 
 def local_copy(uri: str) -> str:
@@ -175,19 +153,17 @@ def list_adapters(cfg, run: str, *, models: bool = False) -> list[Adapter]:
         if key.horizon is not None:
             # A horizon control feeds only the settle rule (analysis/settle.py),
             # which compares its final ΔW with its reference's: geometry reads
-            # that one checkpoint, eval and the functional stage none. No
-            # identity columns: they would repeat its reference cell's.
+            # that one checkpoint, eval and the functional stage none (and it
+            # has no identity columns: Adapter.ref).
             if not models and steps:
                 uri = cl.step(steps[-1])
                 out.append(Adapter(name=adapter_name(cell, steps[-1]), path=local_copy(uri), uri=uri,
-                                   step=steps[-1], cell_id=cell))
+                                   step=steps[-1], cell=key))
             continue
         chosen = _select_steps(steps, cfg.analysis.steps)
         for step in _select_steps(chosen, cfg.analysis.model_steps) if models else chosen:
             uri = cl.step(step)
-            out.append(Adapter(name=adapter_name(cell, step), path=local_copy(uri), uri=uri, step=step,
-                               cell_id=cell, loss=key.loss, seed=key.init_seed, lr=key.lr,
-                               init_seed=key.init_seed, data_seed=key.data_seed))
+            out.append(Adapter(name=adapter_name(cell, step), path=local_copy(uri), uri=uri, step=step, cell=key))
     taken = {a.name for a in out} | {BASE}
     for name, path in cfg.analysis.extra_adapters.items():
         if not _SAFE_NAME.match(name):
@@ -198,12 +174,11 @@ def list_adapters(cfg, run: str, *, models: bool = False) -> list[Adapter]:
         if not rundir.exists(rundir.join(path, "adapter_config.json")):
             raise WsgError(f"analysis.extra_adapters.{name}: {path} is not a PEFT adapter folder "
                            "(no adapter_config.json); give the folder written by save_pretrained")
-        cell, step = split_name(name)
-        info = describe(name)
-        # An extra named `<cell_id>@<step>` is taken as that cell's checkpoint (as the report does).
-        out.append(Adapter(name=name, path=local_copy(path), uri=path, step=-1 if step is None else step,
-                           cell_id=info["cell_id"], loss=info["loss"], seed=info["seed"], lr=info["lr"],
-                           init_seed=info["init_seed"], data_seed=info["data_seed"]))
+        # An extra named `<cell_id>@<step>` is taken as that cell's checkpoint, as the report
+        # does (a horizon control's id as its reference cell's).
+        cell = cell_of(name)
+        out.append(Adapter(name=name, path=local_copy(path), uri=path, step=step_of(name),
+                           cell=None if cell is None else cell.reference))
         taken.add(name)
     return out
 
@@ -213,12 +188,21 @@ def discover_adapters(cfg, run: str) -> dict[str, str]:
     return {a.name: a.path for a in list_adapters(cfg, run)}
 
 
+def _pairing_cell(a: Adapter) -> Optional[CellKey]:
+    """The cell reference pairs read: none for a horizon control (it feeds
+    only the settle rule, analysis/settle.py)."""
+    return a.cell if a.cell is not None and a.cell.horizon is None else None
+
+
 def _ref_choice(refs: list[Adapter], other: Adapter) -> Adapter:
     """The reference cell to compare `other` with: same seeds (init and data)
     and LR, else the same seeds (losses such as DPO train at a scaled LR,
     seed §2), else the same init seed, else the first."""
-    same = lambda r: (r.init_seed, r.data_seed) == (other.init_seed, other.data_seed)  # noqa: E731
-    for pick in (lambda r: same(r) and r.lr == other.lr, same, lambda r: r.init_seed == other.init_seed):
+    o = _pairing_cell(other)
+    if o is None:
+        return refs[0]
+    same = lambda r: (r.cell.init_seed, r.cell.data_seed) == (o.init_seed, o.data_seed)  # noqa: E731
+    for pick in (lambda r: same(r) and r.cell.lr == o.lr, same, lambda r: r.cell.init_seed == o.init_seed):
         hit = [r for r in refs if pick(r)]
         if hit:
             return hit[0]
@@ -235,13 +219,18 @@ def reference_pairs(adapters: list[Adapter], reference_loss: str) -> list[tuple[
     matching reference (`_ref_choice`). Adapters without a step (extras) are
     compared with the primary reference of the last step.
     """
+    def is_ref(a: Adapter) -> bool:
+        c = _pairing_cell(a)
+        return c is not None and c.loss == reference_loss
+
     steps = sorted({a.step for a in adapters if a.step >= 0})
     pairs: list[tuple[str, str]] = []
     last_primary = None
     for step in steps:
         here = [a for a in adapters if a.step == step]
-        refs = sorted((a for a in here if a.loss == reference_loss),
-                      key=lambda a: (a.init_seed != a.data_seed, a.seed, a.data_seed, a.lr, a.name))
+        refs = sorted((a for a in here if is_ref(a)),
+                      key=lambda a: (a.cell.init_seed != a.cell.data_seed, a.cell.init_seed, a.cell.data_seed,
+                                     a.cell.lr, a.name))
         if not refs:
             continue
         primary = refs[0]
@@ -249,7 +238,7 @@ def reference_pairs(adapters: list[Adapter], reference_loss: str) -> list[tuple[
         for a in here:
             if a.name == primary.name:
                 continue
-            ref = primary if a.loss == reference_loss else _ref_choice(refs, a)
+            ref = primary if is_ref(a) else _ref_choice(refs, a)
             pairs.append((ref.name, a.name))
     if last_primary is not None:
         pairs += [(last_primary.name, a.name) for a in adapters if a.step < 0]

@@ -31,12 +31,11 @@ from typing import Callable, Optional
 
 import pyarrow as pa
 
-from ..core.cells import CellKey
+from ..core.cells import AdapterRef, CellKey
 from .findings import (
     F64,
     I64,
     STR,
-    Ident,
     PairIndex,
     identify,
     layer_sq_norms,
@@ -205,8 +204,8 @@ class Ctx:
         self.pairs = PairIndex(tables.get("global_pairs"))
         self.layer_sq = layer_sq_norms(tables.get("adapter_modules"))
         self.ref, self.scales = reference_loss, dict(lr_scales or {})
-        self.idents: dict[str, Ident] = {}
-        self.horizons: dict[tuple, dict[int, str]] = {}  # reference cell -> {step: horizon control adapter}
+        self.idents: dict[str, AdapterRef] = {}
+        self.horizons: dict[CellKey, dict[int, str]] = {}  # reference cell -> {step: horizon control adapter}
         for r in self.rows.get("adapter_modules", []):
             if r["adapter"] not in self.idents:
                 self._add(row_ident(r))
@@ -220,7 +219,7 @@ class Ctx:
                 for c in cols:
                     if r[c] not in self.idents:
                         self._add(identify(r[c]))
-        self.by_cell: dict[tuple, dict[int, str]] = defaultdict(dict)
+        self.by_cell: dict[CellKey, dict[int, str]] = defaultdict(dict)
         for i in self.idents.values():
             self.by_cell[i.cell][i.step] = i.name
         # Pair rows of the per-pair tables, by unordered pair (and eval set).
@@ -238,62 +237,64 @@ class Ctx:
         self.has_conv = "convergence" in tables and tables["convergence"] is not None
         self._choose_primary()
 
-    def _add(self, i: Optional[Ident]) -> None:
+    def _add(self, i: Optional[AdapterRef]) -> None:
         if i is None:
             return
-        if i.horizon is not None:  # horizon controls only feed the settle rule (analysis/settle.py)
-            self.horizons.setdefault(i.cell[:4], {})[i.step] = i.name
+        if i.cell.horizon is not None:  # horizon controls only feed the settle rule (analysis/settle.py)
+            self.horizons.setdefault(i.cell.reference, {})[i.step] = i.name
             return
         self.idents.setdefault(i.name, i)
 
     def has_controls(self, loss: str) -> bool:
         """Whether the run has a data-order control of `loss` (its own settle evidence)."""
         base = self.cell(loss)
-        return base is not None and any(i.loss == loss and i.data_seed != base[2] and i.init_seed == base[1]
-                                        for i in self.idents.values())
+        return base is not None and any(
+            i.cell.loss == loss and i.cell.data_seed != base.data_seed and i.cell.init_seed == base.init_seed
+            for i in self.idents.values())
 
-    def grid_lr(self, cell: tuple) -> float:
-        return cell[3] / self.scales.get(cell[0], 1.0)
+    def grid_lr(self, cell: CellKey) -> float:
+        return cell.lr / self.scales.get(cell.loss, 1.0)
 
     def _choose_primary(self) -> None:
+        # self.seeds: the (init seed, data seed) with the most losses.
         seeds = defaultdict(set)
         for c in self.by_cell:
-            seeds[(c[1], c[2])].add(c[0])
+            seeds[(c.init_seed, c.data_seed)].add(c.loss)
         self.seeds = max(seeds, key=lambda s: (len(seeds[s]), s[0] == s[1], -s[0], -s[1])) if seeds else None
         lrs = defaultdict(set)
         for c in self.by_cell:
-            if (c[1], c[2]) == self.seeds:
-                lrs[round(math.log10(self.grid_lr(c)), 6)].add(c[0])
+            if (c.init_seed, c.data_seed) == self.seeds:
+                lrs[round(math.log10(self.grid_lr(c)), 6)].add(c.loss)
         best = max((len(v) for v in lrs.values()), default=0)
         tied = sorted(k for k, v in lrs.items() if len(v) == best)
         self.lr = 10 ** tied[(len(tied) - 1) // 2] if tied else None  # lower median of the tied LRs
 
-    def cell(self, loss: str) -> Optional[tuple]:
+    def cell(self, loss: str) -> Optional[CellKey]:
         """The primary cell of a loss: primary seeds, grid LR nearest the primary one."""
-        cands = [c for c in self.by_cell if c[0] == loss and (c[1], c[2]) == self.seeds]
-        return min(cands, key=lambda c: (abs(math.log(self.grid_lr(c) / self.lr)), c[3])) if cands else None
+        cands = [c for c in self.by_cell if c.loss == loss and (c.init_seed, c.data_seed) == self.seeds]
+        return min(cands, key=lambda c: (abs(math.log(self.grid_lr(c) / self.lr)), c.lr)) if cands else None
 
     def need(self, loss: str) -> str:
         at = f" at init seed {self.seeds[0]}, data seed {self.seeds[1]}" if self.seeds else ""
         return f"needs a cell of {loss}{at} (grid.losses)"
 
-    def steps(self, *cells) -> list[int]:
+    def steps(self, *cells: CellKey) -> list[int]:
         sets = [set(self.by_cell.get(c, {})) for c in cells]
         return sorted(set.intersection(*sets)) if sets else []
 
-    def resolve(self, cells: list, which: int, m: Measure) -> Optional[int]:
+    def resolve(self, cells: list[CellKey], which: int, m: Measure) -> Optional[int]:
         """The step for `which` (0 = last common step, 1 = the one before);
         sets m.missing and returns None when there is none."""
         common = self.steps(*cells)
         if len(common) <= which:
-            m.missing = ("no checkpoint step common to " + ", ".join(_cell_id(c) for c in cells)
+            m.missing = ("no checkpoint step common to " + ", ".join(c.id for c in cells)
                          if which == 0 else "no earlier common step")
             return None
         m.step = common[-1 - which]
         m.cells = [self.by_cell[c][m.step] for c in cells]
         return m.step
 
-    def name(self, cell, step) -> str:
+    def name(self, cell: CellKey, step: int) -> str:
         return self.by_cell[cell][step]
 
     def g(self, a: str, b: str, metric: str, *, of: Optional[str] = None):
@@ -315,23 +316,23 @@ class Ctx:
 
     # -- noise floors ------------------------------------------------------------
     def control_pairs(self, loss: str, step: int, kind: str, lr: float, ratio: Optional[float] = None):
-        names = sorted(n for n, i in self.idents.items() if i.loss == loss and i.step == step)
+        names = sorted(n for n, i in self.idents.items() if i.cell.loss == loss and i.step == step)
         pairs = [(self.idents[a], self.idents[b]) for a, b in combinations(names, 2)]
         return [(a.name, b.name) for a, b in matching_controls(pairs, kind, lr, ratio)]
 
-    def add_floor(self, m: Measure, pair: tuple, fn: Callable[[str, str], Optional[float]], worst: str,
-                  kinds: Optional[tuple] = None) -> None:
+    def add_floor(self, m: Measure, pair: tuple[CellKey, CellKey], fn: Callable[[str, str], Optional[float]],
+                  worst: str, kinds: Optional[tuple] = None) -> None:
         """Set m.floor to the most conservative fn (worst = "min" or "max")
         over the control pairs matching the claim's pair (cells `pair`) at
         m.step. Default kinds: findings.relevant_controls (the init-seed
         control stands in for an absent data-seed one: more conservative)."""
         a, b = pair
-        floor_loss = next((x for x in (self.ref, "sft", a[0], b[0]) if any(
-            i.loss == x and i.step == m.step for i in self.idents.values())), self.ref)
-        base = a if a[0] == floor_loss else b if b[0] == floor_loss else self.cell(floor_loss)
-        lr = base[3] if base else self.lr
+        floor_loss = next((x for x in (self.ref, "sft", a.loss, b.loss) if any(
+            i.cell.loss == x and i.step == m.step for i in self.idents.values())), self.ref)
+        base = a if a.loss == floor_loss else b if b.loss == floor_loss else self.cell(floor_loss)
+        lr = base.lr if base else self.lr
         kinds = kinds or relevant_controls(a, b)
-        ratio = max(a[3], b[3]) / min(a[3], b[3])
+        ratio = max(a.lr, b.lr) / min(a.lr, b.lr)
         pick = max if worst == "max" else min
         vals, what, need = [], [], []
         for kind in kinds:
@@ -374,10 +375,6 @@ def _layer_dots(module_pairs) -> dict[frozenset, dict[int, tuple]]:
         out[frozenset((r["a"], r["b"]))][int(r["layer"])] = (
             r["u1_abs_dot_sum"] or 0.0, r["v1_abs_dot_sum"] or 0.0, r["u1_abs_dot_count"], r["v1_abs_dot_count"])
     return dict(out)
-
-
-def _cell_id(cell) -> str:
-    return CellKey(*cell).id
 
 
 def _control_need(loss: str, kind: str, lr: float, ratio: float) -> str:

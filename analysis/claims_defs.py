@@ -277,15 +277,16 @@ def _seed(metric: str):
         if s is None:
             m.missing = ctx.need("sft")
             return m
-        cands = sorted((c for c in ctx.by_cell if c[0] == "sft" and same_lr(c[3], s[3]) and c[1] != s[1]),
-                       key=lambda c: (c[2] != s[2], c[1], c[2]))
+        cands = sorted((c for c in ctx.by_cell
+                        if c.loss == "sft" and same_lr(c.lr, s.lr) and c.init_seed != s.init_seed),
+                       key=lambda c: (c.data_seed != s.data_seed, c.init_seed, c.data_seed))
         for c in cands:
             m = Measure()
             if ctx.resolve([s, c], which, m) is not None and _pair_metric(ctx, m, metric):
-                m.notes.append("init seed only (data order shared)" if c[2] == s[2] else
+                m.notes.append("init seed only (data order shared)" if c.data_seed == s.data_seed else
                                "no init-only control: the pair differs in both seeds, as in the paper")
                 return m
-        return Measure(missing=f"needs a cell of sft at a second init seed at lr {s[3]:g} "
+        return Measure(missing=f"needs a cell of sft at a second init seed at lr {s.lr:g} "
                                "(grid.controls.init_seeds, or a second grid.seeds entry)")
     return fn
 
@@ -296,16 +297,17 @@ def _lr_pair(ctx: Ctx, which: int):
         return Measure(missing=ctx.need("sft")), None
     cands = []
     for c in ctx.by_cell:
-        if c[0] == "sft" and c[1:3] == s[1:3] and not same_lr(c[3], s[3]):
-            r = max(c[3], s[3]) / min(c[3], s[3])
+        if c.loss == "sft" and (c.init_seed, c.data_seed) == (s.init_seed, s.data_seed) and not same_lr(c.lr, s.lr):
+            r = max(c.lr, s.lr) / min(c.lr, s.lr)
             if 10 / RATIO_TOL <= r <= 10 * RATIO_TOL:
-                cands.append((abs(math.log(r / 10)), c[3] < s[3], c))
-    for *_, c in sorted(cands):
-        lo, hi = sorted((s, c), key=lambda x: x[3])
+                cands.append((abs(math.log(r / 10)), c.lr < s.lr, c))
+    # Nearest 10x first, the lower LR first on a tie; then by the cell's fields.
+    for *_, c in sorted(cands, key=lambda x: (x[0], x[1], x[2].loss, x[2].init_seed, x[2].data_seed, x[2].lr)):
+        lo, hi = sorted((s, c), key=lambda x: x.lr)
         m = Measure()
         if ctx.resolve([lo, hi], which, m) is not None:
             return m, (s, lo, hi)
-    return Measure(missing=f"needs a cell of sft at 10x the LR {s[3]:g} (grid.controls.lr_factors: [10])"), None
+    return Measure(missing=f"needs a cell of sft at 10x the LR {s.lr:g} (grid.controls.lr_factors: [10])"), None
 
 
 def _lr_cos(ctx, which):
@@ -337,8 +339,8 @@ def _online_norm(ctx, which):
         m.missing = "geometry/adapter_modules lacks " + " or ".join(m.cells)
         return m
     m.value, m.ci_low, m.ci_high = x
-    if not same_lr(cells[0][3], cells[1][3]):
-        m.notes.append(f"the LRs differ ({cells[0][3]:g} vs {cells[1][3]:g}); the paper compares at the same LR")
+    if not same_lr(cells[0].lr, cells[1].lr):
+        m.notes.append(f"the LRs differ ({cells[0].lr:g} vs {cells[1].lr:g}); the paper compares at the same LR")
     ctx.add_floor(m, cells, _sym_ratio(ctx), "max")
     return m
 
@@ -397,8 +399,8 @@ def _acc_dpo(ctx, m, cells, rows, ds):
     cis = [paired_diff_ci(*_oriented(r, d)) for p, r in rows.items() if d in p]
     m.value, m.ci_low, m.ci_high = (min(c[k] for c in cis) for k in range(3))
     m.notes.append("accuracy of dpo minus the best other offline loss (Newcombe paired 95% CI)")
-    if not same_lr(cells[0][3], cells[1][3]):
-        m.notes.append(f"dpo trains at lr {cells[0][3]:g} vs {cells[1][3]:g}: loss and LR are entangled (seed §2)")
+    if not same_lr(cells[0].lr, cells[1].lr):
+        m.notes.append(f"dpo trains at lr {cells[0].lr:g} vs {cells[1].lr:g}: loss and LR are entangled (seed §2)")
     ctx.add_floor(m, (cells[1], cells[0]), _acc_floor(ctx, ds), "max")
 
 

@@ -212,7 +212,7 @@ def _cards_with_accuracy(adapters: list[Adapter], acc: pa.Table) -> None:
     for r in acc.to_pylist():
         by.setdefault(r["model"], {})[r["dataset"]] = r["accuracy"]
     for a in adapters:
-        if a.cell_id is not None and a.name in by:
+        if a.cell is not None and a.name in by:
             add_accuracy(a.uri, by[a.name])
 
 

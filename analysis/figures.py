@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .adapters import BASE, describe  # noqa: E402
+from .adapters import BASE, cell_of, step_of  # noqa: E402
 from .findings import CONV_MIN_COS
 
 DPI = 110
@@ -29,27 +29,22 @@ class Labeler:
     """Short, unambiguous labels for the adapters seen in a report."""
 
     def __init__(self, names: Iterable[str]):
-        infos = [describe(n) for n in names if n != BASE]
-        cells = [i for i in infos if i["loss"]]
-        self.vary_seed = len({i["seed"] for i in cells}) > 1
-        self.vary_lr = len({(i["loss"], i["lr"]) for i in cells}) > len({i["loss"] for i in cells})
+        cells = [c for n in names if n != BASE and (c := cell_of(n)) is not None]
+        self.vary_seed = len({c.init_seed for c in cells}) > 1
+        self.vary_lr = len({(c.loss, c.lr) for c in cells}) > len({c.loss for c in cells})
 
     def __call__(self, name: str, *, step: bool = False) -> str:
-        i = describe(name)
-        if not i["loss"]:
+        c = cell_of(name)
+        if c is None:
             return name
-        out = i["loss"]
+        out = c.loss
         if self.vary_seed:
-            out += f" s{i['seed']}"
+            out += f" s{c.init_seed}"
         if self.vary_lr:
-            out += f" lr{i['lr']:.0e}"
+            out += f" lr{c.lr:.0e}"
         if step:
-            out += f" @{i['step']}"
+            out += f" @{step_of(name)}"
         return out
-
-
-def step_of(name: str) -> int:
-    return describe(name)["step"]
 
 
 def panel_steps(names: Iterable[str], *, max_panels: int = 4) -> list[int]:
@@ -221,7 +216,7 @@ def cka_layers(rows: list[dict], path: str) -> Optional[str]:
 def _acc_group(model: str) -> str:
     if model == BASE:
         return "base"
-    step = describe(model)["step"]
+    step = step_of(model)
     return "extra adapter" if step < 0 else f"step {step}"
 
 
@@ -234,7 +229,7 @@ def accuracy_bars(rows: list[dict], path: str) -> Optional[str]:
     fig, axes = _panels(len(datasets), width=max(5.0, 0.45 * len(rows) / len(datasets) + 2), height=4.4)
     for ax, ds in zip(axes[0], datasets):
         here = sorted((r for r in rows if r["dataset"] == ds),
-                      key=lambda r: (r["model"] != BASE, describe(r["model"])["step"], r["model"]))
+                      key=lambda r: (r["model"] != BASE, step_of(r["model"]), r["model"]))
         acc = np.array([100 * r["accuracy"] for r in here])
         err = np.array([[100 * (r["accuracy"] - r["ci_low"]) for r in here],
                         [100 * (r["ci_high"] - r["accuracy"]) for r in here]])
@@ -282,19 +277,20 @@ def seed_lr_panels(global_rows: list[dict], module_rows: list[dict], path: str) 
     of the same loss and seed vs their ratio."""
     seed_pts, lr_pts = defaultdict(list), defaultdict(list)
     for r in global_rows:
-        a, b = describe(r["adapter_a"]), describe(r["adapter_b"])
-        if not (a["loss"] and a["loss"] == b["loss"] and a["step"] == b["step"]):
+        a, b = cell_of(r["adapter_a"]), cell_of(r["adapter_b"])
+        step = step_of(r["adapter_a"])
+        if not (a is not None and b is not None and a.loss == b.loss and step == step_of(r["adapter_b"])):
             continue
-        key = f"{a['loss']} @{a['step']}"
-        if a["lr"] == b["lr"] and a["seed"] != b["seed"]:
-            seed_pts[key].append((a["lr"], r["cosine"], r["mean_u1_abs_dot"], r["mean_v1_abs_dot"]))
-        elif a["seed"] == b["seed"] and a["lr"] != b["lr"]:
-            lr_pts[key].append((max(a["lr"], b["lr"]) / min(a["lr"], b["lr"]), r["cosine"]))
+        key = f"{a.loss} @{step}"
+        if a.lr == b.lr and a.init_seed != b.init_seed:
+            seed_pts[key].append((a.lr, r["cosine"], r["mean_u1_abs_dot"], r["mean_v1_abs_dot"]))
+        elif a.init_seed == b.init_seed and a.lr != b.lr:
+            lr_pts[key].append((max(a.lr, b.lr) / min(a.lr, b.lr), r["cosine"]))
     norms = defaultdict(list)
     for name, v in _global_norms(module_rows).items():
-        d = describe(name)
-        if d["loss"]:
-            norms[(d["loss"], d["seed"], d["step"])].append((d["lr"], v))
+        c = cell_of(name)
+        if c is not None:
+            norms[(c.loss, c.init_seed, step_of(name))].append((c.lr, v))
     norms = {k: sorted(v) for k, v in norms.items() if len(v) > 1}
     if not (seed_pts or lr_pts or norms):
         return None

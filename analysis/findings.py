@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
 
-from ..core.cells import CellKey
+from ..core.cells import AdapterRef, CellKey
 from ..core.errors import WsgError
 
 F64, I64, STR = pa.float64(), pa.int64(), pa.string()
@@ -50,80 +49,56 @@ CONV_MAX_STEP_FRAC = 0.8   # the comparison checkpoint is the last one at <= 80%
 
 
 # --- identity -----------------------------------------------------------------
-@dataclass(frozen=True)
-class Ident:
-    """One analysed adapter of a grid cell: `<cell_id>@<step>`."""
-
-    name: str
-    loss: str
-    init_seed: int
-    data_seed: int
-    lr: float
-    step: int
-    horizon: Optional[int] = None  # a horizon control's schedule length (core.cells.CellKey)
-
-    @property
-    def cell(self) -> tuple:
-        base = (self.loss, self.init_seed, self.data_seed, self.lr)
-        return base if self.horizon is None else (*base, self.horizon)
-
-    @property
-    def cell_id(self) -> str:
-        return CellKey(*self.cell).id
-
-
-def identify(name: str) -> Optional[Ident]:
+def identify(name: str) -> Optional[AdapterRef]:
     """The cell and step of an adapter name; None for `base` and for names
     that are not `<cell_id>@<step>` (adapters given by path)."""
-    head, sep, tail = str(name).rpartition("@")
-    if not sep or not tail.isdigit():
-        return None
     try:
-        k = CellKey.parse(head)
+        return AdapterRef.parse(str(name))
     except WsgError:
         return None
-    return Ident(str(name), k.loss, k.init_seed, k.data_seed, k.lr, int(tail), k.horizon)
 
 
-def row_ident(row: dict, side: str = "") -> Optional[Ident]:
+def row_ident(row: dict, side: str = "") -> Optional[AdapterRef]:
     """Identity of a table row's adapter (`side` "_a"/"_b" for pair tables):
     from the identity columns when the table has them, else from the name."""
     name = row["adapter" + side]
     parsed = identify(name)
-    if "loss" + side not in row or (parsed is not None and parsed.horizon is not None):
+    if "loss" + side not in row or (parsed is not None and parsed.cell.horizon is not None):
         # A horizon control carries its reference cell's identity columns; its name tells them apart.
         return parsed
     vals = [row.get(k + side) for k in ("loss", "init_seed", "data_seed", "lr", "step")]
     if any(v is None for v in vals) or vals[4] < 0:
         return None
-    return Ident(name, vals[0], int(vals[1]), int(vals[2]), float(vals[3]), int(vals[4]))
+    return AdapterRef(CellKey(vals[0], int(vals[1]), int(vals[2]), float(vals[3])), int(vals[4]), name)
 
 
 def same_lr(x: float, y: float) -> bool:
     return math.isclose(x, y, rel_tol=1e-9)
 
 
-def control_kind(a: Optional[Ident], b: Optional[Ident]) -> Optional[str]:
+def control_kind(a: Optional[AdapterRef], b: Optional[AdapterRef]) -> Optional[str]:
     """"init_seed", "data_seed" or "lr" when a and b are the same loss at the
     same step and differ in exactly that factor; else None."""
-    if a is None or b is None or a.loss != b.loss or a.step != b.step or a.horizon != b.horizon:
+    if a is None or b is None or a.cell.loss != b.cell.loss or a.step != b.step or a.cell.horizon != b.cell.horizon:
         return None
-    diff = [k for k, d in (("init_seed", a.init_seed != b.init_seed), ("data_seed", a.data_seed != b.data_seed),
-                           ("lr", not same_lr(a.lr, b.lr))) if d]
+    x, y = a.cell, b.cell
+    diff = [k for k, d in (("init_seed", x.init_seed != y.init_seed), ("data_seed", x.data_seed != y.data_seed),
+                           ("lr", not same_lr(x.lr, y.lr))) if d]
     return diff[0] if len(diff) == 1 else None
 
 
-def relevant_controls(a: tuple, b: tuple) -> tuple[str, ...]:
-    """The control kinds whose floor a pair of cells (loss, init, data, lr)
-    must beat: the data-seed control always (a cross-loss pair shares init
-    and data order; reshuffling the data is the noise it could carry), the
-    LR control when the LRs differ (DPO trains at a scaled LR, seed §2), the
-    init-seed control when the init seeds differ."""
-    return ("data_seed",) + (("lr",) if not same_lr(a[3], b[3]) else ()) + (("init_seed",) if a[1] != b[1] else ())
+def relevant_controls(a: CellKey, b: CellKey) -> tuple[str, ...]:
+    """The control kinds whose floor a pair of cells must beat: the
+    data-seed control always (a cross-loss pair shares init and data order;
+    reshuffling the data is the noise it could carry), the LR control when
+    the LRs differ (DPO trains at a scaled LR, seed §2), the init-seed
+    control when the init seeds differ."""
+    return (("data_seed",) + (("lr",) if not same_lr(a.lr, b.lr) else ())
+            + (("init_seed",) if a.init_seed != b.init_seed else ()))
 
 
-def matching_controls(pairs: Iterable[tuple[Ident, Ident]], kind: str, lr: float,
-                      ratio: Optional[float] = None) -> list[tuple[Ident, Ident]]:
+def matching_controls(pairs: Iterable[tuple[AdapterRef, AdapterRef]], kind: str, lr: float,
+                      ratio: Optional[float] = None) -> list[tuple[AdapterRef, AdapterRef]]:
     """The control pairs of `kind` that match a claim or a table row: seed
     controls at the reference cell's LR; LR controls with one side at it,
     those whose LR ratio is nearest `ratio` (e.g. 10 for DPO at 0.1x)."""
@@ -131,13 +106,13 @@ def matching_controls(pairs: Iterable[tuple[Ident, Ident]], kind: str, lr: float
     for a, b in pairs:
         if control_kind(a, b) != kind:
             continue
-        if kind != "lr" and not same_lr(a.lr, lr):
+        if kind != "lr" and not same_lr(a.cell.lr, lr):
             continue
-        if kind == "lr" and not (same_lr(a.lr, lr) or same_lr(b.lr, lr)):
+        if kind == "lr" and not (same_lr(a.cell.lr, lr) or same_lr(b.cell.lr, lr)):
             continue
         out.append((a, b))
     if kind == "lr" and ratio and out:
-        dist = {p: abs(abs(math.log(p[0].lr / p[1].lr)) - abs(math.log(ratio))) for p in out}
+        dist = {p: abs(abs(math.log(p[0].cell.lr / p[1].cell.lr)) - abs(math.log(ratio))) for p in out}
         out = [p for p in out if dist[p] <= min(dist.values()) + 1e-9]
     return out
 
@@ -208,9 +183,10 @@ def noise_floors(global_pairs, adapter_modules=None) -> pa.Table:
         kind = control_kind(a, b)
         if kind is None:
             continue
-        row = {"loss": a.loss, "control": kind, "step": a.step, "adapter_a": a.name, "adapter_b": b.name,
-               "init_seed_a": a.init_seed, "init_seed_b": b.init_seed, "data_seed_a": a.data_seed,
-               "data_seed_b": b.data_seed, "lr_a": a.lr, "lr_b": b.lr,
+        x, y = a.cell, b.cell
+        row = {"loss": x.loss, "control": kind, "step": a.step, "adapter_a": a.name, "adapter_b": b.name,
+               "init_seed_a": x.init_seed, "init_seed_b": y.init_seed, "data_seed_a": x.data_seed,
+               "data_seed_b": y.data_seed, "lr_a": x.lr, "lr_b": y.lr,
                "norm_a": norms.get(a.name), "norm_b": norms.get(b.name)}
         for m in METRICS:
             row[m] = r.get(m)
@@ -248,7 +224,7 @@ class PairIndex:
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def adapter_idents(adapter_modules) -> dict[str, Ident]:
+def adapter_idents(adapter_modules) -> dict[str, AdapterRef]:
     out = {}
     for r in rows_of(adapter_modules):
         if r["adapter"] not in out:
@@ -306,12 +282,12 @@ def convergence(adapter_modules, global_pairs) -> pa.Table:
     idents = adapter_idents(adapter_modules)
     norms = global_norms(adapter_modules)
     pairs = PairIndex(global_pairs)
-    by_cell: dict[tuple, dict[int, str]] = defaultdict(dict)
+    by_cell: dict[CellKey, dict[int, str]] = defaultdict(dict)
     for name, i in idents.items():
-        if i.horizon is None:  # a horizon control has one analysed checkpoint: the settle rule reads it
+        if i.cell.horizon is None:  # a horizon control has one analysed checkpoint: the settle rule reads it
             by_cell[i.cell][i.step] = name
     out = []
-    for cell in sorted(by_cell, key=lambda c: (c[0], c[1], c[2], c[3])):
+    for cell in sorted(by_cell, key=lambda c: (c.loss, c.init_seed, c.data_seed, c.lr)):
         names = by_cell[cell]
         steps = sorted(names)
         final = names[steps[-1]]
@@ -323,8 +299,8 @@ def convergence(adapter_modules, global_pairs) -> pa.Table:
             prev = steps[k - 1] if k else None
             partner = _seed_partner(idents, idents[names[s]])
             out.append({
-                "cell": CellKey(*cell).id, "loss": cell[0], "init_seed": cell[1], "data_seed": cell[2],
-                "lr": cell[3], "step": s, "adapter": names[s], "final_step": steps[-1], "norm": n[s],
+                "cell": cell.id, "loss": cell.loss, "init_seed": cell.init_seed, "data_seed": cell.data_seed,
+                "lr": cell.lr, "step": s, "adapter": names[s], "final_step": steps[-1], "norm": n[s],
                 "norm_ratio_prev": n[s] / n[prev] if prev is not None and n[prev] > 0 else None,
                 "norm_frac_final": n[s] / n[steps[-1]] if n[steps[-1]] > 0 else None,
                 "cos_prev": pairs.value(names[prev], names[s], "cosine") if prev is not None else None,
@@ -336,9 +312,10 @@ def convergence(adapter_modules, global_pairs) -> pa.Table:
     return pa.Table.from_pylist(out, schema=CONVERGENCE)
 
 
-def _seed_partner(idents: dict[str, Ident], me: Ident) -> Optional[str]:
+def _seed_partner(idents: dict[str, AdapterRef], me: AdapterRef) -> Optional[str]:
     """The same loss at another init seed, same LR and step (same data seed first)."""
-    cands = [i for i in idents.values() if i.loss == me.loss and i.step == me.step and same_lr(i.lr, me.lr)
-             and i.init_seed != me.init_seed and i.horizon == me.horizon]
-    cands.sort(key=lambda i: (i.data_seed != me.data_seed, i.init_seed, i.data_seed))
+    c = me.cell
+    cands = [i for i in idents.values() if i.cell.loss == c.loss and i.step == me.step and same_lr(i.cell.lr, c.lr)
+             and i.cell.init_seed != c.init_seed and i.cell.horizon == c.horizon]
+    cands.sort(key=lambda i: (i.cell.data_seed != c.data_seed, i.cell.init_seed, i.cell.data_seed))
     return cands[0].name if cands else None

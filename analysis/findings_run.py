@@ -59,7 +59,7 @@ def _row(ctx: Ctx, spec, label: str, m: Measure, p: Optional[Measure]) -> dict:
         notes.append(f"verdict at the previous step {p.step} was {vp}: not settled")
     conv = None
     if ctx.has_conv and m.cells:
-        cells = {identify(n).cell_id for n in m.cells if identify(n)}
+        cells = {i.cell.id for n in m.cells if (i := identify(n)) is not None}
         if all(c in ctx.conv for c in cells):
             conv = all(ctx.conv[c] for c in cells)
             if not conv:

@@ -246,8 +246,8 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
     """Compute and write adapter_modules / module_pairs / layer_pairs /
     global_pairs .parquet to `out` (local path or URI); return the tables.
 
-    cells: adapter name -> analysis.adapters.CellRef, the identity columns of
-    every table (`analysis.adapters.cell_refs`); names not in it (adapters
+    cells: adapter name -> core.cells.AdapterRef, the identity columns of
+    every table (`analysis.adapters.adapter_refs`); names not in it (adapters
     given by path) get nulls. where: adapter name -> how the metadata names
     its folder (a run's adapters: run-relative, so a copied run holds no path
     of this machine); default its path. n_boot, boot_seed: the layer bootstrap of the

@@ -26,12 +26,13 @@ from typing import Mapping, Optional
 import numpy as np
 import pyarrow as pa
 
+from ..core.cells import AdapterRef
 from . import geometry_bootstrap as gb
 
 F64 = pa.float64()
 LIST_F64 = pa.list_(pa.float64())
 
-# A cell's identity (analysis.adapters.CellRef), per adapter of a table row.
+# An adapter's identity (core.cells.AdapterRef: its cell's fields and the step), per adapter of a table row.
 IDENTITY = (("loss", pa.string()), ("init_seed", pa.int64()), ("data_seed", pa.int64()), ("lr", F64),
             ("step", pa.int64()))
 PAIR_IDENTITY = [(f"{k}_{side}", t) for k, t in IDENTITY for side in "ab"]
@@ -147,10 +148,11 @@ def _effective_ranks(spectra: list[np.ndarray]) -> np.ndarray:
     return np.where(total[:, 0] > 0, np.exp(ent), np.nan)
 
 
-def _identity(order: list[str], cells: Optional[Mapping]) -> dict[str, list]:
+def _identity(order: list[str], cells: Optional[Mapping[str, AdapterRef]]) -> dict[str, list]:
     """Per adapter (in `order`): the identity columns, None where unknown."""
     refs = [(cells or {}).get(n) for n in order]
-    return {k: [None if r is None else getattr(r, k) for r in refs] for k, _ in IDENTITY}
+    return {k: [None if r is None else r.step if k == "step" else getattr(r.cell, k) for r in refs]
+            for k, _ in IDENTITY}
 
 
 def _repeat(values: list, idx: np.ndarray, times: int) -> list:
@@ -170,7 +172,7 @@ def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
     """names: adapter name -> content hash; modules: (module, layer, proj) in
     table order; sigma[(hash, module)]: singular values; pairs[(h_a, h_b,
     module)] with h_a <= h_b: (inner, angles_deg, u1, v1); cells: adapter
-    name -> CellRef (absent names get null identity). Vectorised over
+    name -> core.cells.AdapterRef (absent names get null identity). Vectorised over
     pairs x modules (a 48-adapter grid has 1128 pairs x 144 modules)."""
     order = sorted(names)
     n_ad, n_mod = len(order), len(modules)

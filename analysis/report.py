@@ -24,7 +24,8 @@ from ..core.layout import RunLayout
 from ..rollouts.teacher import describe as describe_teacher
 from . import figures as F
 from . import report_findings as RF
-from .adapters import BASE, Adapter, describe, reference_pairs
+from ..core.cells import CellKey
+from .adapters import BASE, Adapter, cell_of, reference_pairs, step_of
 from .figures_forest import claims_forest
 
 _FINDINGS = ("the findings step that follows geometry (`wsg geometry --run RUN`; "
@@ -169,9 +170,12 @@ def _figure(path, rel: str, caption: str) -> str:
 def _adapters_from_names(names) -> list[Adapter]:
     out = []
     for n in sorted(set(names) - {BASE}):
-        d = describe(n)
-        out.append(Adapter(name=n, path="", uri="", step=d["step"], cell_id=d["cell_id"], loss=d["loss"],
-                           seed=d["seed"], lr=d["lr"]))
+        c = cell_of(n)
+        # The report pairs its figures' adapters by loss, init seed and LR only:
+        # its cells take the data seed equal to the init seed, and a horizon
+        # control stands as its reference cell.
+        cell = None if c is None else CellKey(c.loss, c.init_seed, c.init_seed, c.lr)
+        out.append(Adapter(name=n, path="", uri="", step=step_of(n), cell=cell))
     return out
 
 
@@ -229,7 +233,7 @@ class _Sections:
     def __init__(self, t: dict, fig_dir: str, ref_loss: str, names: set[str]):
         self.t, self.fig_dir, self.ref_loss = t, fig_dir, ref_loss
         self.ref_pairs = reference_pairs(_adapters_from_names(names), ref_loss)
-        self.order = sorted(names - {BASE}, key=lambda n: (describe(n)["step"], n))
+        self.order = sorted(names - {BASE}, key=lambda n: (step_of(n), n))
 
     def fig(self, name, fn, *args, **kw):
         return fn(*args, os.path.join(self.fig_dir, name), **kw)

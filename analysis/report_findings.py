@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import html
 
+from ..core.cells import AdapterRef
 from .findings import (
-    Ident,
     control_kind,
     identify,
     matching_controls,
@@ -33,7 +33,7 @@ def _cells_of(claim_rows: list[dict]) -> set[str]:
         for n in r.get("cells") or []:
             i = identify(n)
             if i is not None:
-                out.add(i.cell_id)
+                out.add(i.cell.id)
     return out
 
 
@@ -103,23 +103,23 @@ _FLOOR_METRICS = (("cosine", min, ("cosine",)), ("orth", max, ("orth_frac_b_off_
                   ("top1", max, ("median_top1_angle_deg",)), ("u1", min, ("mean_u1_abs_dot",)))
 
 
-def matching_floor(floor_rows: list[dict], a: Ident, b: Ident, ref_loss: str) -> dict:
+def matching_floor(floor_rows: list[dict], a: AdapterRef, b: AdapterRef, ref_loss: str) -> dict:
     """The noise floor for the pair (a, b): the reference loss's control pairs
     at the same step, of the kinds findings.relevant_controls names, at the
     reference cell's LR; per metric the most conservative value (lowest
     similarity, highest orthogonal fraction / angle). {"missing": why} when a
     kind has no control pair."""
-    ref = a if a.loss == ref_loss else b if b.loss == ref_loss else None
+    ref = a if a.cell.loss == ref_loss else b if b.cell.loss == ref_loss else None
     if ref is None:
         return {"missing": f"no {ref_loss} cell in the pair"}
     cands = [(row_ident(r, "_a"), row_ident(r, "_b"), r) for r in floor_rows
              if r["loss"] == ref_loss and r["step"] == ref.step]
     cands = [(x, y, r) for x, y, r in cands if x is not None and y is not None]
     by_pair = {(x.name, y.name): r for x, y, r in cands}
-    ratio = max(a.lr, b.lr) / min(a.lr, b.lr)
+    ratio = max(a.cell.lr, b.cell.lr) / min(a.cell.lr, b.cell.lr)
     got, kinds, need = [], [], []
     for kind in relevant_controls(a.cell, b.cell):
-        hit = matching_controls([(x, y) for x, y, _ in cands], kind, ref.lr, ratio)
+        hit = matching_controls([(x, y) for x, y, _ in cands], kind, ref.cell.lr, ratio)
         if not hit:
             need.append(kind.replace("_", " "))
         got += [by_pair[(x.name, y.name)] for x, y in hit]
@@ -153,7 +153,7 @@ def global_rows(rows: list[dict], floor_rows, ref_loss: str, fmt, ci) -> tuple[l
             f = {"missing": "no floors written"}
         elif a is None or b is None:
             f = {"missing": "adapter given by path"}
-        elif a.loss == b.loss:
+        elif a.cell.loss == b.cell.loss:
             kind = control_kind(a, b)
             f = {"missing": f"this is a {kind.replace('_', ' ')} control pair" if kind else
                  "same loss, not a one-factor control"}

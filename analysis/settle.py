@@ -71,7 +71,7 @@ def _cos(ctx, a: str, b: str) -> Optional[float]:
 def _losses(ctx, cells: list) -> list[str]:
     """The losses whose controls speak for the claim's cells."""
 
-    losses = {i.loss for n in cells if (i := identify(n)) is not None}
+    losses = {i.cell.loss for n in cells if (i := identify(n)) is not None}
     own = {x for x in losses if ctx.has_controls(x)}
     return sorted(own | {ctx.ref})
 
@@ -94,7 +94,7 @@ def settle(ctx, step: Optional[int], cells: list, kind: str) -> Settle:
             continue
         ref = ctx.name(base, step)
         final = max(ctx.by_cell[base])
-        pairs = ctx.control_pairs(loss, step, "data_seed", base[3])
+        pairs = ctx.control_pairs(loss, step, "data_seed", base.lr)
         pairs = [p for p in pairs if ref in p]
         if not pairs:
             s.reasons.append(f"unsettled: needs a data-order control of {loss} (grid.controls.data_seeds) to show "
@@ -126,7 +126,7 @@ def settle(ctx, step: Optional[int], cells: list, kind: str) -> Settle:
             ok = False
             continue
         h_name = hz[max(hz)]
-        h_steps = identify(h_name).horizon
+        h_steps = identify(h_name).cell.horizon
         c = _cos(ctx, h_name, ctx.name(base, final))
         if c is not None:
             s.horizon = c if s.horizon is None else min(s.horizon, c)

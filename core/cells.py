@@ -18,11 +18,14 @@ Ids (the folder name under `<run>/cells/`):
 
 The learning rate is written in numpy's shortest round-tripping scientific
 form, so parsing an id gives the same float back bit for bit.
+
+An adapter of a cell at a checkpoint is an `AdapterRef` (cell + step), named
+`<cell_id>@<step>` in every analysis table (analysis/adapters.py).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -108,6 +111,52 @@ class CellKey:
     def as_dict(self) -> dict:
         d = {"loss": self.loss, "init_seed": self.init_seed, "data_seed": self.data_seed, "lr": self.lr}
         return d if self.horizon is None else {**d, "horizon": self.horizon}
+
+    @property
+    def reference(self) -> "CellKey":
+        """The cell a horizon control shortens (the cell itself for any other)."""
+        return self if self.horizon is None else replace(self, horizon=None)
+
+
+# Between a cell id and a checkpoint step in an adapter's name.
+ADAPTER_SEP = "@"
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A cell's adapter at a checkpoint step: what the analysis tables say
+    about an adapter (their identity columns are the cell's fields and the
+    step). step None: a cell's adapter whose step is unknown (an extra
+    adapter named by its cell id alone).
+
+    `name` is the adapter's name in those tables, `<cell_id>@<step>` unless
+    it was given under another one (an extra adapter whose name writes the
+    LR another way, a table written by hand): rows are joined by name, so it
+    is kept as given."""
+
+    cell: CellKey
+    step: int | None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cell, CellKey):
+            raise WsgError(f"an adapter's cell must be a CellKey, got {self.cell!r}")
+        s = self.step
+        if s is not None:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+                raise WsgError(f"a checkpoint step must be an integer, got {s!r}")
+            object.__setattr__(self, "step", int(s))
+        if not self.name:
+            tail = "" if self.step is None else f"{ADAPTER_SEP}{self.step}"
+            object.__setattr__(self, "name", self.cell.id + tail)
+
+    @classmethod
+    def parse(cls, name: str) -> "AdapterRef":
+        """The cell and step of an adapter named `<cell_id>@<step>` (the name kept as given)."""
+        head, sep, tail = name.rpartition(ADAPTER_SEP)
+        if not sep or not tail.isdigit():
+            raise WsgError(f"{name!r} is not an adapter name of the form <cell_id>@<step> (e.g. sft-s42-lr1e-04@12)")
+        return cls(CellKey.parse(head), int(tail), name)
 
 
 def _horizon(m: re.Match) -> int | None:

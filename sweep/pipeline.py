@@ -10,7 +10,7 @@ import os
 import time
 from datetime import datetime
 
-from ..analysis.adapters import cell_refs, list_adapters
+from ..analysis.adapters import adapter_refs, list_adapters
 from ..analysis.evaluate import run_eval
 from ..analysis.findings_run import run_findings
 from ..analysis.functional import run_functional
@@ -112,7 +112,7 @@ def stage_geometry(cfg: ExperimentConfig, run: str, extra: dict[str, str] | None
     if len(adapters) < 1:
         raise WsgError(f"{run} has no complete adapters yet; run the grid first (`wsg run`)")
     tables = run_geometry(adapters, out or RunLayout.of(run).geometry_dir, top_k=top_k or cfg.analysis.top_k,
-                          config_hash=config_hash(cfg), cells=cell_refs(found),
+                          config_hash=config_hash(cfg), cells=adapter_refs(found),
                           where={a.name: RunLayout.of(run).relative(a.uri) for a in found})
     summary = {"adapters": len(adapters), "tables": {k: t.num_rows for k, t in tables.items()}}
     if out is None:

@@ -22,12 +22,13 @@ from wsg.analysis.stats import mcnemar_exact
 from wsg.core.cells import CellKey
 
 CELLS = {
-    "sft": ("sft", 42, 42, 1e-4), "rft": ("rft", 42, 42, 1e-4), "rift": ("rift", 42, 42, 1e-4),
-    "dft": ("dft", 42, 42, 1e-4), "offline_grpo": ("offline_grpo", 42, 42, 1e-4), "dpo": ("dpo", 42, 42, 1e-5),
-    "online_grpo": ("online_grpo", 42, 42, 1e-4),
-    "sft_init": ("sft", 43, 42, 1e-4), "sft_data": ("sft", 42, 7, 1e-4), "sft_lr": ("sft", 42, 42, 1e-3),
+    "sft": CellKey("sft", 42, 42, 1e-4), "rft": CellKey("rft", 42, 42, 1e-4), "rift": CellKey("rift", 42, 42, 1e-4),
+    "dft": CellKey("dft", 42, 42, 1e-4), "offline_grpo": CellKey("offline_grpo", 42, 42, 1e-4),
+    "dpo": CellKey("dpo", 42, 42, 1e-5), "online_grpo": CellKey("online_grpo", 42, 42, 1e-4),
+    "sft_init": CellKey("sft", 43, 42, 1e-4), "sft_data": CellKey("sft", 42, 7, 1e-4),
+    "sft_lr": CellKey("sft", 42, 42, 1e-3),
     # The horizon control (analysis/settle.py): SFT on a 0.75x schedule.
-    "sft_h": ("sft", 42, 42, 1e-4, 9),
+    "sft_h": CellKey("sft", 42, 42, 1e-4, 9),
 }
 STEPS = (6, 12)
 LAYERS = 8
@@ -98,11 +99,12 @@ class Fake:
         return dict(DEFAULT), False
 
     def name(self, k, step):
-        return f"{CellKey(*self.cells[k]).id}@{step}"
+        return f"{self.cells[k].id}@{step}"
 
     def ident(self, k, step, side=""):
-        loss, i, d, lr = self.cells[k][:4]  # a horizon control carries its reference's identity columns
-        return {"loss" + side: loss, "init_seed" + side: i, "data_seed" + side: d, "lr" + side: lr, "step" + side: step}
+        c = self.cells[k]  # a horizon control carries its reference's identity columns
+        return {"loss" + side: c.loss, "init_seed" + side: c.init_seed, "data_seed" + side: c.data_seed,
+                "lr" + side: c.lr, "step" + side: step}
 
     def tables(self) -> dict:
         gp, lp, mp, am, lmc, cka, mcn = [], [], [], [], [], [], []
@@ -185,7 +187,7 @@ def test_paper_like_run_holds_everywhere(baseline):
     assert r["step"] == 12 and r["prev_step"] == 6 and r["verdict_prev"] == "holds"
     # The init-seed floor is on the row, and the note says what it means (seed §3.4).
     assert r["noise_floor"] == pytest.approx(0.2) and "conditional on the shared LoRA init" in r["note"]
-    assert sorted(r["cells"]) == sorted(f"{CellKey(*CELLS[k]).id}@12" for k in ("sft", "rft", "rift"))
+    assert sorted(r["cells"]) == sorted(f"{CELLS[k].id}@12" for k in ("sft", "rft", "rift"))
     # Orientation: GRPO off SFT (0.67), not SFT off GRPO (0.3).
     assert baseline["offline_grpo.orth_global"]["value"] == pytest.approx(0.67)
     assert baseline["offline_grpo.orth_global"]["noise_floor"] == pytest.approx(0.43)
@@ -313,7 +315,7 @@ def test_every_claim_has_each_verdict_case():
 def test_previous_step_and_convergence_notes():
     fake = Fake()
     fake.set("sft", "dpo", step=6, cos=(0.5, 0.45, 0.55))
-    conv = pa.Table.from_pylist([{"cell": CellKey(*CELLS[k]).id, "converged": k != "dpo"} for k in CELLS])
+    conv = pa.Table.from_pylist([{"cell": CELLS[k].id, "converged": k != "dpo"} for k in CELLS])
     t = fake.tables()
     t["convergence"] = conv
     rows = {r["claim"]: r for r in claims_table(t, lr_scales={"dpo": 0.1}).to_pylist()}

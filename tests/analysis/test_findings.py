@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from safetensors.numpy import save_file
-from wsg.analysis.adapters import CellRef
 from wsg.analysis.findings import (
     CONVERGENCE,
     NOISE_FLOORS,
@@ -27,7 +26,7 @@ from wsg.analysis.findings import (
 )
 from wsg.analysis.findings_run import run_findings
 from wsg.core import rundir
-from wsg.core.cells import CellKey
+from wsg.core.cells import AdapterRef
 from wsg.core.layout import RunLayout
 
 LAYERS, PROJS, D, R, ALPHA = 4, ("q_proj", "v_proj"), 12, 3, 6
@@ -108,14 +107,12 @@ def geo(tmp_path_factory):
     # near the reference's final ΔW, and no identity columns (analysis.adapters).
     facs[HORIZON] = {k: (b + 0.1 * rng.normal(size=b.shape), a) for k, (b, a) in facs["sft-s42-lr1e-04@12"].items()}
     paths[HORIZON] = write_adapter(str(root / "run" / "cells" / HORIZON.split("@")[0] / "step_9"), facs[HORIZON])
-    # Identity columns as the geometry stage gives them (analysis.adapters.cell_refs);
+    # Identity columns as the geometry stage gives them (analysis.adapters.adapter_refs);
     # sft_copy, given by path, has none.
     cells = {}
     for name in paths:
         if "@" in name and name != HORIZON:
-            cell, step = name.split("@")
-            k = CellKey.parse(cell)
-            cells[name] = CellRef(k.loss, k.init_seed, k.data_seed, k.lr, int(step))
+            cells[name] = AdapterRef.parse(name)
     tables = run_geometry(paths, str(root / "run" / "geometry"), top_k=3, use_ray=False, progress=False,
                           cells=cells)
     return root, tables, facs

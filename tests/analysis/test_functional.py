@@ -90,7 +90,7 @@ def test_discovery_and_pairs(tmp_path):
     want = sorted(f"{cell_id(l, s, lr)}@{st}" for l, s, lr in CELLS for st in STEPS)
     assert names[:-1] == want and names[-1] == "sft_copy"
     for a in ads[:-1]:
-        assert (a.loss, a.seed, a.lr) == parse_cell_id(a.cell_id)
+        assert (a.cell.loss, a.cell.seed, a.cell.lr) == parse_cell_id(a.cell.id)
     pairs = reference_pairs(ads, "sft")
     # Per step: sft s7 primary (sorted by seed) vs sft s42, rft and dpo (same seed 42 -> sft s42).
     assert ("sft-s7-lr1e-04@2", "sft-s42-lr1e-04@2") in pairs
@@ -101,7 +101,7 @@ def test_discovery_and_pairs(tmp_path):
     assert lmc_pair_list(cfg, ads) == pairs
     assert len(cka_pair_list(cfg, ads)) == len(pairs) + len(ads)
     steps_last = tiny_config(steps="last")
-    assert {a.step for a in list_adapters(steps_last, run) if a.cell_id} == {2}
+    assert {a.step for a in list_adapters(steps_last, run) if a.cell is not None} == {2}
     explicit = tiny_config(lmc_pairs=[["sft-s42-lr1e-04", "dpo-s42-lr1e-05"]])
     assert lmc_pair_list(explicit, ads) == [(f"sft-s42-lr1e-04@{s}", f"dpo-s42-lr1e-05@{s}") for s in STEPS]
 

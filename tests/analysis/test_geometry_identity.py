@@ -1,5 +1,5 @@
 """Cell identity in every geometry table (issue 13 item 4): cell ids read by
-core.cells.CellKey (both forms), CellRef/cell_refs, identity columns per row
+core.cells.CellKey (both forms), AdapterRef/adapter_refs, identity columns per row
 (null for adapters given by path), the cache unaffected by identity, and
 control cells in discovery and reference pairs."""
 from __future__ import annotations
@@ -13,44 +13,44 @@ import pytest
 from test_geometry import random_factors, write_adapter
 from wsg.analysis.adapters import (
     Adapter,
-    CellRef,
-    cell_refs,
-    describe,
+    adapter_refs,
+    cell_of,
     list_adapters,
     reference_pairs,
+    step_of,
 )
 from wsg.analysis.geometry import CACHE_VERSION, run_geometry
 from wsg.analysis.geometry_tables import TABLES
 from wsg.core import rundir
+from wsg.core.cells import AdapterRef, CellKey
 from wsg.core.layout import RunLayout
 
 IDENT = ("loss", "init_seed", "data_seed", "lr", "step")
 
 
-def test_describe_reads_both_cell_id_forms():
-    d = describe("sft-s42-lr1e-04@12")
-    assert (d["loss"], d["seed"], d["init_seed"], d["data_seed"], d["lr"], d["step"]) == ("sft", 42, 42, 42, 1e-4, 12)
-    d = describe("rift-i43-d7-lr5e-07@3")
-    assert (d["loss"], d["init_seed"], d["data_seed"], d["lr"], d["step"], d["cell_id"]) == \
-        ("rift", 43, 7, 5e-7, 3, "rift-i43-d7-lr5e-07")
-    d = describe("my_adapter")
-    assert d["loss"] is None and d["init_seed"] is None and d["step"] == -1 and d["cell_id"] is None
+def test_cell_of_reads_both_cell_id_forms():
+    c = cell_of("sft-s42-lr1e-04@12")
+    assert (c.loss, c.seed, c.init_seed, c.data_seed, c.lr, step_of("sft-s42-lr1e-04@12")) == \
+        ("sft", 42, 42, 42, 1e-4, 12)
+    c = cell_of("rift-i43-d7-lr5e-07@3")
+    assert (c.loss, c.init_seed, c.data_seed, c.lr, c.id) == ("rift", 43, 7, 5e-7, "rift-i43-d7-lr5e-07")
+    assert cell_of("my_adapter") is None and step_of("my_adapter") == -1
 
 
-def test_adapter_seeds_default_to_the_grid_seed_and_cell_refs():
-    a = Adapter(name="sft-s42-lr1e-04@2", path="", uri="", step=2, cell_id="sft-s42-lr1e-04", loss="sft",
-                seed=42, lr=1e-4)
-    assert (a.init_seed, a.data_seed) == (42, 42)
-    c = Adapter(name="sft-i43-d7-lr1e-04@2", path="", uri="", step=2, cell_id="sft-i43-d7-lr1e-04", loss="sft",
-                lr=1e-4, init_seed=43, data_seed=7)
-    assert c.seed == 43
+def test_adapter_refs():
+    a = Adapter(name="sft-s42-lr1e-04@2", path="", uri="", step=2, cell=CellKey.of("sft", 42, 1e-4))
+    c = Adapter(name="sft-i43-d7-lr1e-04@2", path="", uri="", step=2, cell=CellKey("sft", 43, 7, 1e-4))
     extra = Adapter(name="copy", path="", uri="", step=-1)
-    nostep = Adapter(name="dpo-s1-lr1e-05", path="", uri="", step=-1, loss="dpo", seed=1, lr=1e-5)
-    refs = cell_refs([a, c, extra, nostep])
-    assert refs == {a.name: CellRef("sft", 42, 42, 1e-4, 2), c.name: CellRef("sft", 43, 7, 1e-4, 2),
-                    nostep.name: CellRef("dpo", 1, 1, 1e-5, None)}
+    nostep = Adapter(name="dpo-s1-lr1e-05", path="", uri="", step=-1, cell=CellKey.of("dpo", 1, 1e-5))
+    horizon = Adapter(name="sft-s42-lr1e-04-h9@9", path="", uri="", step=9,
+                      cell=CellKey.of("sft", 42, 1e-4, horizon=9))
+    refs = adapter_refs([a, c, extra, nostep, horizon])
+    assert refs == {a.name: AdapterRef(CellKey("sft", 42, 42, 1e-4), 2),
+                    c.name: AdapterRef(CellKey("sft", 43, 7, 1e-4), 2),
+                    nostep.name: AdapterRef(CellKey("dpo", 1, 1, 1e-5), None)}
+    assert refs[nostep.name].name == "dpo-s1-lr1e-05"
     with pytest.raises(Exception):
-        refs[a.name].loss = "x"  # frozen
+        refs[a.name].step = 3  # frozen
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +61,29 @@ def folders(tmp_path_factory):
             for n in ("sft-s42-lr1e-04@4", "sft-i43-d7-lr1e-04@4", "dpo-s42-lr5e-07@4", "by_path")}
 
 
+def _columns(ref):
+    """The identity columns an AdapterRef gives a row (nulls for none)."""
+    if ref is None:
+        return (None,) * 5
+    return ref.cell.loss, ref.cell.init_seed, ref.cell.data_seed, ref.cell.lr, ref.step
+
+
 def _check_identity(tables, cells):
     for name, table in tables.items():
         assert table.schema.remove_metadata() == TABLES[name]
         for row in table.to_pylist():
             if name == "adapter_modules":
                 ref = cells.get(row["adapter"])
-                assert tuple(row[k] for k in IDENT) == (tuple(getattr(ref, k) for k in IDENT) if ref else (None,) * 5)
+                assert tuple(row[k] for k in IDENT) == _columns(ref)
                 continue
             for side in "ab":
                 ref = cells.get(row[f"adapter_{side}"])
                 got = tuple(row[f"{k}_{side}"] for k in IDENT)
-                assert got == (tuple(getattr(ref, k) for k in IDENT) if ref else (None,) * 5), (name, row)
+                assert got == _columns(ref), (name, row)
 
 
 def test_identity_columns_in_every_table_and_null_for_paths(folders, tmp_path):
-    cells = {n: CellRef(d["loss"], d["init_seed"], d["data_seed"], d["lr"], d["step"])
-             for n in folders if (d := describe(n))["loss"]}
+    cells = {n: AdapterRef(c, step_of(n), n) for n in folders if (c := cell_of(n)) is not None}
     assert len(cells) == 3
     tables = run_geometry(folders, str(tmp_path / "g"), top_k=2, use_ray=False, progress=False, cells=cells)
     for name in ("module_pairs", "layer_pairs", "global_pairs"):
@@ -96,11 +102,11 @@ def test_identity_columns_in_every_table_and_null_for_paths(folders, tmp_path):
 
 def test_identity_does_not_touch_the_cache(folders, tmp_path):
     out = str(tmp_path / "g")
-    first = {n: CellRef("sft", 1, 1, 1e-4, 1) for n in folders}
+    first = {n: AdapterRef(CellKey("sft", 1, 1, 1e-4), 1, n) for n in folders}
     t1 = run_geometry(folders, out, top_k=2, use_ray=False, progress=False, cells=first)
     cache = os.path.join(out, ".cache", CACHE_VERSION)
     files = sorted(f for f in os.listdir(cache) if f.endswith(".parquet"))
-    other = {n: CellRef("dpo", 2, 3, 5e-7, 9) for n in list(folders)[:2]}
+    other = {n: AdapterRef(CellKey("dpo", 2, 3, 5e-7), 9, n) for n in list(folders)[:2]}
     t2 = run_geometry(folders, out, top_k=2, use_ray=False, progress=False, cells=other)
     assert sorted(f for f in os.listdir(cache) if f.endswith(".parquet")) == files  # nothing recomputed
     _check_identity(t2, other)
@@ -128,12 +134,12 @@ def test_control_cells_are_discovered_and_paired_with_matching_seeds(folders, tm
     os.makedirs(os.path.join(run, "cells", "not-a-cell"))
     cfg = types.SimpleNamespace(analysis=types.SimpleNamespace(steps="all", extra_adapters={}))
     ads = list_adapters(cfg, run)
-    by = {a.cell_id: a for a in ads}
+    by = {a.cell.id: a for a in ads if a.cell is not None}
     assert sorted(by) == ["rft-i42-d7-lr1e-04", "rft-s42-lr1e-04", "sft-i42-d7-lr1e-04", "sft-i43-d42-lr1e-04",
                           "sft-s42-lr1e-04"]
-    assert (by["sft-i43-d42-lr1e-04"].init_seed, by["sft-i43-d42-lr1e-04"].data_seed) == (43, 42)
-    refs = cell_refs(ads)
-    assert refs["sft-i42-d7-lr1e-04@2"] == CellRef("sft", 42, 7, 1e-4, 2)
+    assert (by["sft-i43-d42-lr1e-04"].cell.init_seed, by["sft-i43-d42-lr1e-04"].cell.data_seed) == (43, 42)
+    refs = adapter_refs(ads)
+    assert refs["sft-i42-d7-lr1e-04@2"] == AdapterRef(CellKey("sft", 42, 7, 1e-4), 2)
     pairs = reference_pairs(ads, "sft")
     # the primary reference is the plain cell (not a control); controls pair with it;
     # the other loss's control cell meets the reference control with the same seeds

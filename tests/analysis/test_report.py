@@ -46,7 +46,7 @@ def write_random_eval(cfg, run, names, *, seed=0):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    from wsg.analysis.adapters import cell_refs, discover_adapters, list_adapters
+    from wsg.analysis.adapters import adapter_refs, discover_adapters, list_adapters
     from wsg.analysis.functional import run_functional
     from wsg.analysis.geometry import run_geometry
 
@@ -55,7 +55,7 @@ def full_run(tmp_path_factory):
     cfg, run = make_tiny_run(root, cells=CELLS + (("sft", 42, 1e-3),))
     adapters = discover_adapters(cfg, run)
     run_geometry(adapters, RunLayout.of(run).geometry_dir, top_k=3, config_hash=config_hash(cfg),
-                 use_ray=False, progress=False, cells=cell_refs(list_adapters(cfg, run)))
+                 use_ray=False, progress=False, cells=adapter_refs(list_adapters(cfg, run)))
     run_functional(cfg, run, progress=False, use_ray=False)
     write_random_eval(cfg, run, sorted(adapters))
     from wsg.analysis.findings_run import run_findings
