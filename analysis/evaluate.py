@@ -219,10 +219,7 @@ def _cards_with_accuracy(adapters: list[Adapter], acc: pa.Table) -> None:
 def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
     """Stage entry: evaluate the base and every analysed adapter (cached per
     model), then write predictions, accuracy and McNemar tables."""
-    import ray
-
     adapters = list_adapters(cfg, run, models=True)
-    names = [a.name for a in adapters]
     if len(set(es.name for es in cfg.analysis.eval_sets)) != len(cfg.analysis.eval_sets):
         raise WsgError("analysis.eval_sets: set names repeat; give every set a distinct name")
     models = [(BASE, None)] + [(a.name, a) for a in adapters]
@@ -234,56 +231,7 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
                     "eval set(s)")
     mode, n_engines = None, 0
     if todo:
-        owned = connect(cfg.resources.ray_address, log_to_driver=progress)
-        engines: list = []
-        try:
-            gpus = ray.cluster_resources().get("GPU", 0)
-
-            mode = adapter_mode(cfg.analysis.eval_mode, gpus=gpus, field="analysis.eval_mode")
-            sets = [(es, *eval_prompts(cfg, es)) for es in cfg.analysis.eval_sets]
-            engines = _start_engines(cfg, mode, adapters, len(todo))
-            n_engines = len(engines)
-            # Reward tasks must be schedulable while the engines hold their
-            # CPUs (a pool filling the box would otherwise wait forever).
-            spare = ray.cluster_resources().get("CPU", 0) - n_engines * cfg.rollouts.cpus_per_engine
-            reward_cpus = 1.0 if spare >= 1 else 0.0
-            queue = list(enumerate(todo))
-            lock = threading.Lock()
-
-            def serve(engine) -> None:
-                # one thread per engine pulls the next model: engines never idle
-                # while another still has a queue (models differ in length)
-                while True:
-                    with lock:
-                        if not queue:
-                            return
-                        k, (name, a) = queue.pop(0)
-                    t0 = time.time()
-                    spec = None if a is None else {"name": a.name, "uri": a.uri, "step": a.step,
-                                                   "lora_id": names.index(a.name) + 1}
-                    try:
-                        table = _evaluate_model(cfg, engine, name, spec, mode, sets, reward_cpus)
-                    except BaseException:
-                        with lock:
-                            queue.clear()  # the other engines stop after their current model
-                        raise
-                    table = table.replace_schema_metadata({"fingerprint": fps[name]})
-                    rundir.write_table(model_cache_path(run, name), table)  # a kill keeps finished models
-                    with lock:
-                        tables[name] = table
-                    acc = sum(table.column("correct").to_pylist()) / max(1, table.num_rows)
-                    print(f"wsg: [eval] {name}: pass@1 {acc:.3f} ({time.time() - t0:.1f}s, {mode})", flush=True)
-                    bar.advance(1, note=f"{name}: pass@1 {acc:.3f}")
-
-            with console.progress(len(todo) if progress else 0, "eval models") as bar, \
-                    ThreadPoolExecutor(len(engines)) as pool:
-                for f in [pool.submit(serve, e) for e in engines]:
-                    f.result()  # re-raises the first failure
-        finally:
-            if engines:
-                shutdown_engines(engines)
-            if owned:
-                ray.shutdown()
+        mode, n_engines = _evaluate(cfg, run, adapters, todo, fps, tables, progress=progress)
     preds = pa.concat_tables([tables[n].replace_schema_metadata(None) for n, _ in models])
     acc, mc = accuracy_table(preds), mcnemar_table(preds)
     layout = RunLayout.of(run)
@@ -294,3 +242,68 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
     return {"models": len(models), "evaluated": len(todo), "cached": len(models) - len(todo), "mode": mode,
             "engines": n_engines,
             "items": preds.num_rows, "pairs": mc.num_rows}
+
+
+def _evaluate(cfg, run: str, adapters: list[Adapter], todo: list, fps: dict, tables: dict, *,
+              progress: bool) -> tuple[str, int]:
+    """Evaluate the `todo` models on a pool of engines, each table written to
+    its cache as it finishes and added to `tables`; (adapter mode, engines)."""
+    import ray
+
+    owned = connect(cfg.resources.ray_address, log_to_driver=progress)
+    engines: list = []
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+
+        mode = adapter_mode(cfg.analysis.eval_mode, gpus=gpus, field="analysis.eval_mode")
+        sets = [(es, *eval_prompts(cfg, es)) for es in cfg.analysis.eval_sets]
+        engines = _start_engines(cfg, mode, adapters, len(todo))
+        # Reward tasks must be schedulable while the engines hold their
+        # CPUs (a pool filling the box would otherwise wait forever).
+        spare = ray.cluster_resources().get("CPU", 0) - len(engines) * cfg.rollouts.cpus_per_engine
+        _serve_all(cfg, run, engines, todo, names=[a.name for a in adapters], mode=mode, sets=sets,
+                   reward_cpus=1.0 if spare >= 1 else 0.0, fps=fps, tables=tables, progress=progress)
+        return mode, len(engines)
+    finally:
+        if engines:
+            shutdown_engines(engines)
+        if owned:
+            ray.shutdown()
+
+
+def _serve_all(cfg, run: str, engines: list, todo: list, *, names: list[str], mode: str, sets: list,
+               reward_cpus: float, fps: dict, tables: dict, progress: bool) -> None:
+    """Every `todo` model evaluated on one of the engines (lora_id: its index
+    in `names` + 1), its table cached and added to `tables`."""
+    queue = list(enumerate(todo))
+    lock = threading.Lock()
+
+    def serve(engine) -> None:
+        # one thread per engine pulls the next model: engines never idle
+        # while another still has a queue (models differ in length)
+        while True:
+            with lock:
+                if not queue:
+                    return
+                k, (name, a) = queue.pop(0)
+            t0 = time.time()
+            spec = None if a is None else {"name": a.name, "uri": a.uri, "step": a.step,
+                                           "lora_id": names.index(a.name) + 1}
+            try:
+                table = _evaluate_model(cfg, engine, name, spec, mode, sets, reward_cpus)
+            except BaseException:
+                with lock:
+                    queue.clear()  # the other engines stop after their current model
+                raise
+            table = table.replace_schema_metadata({"fingerprint": fps[name]})
+            rundir.write_table(model_cache_path(run, name), table)  # a kill keeps finished models
+            with lock:
+                tables[name] = table
+            acc = sum(table.column("correct").to_pylist()) / max(1, table.num_rows)
+            print(f"wsg: [eval] {name}: pass@1 {acc:.3f} ({time.time() - t0:.1f}s, {mode})", flush=True)
+            bar.advance(1, note=f"{name}: pass@1 {acc:.3f}")
+
+    with console.progress(len(todo) if progress else 0, "eval models") as bar, \
+            ThreadPoolExecutor(len(engines)) as pool:
+        for f in [pool.submit(serve, e) for e in engines]:
+            f.result()  # re-raises the first failure

@@ -257,12 +257,7 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
     so adding one adapter to a grid of N computes only the N new pairs; the
     identity columns and CIs are derived afresh from the cached numbers.
     """
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise WsgError(f"--top-k must be a positive integer (got {top_k!r})")
-    if not adapters:
-        raise WsgError("geometry needs at least one adapter (--adapter NAME=PATH)")
-    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
-        raise WsgError(f"the number of bootstrap resamples must be a positive integer (got {n_boot!r})")
+    _check_args(adapters, top_k, n_boot)
     specs = [lora_io.read_adapter_spec(name, path) for name, path in sorted(adapters.items())]
     gio.check_compatible(specs)
     _hash_all(specs, out)
@@ -270,57 +265,14 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
     by_hash = {}
     for s in specs:
         by_hash.setdefault(s.content_hash, s)
-    ref = specs[0]
-    mod_list = [(m.module, m.layer, m.proj) for m in ref.modules.values()]
-    mods = [m for m, _, _ in mod_list]
+    mod_list = [(m.module, m.layer, m.proj) for m in specs[0].modules.values()]
 
     sigma, pairs = _load_cache(out, set(by_hash), top_k)
-    need_sigma = sorted(h for h in by_hash if any((h, m) not in sigma for m in mods))
-    wanted = set()
-    order = sorted(names)
-    for ia, a in enumerate(order):
-        for b in order[ia + 1:]:
-            wanted.add(tuple(sorted((names[a], names[b]))))
-    need_pairs = sorted(p for p in wanted if any((p[0], p[1], m) not in pairs for m in mods))
-
+    need_sigma, need_pairs = _missing(names, by_hash, [m for m, _, _ in mod_list], sigma, pairs)
     if need_sigma or need_pairs:
-        involved = set(need_sigma) | {h for p in need_pairs for h in p}
-        # Cached adapters first, new ones last (the order results are listed in;
-        # every pair is computed from its own two adapters, module_geometry).
-        proc = sorted(involved, key=lambda h: (h in need_sigma, h))
-        by_layer = defaultdict(list)
-        for m, layer, _ in mod_list:
-            by_layer[layer].append(m)
-        jobs = [dict(modules=ms, adapters=[(h, by_hash[h].weights, {m: by_hash[h].modules[m] for m in ms})
-                                           for h in proc],  # only this shard's module specs travel
-                     need_sigma=need_sigma, need_pairs=need_pairs, top_k=top_k)
-                for _, ms in sorted(by_layer.items())]
-        started_ray = False
-        if use_ray:
-            import ray
-
-            if not ray.is_initialized():
-                # A local instance (or RAY_ADDRESS): never attach to some other
-                # session's `ray start` cluster found on the box.
-                ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
-                         include_dashboard=False, log_to_driver=False)
-                started_ray = True
-        else:  # a Ray the caller started is used; never import ray just to ask
-            ray_mod = sys.modules.get("ray")
-            use_ray = bool(ray_mod is not None and ray_mod.is_initialized())
-        try:
-            results = _run_shards(jobs, use_ray=use_ray, progress=progress)
-        finally:
-            if started_ray:
-                ray.shutdown()
-        _write_cache(out, "adapters", [r[0] for r in results], gt.RAW_ADAPTERS)
-        _write_cache(out, "pairs", [r[1] for r in results], gt.RAW_PAIRS)
-        for ab, _ in results:
-            for h, m, s in zip(*(ab.column(k).to_pylist() for k in gt.RAW_ADAPTERS.names)):
-                sigma[(h, m)] = np.asarray(s, dtype=np.float64)
-        for _, pb in results:
-            for ha, hb, _, m, *raw in zip(*(pb.column(k).to_pylist() for k in gt.RAW_PAIRS.names)):
-                pairs[(ha, hb, m)] = tuple(raw)
+        jobs = _shard_jobs(by_hash, mod_list, need_sigma, need_pairs, top_k)
+        results = _compute(jobs, use_ray=use_ray, progress=progress)
+        _add_results(out, results, sigma, pairs)
 
     meta = gt.metadata(tool_version=_tool_version(), config_hash=config_hash, top_k=top_k,
                        adapters={s.name: ((where or {}).get(s.name, s.path), s.content_hash) for s in specs})
@@ -329,6 +281,80 @@ def run_geometry(adapters: dict[str, str], out: str, *, top_k: int = 10, config_
     for name, table in tables.items():
         rundir.write_table(rundir.join(out, f"{name}.parquet"), table)
     return tables
+
+
+def _check_args(adapters: dict[str, str], top_k, n_boot) -> None:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise WsgError(f"--top-k must be a positive integer (got {top_k!r})")
+    if not adapters:
+        raise WsgError("geometry needs at least one adapter (--adapter NAME=PATH)")
+    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
+        raise WsgError(f"the number of bootstrap resamples must be a positive integer (got {n_boot!r})")
+
+
+def _missing(names: dict[str, str], by_hash: dict, mods: list[str], sigma: dict, pairs: dict
+             ) -> tuple[list[str], list[tuple[str, str]]]:
+    """The adapter hashes whose spectra and the hash pairs whose products the
+    cache lacks (for any module)."""
+    need_sigma = sorted(h for h in by_hash if any((h, m) not in sigma for m in mods))
+    wanted = set()
+    order = sorted(names)
+    for ia, a in enumerate(order):
+        for b in order[ia + 1:]:
+            wanted.add(tuple(sorted((names[a], names[b]))))
+    need_pairs = sorted(p for p in wanted if any((p[0], p[1], m) not in pairs for m in mods))
+    return need_sigma, need_pairs
+
+
+def _shard_jobs(by_hash: dict, mod_list: list[tuple[str, int, str]], need_sigma: list[str],
+                need_pairs: list[tuple[str, str]], top_k: int) -> list[dict]:
+    """One compute_shard job per layer, over the adapters involved."""
+    involved = set(need_sigma) | {h for p in need_pairs for h in p}
+    # Cached adapters first, new ones last (the order results are listed in;
+    # every pair is computed from its own two adapters, module_geometry).
+    proc = sorted(involved, key=lambda h: (h in need_sigma, h))
+    by_layer = defaultdict(list)
+    for m, layer, _ in mod_list:
+        by_layer[layer].append(m)
+    return [dict(modules=ms, adapters=[(h, by_hash[h].weights, {m: by_hash[h].modules[m] for m in ms})
+                                       for h in proc],  # only this shard's module specs travel
+                 need_sigma=need_sigma, need_pairs=need_pairs, top_k=top_k)
+            for _, ms in sorted(by_layer.items())]
+
+
+def _compute(jobs: list[dict], *, use_ray: bool, progress: bool) -> list:
+    """Run the shards on Ray (a local one started, and stopped, here when
+    none is running) or in this process."""
+    started_ray = False
+    if use_ray:
+        import ray
+
+        if not ray.is_initialized():
+            # A local instance (or RAY_ADDRESS): never attach to some other
+            # session's `ray start` cluster found on the box.
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
+                     include_dashboard=False, log_to_driver=False)
+            started_ray = True
+    else:  # a Ray the caller started is used; never import ray just to ask
+        ray_mod = sys.modules.get("ray")
+        use_ray = bool(ray_mod is not None and ray_mod.is_initialized())
+    try:
+        return _run_shards(jobs, use_ray=use_ray, progress=progress)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _add_results(out: str, results: list, sigma: dict, pairs: dict) -> None:
+    """Write the shards' raw results to the cache and into sigma / pairs."""
+    _write_cache(out, "adapters", [r[0] for r in results], gt.RAW_ADAPTERS)
+    _write_cache(out, "pairs", [r[1] for r in results], gt.RAW_PAIRS)
+    for ab, _ in results:
+        for h, m, s in zip(*(ab.column(k).to_pylist() for k in gt.RAW_ADAPTERS.names)):
+            sigma[(h, m)] = np.asarray(s, dtype=np.float64)
+    for _, pb in results:
+        for ha, hb, _, m, *raw in zip(*(pb.column(k).to_pylist() for k in gt.RAW_PAIRS.names)):
+            pairs[(ha, hb, m)] = tuple(raw)
 
 
 def read_metadata(table: pa.Table) -> dict:

@@ -175,74 +175,109 @@ def assemble(*, names: dict[str, str], modules: list[tuple[str, int, str]],
     name -> core.cells.AdapterRef (absent names get null identity). Vectorised over
     pairs x modules (a 48-adapter grid has 1128 pairs x 144 modules)."""
     order = sorted(names)
-    n_ad, n_mod = len(order), len(modules)
-    mod_names = np.array([m for m, _, _ in modules], dtype=object)
-    layers = np.array([layer for _, layer, _ in modules], dtype=np.int32)
-    projs = np.array([p for _, _, p in modules], dtype=object)
-
-    spectra = [[sigma[(names[n], m)] for m in mod_names] for n in order]
-    sq = np.array([[float(np.sum(s * s)) for s in row] for row in spectra]).reshape(n_ad, n_mod)
+    mods = _Modules(modules)
+    spectra = [[sigma[(names[n], m)] for m in mods.names] for n in order]
+    sq = np.array([[float(np.sum(s * s)) for s in row] for row in spectra]).reshape(len(order), mods.n)
     ident = _identity(order, cells)
-    out = {"adapter_modules": _table({
-        "adapter": np.repeat(np.array(order, dtype=object), n_mod),
-        **{k: _repeat(v, np.arange(n_ad), n_mod) for k, v in ident.items()}, "module": np.tile(mod_names, n_ad),
-        "layer": np.tile(layers, n_ad), "proj": np.tile(projs, n_ad), "fro_norm": np.sqrt(sq).ravel(),
-        "effective_rank": _effective_ranks([s for row in spectra for s in row]),
-        "singular_values": _lists([s.tolist() for row in spectra for s in row]),
-    }, ADAPTER_MODULES)}
-
-    ia, ib = np.triu_indices(n_ad, k=1)
-    n_pair = len(ia)
-    inner, u1, v1 = (np.empty((n_pair, n_mod)) for _ in range(3))
-    angles = []
-    for p, (x, y) in enumerate(zip(ia, ib)):
-        ha, hb = names[order[x]], names[order[y]]
-        key = (ha, hb) if ha <= hb else (hb, ha)
-        for k, m in enumerate(mod_names):
-            raw = pairs[(key[0], key[1], m)]
-            inner[p, k], u1[p, k], v1[p, k] = raw[0], raw[2], raw[3]
-            angles.append(raw[1])
-    top1 = np.array([x[0] if len(x) else np.nan for x in angles]).reshape(n_pair, n_mod)
-    worst = np.array([x[-1] if len(x) else np.nan for x in angles]).reshape(n_pair, n_mod)
-    na2, nb2 = sq[ia], sq[ib]
-    ob2, oa2 = _orth_sq(inner, na2, nb2), _orth_sq(inner, nb2, na2)  # residual of b off a, a off b
-    a_names, b_names = np.array(order, dtype=object)[ia], np.array(order, dtype=object)[ib]
-
-    def pair_ident(times: int) -> dict:
-        return {f"{k}_{side}": _repeat(v, idx, times) for k, v in ident.items() for side, idx in (("a", ia), ("b", ib))}
-
-    out["module_pairs"] = _table({
-        "adapter_a": np.repeat(a_names, n_mod), "adapter_b": np.repeat(b_names, n_mod), **pair_ident(n_mod),
-        "module": np.tile(mod_names, n_pair), "layer": np.tile(layers, n_pair), "proj": np.tile(projs, n_pair),
-        "cosine": _cosine(inner, na2, nb2).ravel(), "principal_angles_deg": _lists(angles),
-        "top1_angle_deg": top1.ravel(), "worst_angle_deg": worst.ravel(), "u1_abs_dot": u1.ravel(),
-        "v1_abs_dot": v1.ravel(), "orth_frac_b_off_a": _frac(ob2, nb2).ravel(),
-        "orth_frac_a_off_b": _frac(oa2, na2).ravel(),
-    }, MODULE_PAIRS)
-
-    # Layer aggregates: sums over the layer's modules (one-hot module -> layer),
-    # in module order per pair (gb.ordered_dot: a BLAS product's bits would
-    # depend on how many pairs the table holds).
-    uniq = np.unique(layers)
-    onehot = (layers[:, None] == uniq[None, :]).astype(np.float64)
-    li, la2, lb2, lob2, loa2 = (gb.ordered_dot(x, onehot) for x in (inner, na2, nb2, ob2, oa2))
-    out["layer_pairs"] = _table({
-        "adapter_a": np.repeat(a_names, len(uniq)), "adapter_b": np.repeat(b_names, len(uniq)),
-        **pair_ident(len(uniq)), "layer": np.tile(uniq, n_pair).astype(np.int32), "cosine": _cosine(li, la2, lb2).ravel(),
-        "orth_frac_b_off_a": _frac(lob2, lb2).ravel(), "orth_frac_a_off_b": _frac(loa2, la2).ravel(),
-    }, LAYER_PAIRS)
-    gi, ga2, gb2 = (gb.ordered_row_sum(x) for x in (inner, na2, nb2))
-    # Uncertainty: resample layers (with all their modules) from the layer sums.
-    cis = gb.global_cis(layer_sums={"inner": li, "sq_a": la2, "sq_b": lb2, "resid_b": lob2, "resid_a": loa2},
-                        top1=top1, module_layer=np.searchsorted(uniq, layers), n_boot=n_boot, seed=boot_seed)
-    out["global_pairs"] = _table({
-        "adapter_a": a_names, "adapter_b": b_names, **pair_ident(1), "cosine": _cosine(gi, ga2, gb2),
-        "orth_frac_b_off_a": _frac(gb.ordered_row_sum(ob2), gb2),
-        "orth_frac_a_off_b": _frac(gb.ordered_row_sum(oa2), ga2),
-        "median_top1_angle_deg": _nan_reduce(np.nanmedian, top1),
-        "median_worst_angle_deg": _nan_reduce(np.nanmedian, worst),
-        "mean_u1_abs_dot": _ordered_nanmean(u1), "mean_v1_abs_dot": _ordered_nanmean(v1), **cis,
-    }, GLOBAL_PAIRS)
+    out = {"adapter_modules": _adapter_modules(order, mods, spectra, sq, ident)}
+    pp = _PairProducts(order, names, mods, pairs, sq, ident)
+    out["module_pairs"] = _module_pairs(pp, mods)
+    out.update(_layer_and_global_pairs(pp, mods, n_boot=n_boot, boot_seed=boot_seed))
     out = {k: t.replace_schema_metadata(meta) for k, t in out.items()}
     out["global_pairs"] = out["global_pairs"].replace_schema_metadata({**meta, **gb.metadata(n_boot, boot_seed)})
     return out
+
+
+class _Modules:
+    """The tables' modules, in table order, as arrays."""
+
+    def __init__(self, modules: list[tuple[str, int, str]]):
+        self.n = len(modules)
+        self.names = np.array([m for m, _, _ in modules], dtype=object)
+        self.layers = np.array([layer for _, layer, _ in modules], dtype=np.int32)
+        self.projs = np.array([p for _, _, p in modules], dtype=object)
+
+
+def _adapter_modules(order: list[str], mods: _Modules, spectra: list, sq: np.ndarray, ident: dict) -> pa.Table:
+    n_ad, n_mod = len(order), mods.n
+    return _table({
+        "adapter": np.repeat(np.array(order, dtype=object), n_mod),
+        **{k: _repeat(v, np.arange(n_ad), n_mod) for k, v in ident.items()}, "module": np.tile(mods.names, n_ad),
+        "layer": np.tile(mods.layers, n_ad), "proj": np.tile(mods.projs, n_ad), "fro_norm": np.sqrt(sq).ravel(),
+        "effective_rank": _effective_ranks([s for row in spectra for s in row]),
+        "singular_values": _lists([s.tolist() for row in spectra for s in row]),
+    }, ADAPTER_MODULES)
+
+
+class _PairProducts:
+    """Per unordered pair (a < b in name order) x module: the raw products
+    and what follows from them and the norms (squared norms, residuals)."""
+
+    def __init__(self, order: list[str], names: dict[str, str], mods: _Modules, pairs: dict, sq: np.ndarray,
+                 ident: dict):
+        ia, ib = np.triu_indices(len(order), k=1)
+        n_pair = len(ia)
+        inner, u1, v1 = (np.empty((n_pair, mods.n)) for _ in range(3))
+        angles = []
+        for p, (x, y) in enumerate(zip(ia, ib)):
+            ha, hb = names[order[x]], names[order[y]]
+            key = (ha, hb) if ha <= hb else (hb, ha)
+            for k, m in enumerate(mods.names):
+                raw = pairs[(key[0], key[1], m)]
+                inner[p, k], u1[p, k], v1[p, k] = raw[0], raw[2], raw[3]
+                angles.append(raw[1])
+        self.ia, self.ib, self.n_pair, self.ident = ia, ib, n_pair, ident
+        self.inner, self.u1, self.v1, self.angles = inner, u1, v1, angles
+        self.top1 = np.array([x[0] if len(x) else np.nan for x in angles]).reshape(n_pair, mods.n)
+        self.worst = np.array([x[-1] if len(x) else np.nan for x in angles]).reshape(n_pair, mods.n)
+        self.na2, self.nb2 = sq[ia], sq[ib]
+        # residual of b off a, a off b
+        self.ob2, self.oa2 = _orth_sq(inner, self.na2, self.nb2), _orth_sq(inner, self.nb2, self.na2)
+        self.a_names, self.b_names = np.array(order, dtype=object)[ia], np.array(order, dtype=object)[ib]
+
+    def ident_cols(self, times: int) -> dict:
+        """The identity columns of both sides, each pair's repeated `times`."""
+        return {f"{k}_{side}": _repeat(v, idx, times) for k, v in self.ident.items()
+                for side, idx in (("a", self.ia), ("b", self.ib))}
+
+
+def _module_pairs(pp: _PairProducts, mods: _Modules) -> pa.Table:
+    n_mod, n_pair = mods.n, pp.n_pair
+    return _table({
+        "adapter_a": np.repeat(pp.a_names, n_mod), "adapter_b": np.repeat(pp.b_names, n_mod),
+        **pp.ident_cols(n_mod), "module": np.tile(mods.names, n_pair), "layer": np.tile(mods.layers, n_pair),
+        "proj": np.tile(mods.projs, n_pair), "cosine": _cosine(pp.inner, pp.na2, pp.nb2).ravel(),
+        "principal_angles_deg": _lists(pp.angles), "top1_angle_deg": pp.top1.ravel(),
+        "worst_angle_deg": pp.worst.ravel(), "u1_abs_dot": pp.u1.ravel(), "v1_abs_dot": pp.v1.ravel(),
+        "orth_frac_b_off_a": _frac(pp.ob2, pp.nb2).ravel(), "orth_frac_a_off_b": _frac(pp.oa2, pp.na2).ravel(),
+    }, MODULE_PAIRS)
+
+
+def _layer_and_global_pairs(pp: _PairProducts, mods: _Modules, *, n_boot: int, boot_seed: int
+                            ) -> dict[str, pa.Table]:
+    # Layer aggregates: sums over the layer's modules (one-hot module -> layer),
+    # in module order per pair (gb.ordered_dot: a BLAS product's bits would
+    # depend on how many pairs the table holds).
+    uniq = np.unique(mods.layers)
+    onehot = (mods.layers[:, None] == uniq[None, :]).astype(np.float64)
+    li, la2, lb2, lob2, loa2 = (gb.ordered_dot(x, onehot) for x in (pp.inner, pp.na2, pp.nb2, pp.ob2, pp.oa2))
+    layer = _table({
+        "adapter_a": np.repeat(pp.a_names, len(uniq)), "adapter_b": np.repeat(pp.b_names, len(uniq)),
+        **pp.ident_cols(len(uniq)), "layer": np.tile(uniq, pp.n_pair).astype(np.int32),
+        "cosine": _cosine(li, la2, lb2).ravel(),
+        "orth_frac_b_off_a": _frac(lob2, lb2).ravel(), "orth_frac_a_off_b": _frac(loa2, la2).ravel(),
+    }, LAYER_PAIRS)
+    gi, ga2, gb2 = (gb.ordered_row_sum(x) for x in (pp.inner, pp.na2, pp.nb2))
+    # Uncertainty: resample layers (with all their modules) from the layer sums.
+    cis = gb.global_cis(layer_sums={"inner": li, "sq_a": la2, "sq_b": lb2, "resid_b": lob2, "resid_a": loa2},
+                        top1=pp.top1, module_layer=np.searchsorted(uniq, mods.layers), n_boot=n_boot,
+                        seed=boot_seed)
+    glob = _table({
+        "adapter_a": pp.a_names, "adapter_b": pp.b_names, **pp.ident_cols(1), "cosine": _cosine(gi, ga2, gb2),
+        "orth_frac_b_off_a": _frac(gb.ordered_row_sum(pp.ob2), gb2),
+        "orth_frac_a_off_b": _frac(gb.ordered_row_sum(pp.oa2), ga2),
+        "median_top1_angle_deg": _nan_reduce(np.nanmedian, pp.top1),
+        "median_worst_angle_deg": _nan_reduce(np.nanmedian, pp.worst),
+        "mean_u1_abs_dot": _ordered_nanmean(pp.u1), "mean_v1_abs_dot": _ordered_nanmean(pp.v1), **cis,
+    }, GLOBAL_PAIRS)
+    return {"layer_pairs": layer, "global_pairs": glob}

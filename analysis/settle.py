@@ -83,7 +83,7 @@ def settle(ctx, step: Optional[int], cells: list, kind: str) -> Settle:
     if step is None:
         s.reasons.append("no step measured")
         return s
-    dirn, norm = kind in ("direction", "function"), kind in ("norm", "function")
+    check = _Check(ctx, s, step, direction=kind in ("direction", "function"), norm=kind in ("norm", "function"))
     ok = True
     orders = []
     for loss in _losses(ctx, cells):
@@ -92,8 +92,30 @@ def settle(ctx, step: Optional[int], cells: list, kind: str) -> Settle:
             s.reasons.append(f"no {loss} cell at step {step} to check settling against")
             ok = False
             continue
+        # Both checks run (each names what it misses), data order first.
+        ok &= check.order(loss, base, orders)
+        ok &= check.horizon(loss, base)
+    if orders:
+        s.order, s.order_max, s.n_order = min(orders), max(orders), len(orders)
+    s.settled = ok
+    return s
+
+
+@dataclass
+class _Check:
+    """The two checks of one claim's settle rule, their reasons added to `s`."""
+
+    ctx: object
+    s: Settle
+    step: int
+    direction: bool  # check directions (cosines)
+    norm: bool       # check norms
+
+    def order(self, loss: str, base, orders: list) -> bool:
+        """The data-order control agrees with its reference at the step (its cosines added to `orders`)."""
+        ctx, s, step = self.ctx, self.s, self.step
+        ok = True
         ref = ctx.name(base, step)
-        final = max(ctx.by_cell[base])
         pairs = ctx.control_pairs(loss, step, "data_seed", base.lr)
         pairs = [p for p in pairs if ref in p]
         if not pairs:
@@ -105,44 +127,46 @@ def settle(ctx, step: Optional[int], cells: list, kind: str) -> Settle:
             other = b if a == ref else a
             if c is not None:
                 orders.append(c)
-            if dirn and (c is None or c < ORDER_MIN_COS):
+            if self.direction and (c is None or c < ORDER_MIN_COS):
                 s.reasons.append(f"unsettled: {loss}'s data-order control agrees with its reference at cos "
                                  f"{'n/a' if c is None else f'{c:.3g}'} < {ORDER_MIN_COS} at step {step}")
                 ok = False
             d = _dev(ctx, ref, other)
-            if norm and (d is None or d > NORM_MAX_DEV):
+            if self.norm and (d is None or d > NORM_MAX_DEV):
                 s.reasons.append(f"unsettled: {loss}'s data-order control's norm differs by "
                                  f"{'n/a' if d is None else f'{d:.0%}'} > {NORM_MAX_DEV:.0%}")
                 ok = False
+        return ok
+
+    def horizon(self, loss: str, base) -> bool:
+        """The horizon control's final ΔW matches the reference's final one."""
+        ctx, s, step = self.ctx, self.s, self.step
+        final = max(ctx.by_cell[base])
         hz = ctx.horizons.get(base)
         if not hz:
             s.reasons.append(f"unsettled: needs a horizon control of {loss} (grid.controls.horizons, e.g. [0.75]) "
                              "to tell a settled update from one the LR schedule froze")
-            ok = False
-            continue
+            return False
         if step != final:
             s.reasons.append(f"unsettled: the claim's step {step} is not {loss}'s final step {final}, which the "
                              "horizon control is compared with")
-            ok = False
-            continue
+            return False
+        ok = True
         h_name = hz[max(hz)]
         h_steps = identify(h_name).cell.horizon
         c = _cos(ctx, h_name, ctx.name(base, final))
         if c is not None:
             s.horizon = c if s.horizon is None else min(s.horizon, c)
-        if dirn and (c is None or c < HORIZON_MIN_COS):
+        if self.direction and (c is None or c < HORIZON_MIN_COS):
             s.reasons.append(f"unsettled: {loss} trained to step {h_steps} instead of {final} ends elsewhere "
                              f"(cos {'n/a' if c is None else f'{c:.3g}'} < {HORIZON_MIN_COS})")
             ok = False
         d = _dev(ctx, h_name, ctx.name(base, final))
-        if norm and (d is None or d > NORM_MAX_DEV):
+        if self.norm and (d is None or d > NORM_MAX_DEV):
             s.reasons.append(f"unsettled: {loss}'s norm at horizon {h_steps} differs from step {final}'s by "
                              f"{'n/a' if d is None else f'{d:.0%}'} > {NORM_MAX_DEV:.0%}")
             ok = False
-    if orders:
-        s.order, s.order_max, s.n_order = min(orders), max(orders), len(orders)
-    s.settled = ok
-    return s
+        return ok
 
 
 def agreement_note(s: Settle, value: Optional[float]) -> str:

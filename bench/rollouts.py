@@ -147,7 +147,7 @@ def _phase(name: str, result) -> None:
     print(f"[bench] {name}: " + json.dumps(result, default=str), file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=None, help="experiment YAML (default: configs/smoke.yaml)")
     ap.add_argument("--n-prompts", type=int, default=None, help="override data.n_prompts")
@@ -157,7 +157,11 @@ def main() -> None:
     ap.add_argument("--phase", choices=["raw_vllm", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     from wsg.core.config import default_config_path
     from wsg.core.models import resolve_model
@@ -192,9 +196,16 @@ def main() -> None:
             "transformers", args, cfg_path, pfile, nice=nice, env={})
         _phase("transformers", hf)
 
-    res = {
-        "config": str(args.config or default_config_path()), "model": cfg.model.name,
-        "prompts": len(prompt_ids), "k": cfg.rollouts.k, "max_tokens": cfg.rollouts.max_tokens,
+    res = _result(cfg, str(args.config or default_config_path()), len(prompt_ids), stage, stage_tokens,
+                  raw, raw_shell, hf)
+    _print(res)
+
+
+def _result(cfg, config: str, n_prompts: int, stage: dict, stage_tokens: int, raw: dict, raw_shell: dict,
+            hf: dict | None) -> dict:
+    return {
+        "config": config, "model": cfg.model.name,
+        "prompts": n_prompts, "k": cfg.rollouts.k, "max_tokens": cfg.rollouts.max_tokens,
         "dtype": cfg.rollouts.dtype, "enforce_eager": cfg.rollouts.enforce_eager, "cpus": os.cpu_count(),
         "nice": os.nice(0),
         "stage": {"tokens": stage_tokens, "s": stage["gen_s"], "tok_s": stage["tok_s"],
@@ -210,6 +221,10 @@ def main() -> None:
         "stage_over_transformers": (stage["tok_s"] / hf["tok_s"]) if hf else None,
         "load_avg_1m_end": os.getloadavg()[0],
     }
+
+
+def _print(res: dict) -> None:
+    raw, raw_shell, hf = res["raw_vllm"], res["raw_vllm_shell_env"], res["transformers"]
     print(f"{'':28s}{'tokens':>9s}{'seconds':>9s}{'tok/s':>9s}{'CPU s':>9s}{'tok/CPU-s':>10s}")
     for name, r in (("rollouts stage (Ray+vLLM)", res["stage"]), ("raw vllm (actor env)", raw),
                     ("raw vllm (shell env)", raw_shell), ("transformers.generate", hf)):

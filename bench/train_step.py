@@ -157,6 +157,12 @@ def paired_steps(model: str, cfg, run: str, table, *, steps: int, batch: int, ma
             rows[name].append((tokens, time.perf_counter() - t0, time.process_time() - c0))
         print(f"  step {step + 1}: TRL {rows['trl'][-1][1]:.1f}s ({rows['trl'][-1][2]:.1f} CPU-s), "
               f"wsg {rows['wsg'][-1][1]:.1f}s ({rows['wsg'][-1][2]:.1f} CPU-s), {rows['trl'][-1][0]} tokens", flush=True)
+    return _compare(rows)
+
+
+def _compare(rows: dict[str, list[tuple]]) -> dict:
+    """Throughput of each side from its (tokens, seconds, CPU seconds) per
+    step, and wsg's over TRL's."""
     out = {}
     for name, r in rows.items():
         arr = np.array(r[1:], dtype=float)  # first step excluded (warm-up)

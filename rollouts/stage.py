@@ -283,16 +283,10 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     skipped, and details (load report, engines, timings)."""
 
     layout = RunLayout.of(run)
-    out_dir = layout.rollouts_dir
-    final_r, final_p = layout.rollouts, layout.pairs
     spec = spec_hash(cfg)
-    if integrity.revoke(out_dir, "rollouts", run=layout.root) and rundir.exists(final_r) and rundir.exists(final_p):
-        info = integrity.info(out_dir)
-        if info.get("spec_hash") not in (None, spec):
-            raise WsgError(f"{out_dir} holds finished rollouts of other settings (spec "
-                           f"{info.get('spec_hash')} != {spec}); use a new --run folder or delete it")
-        _log(progress, f"already complete: {final_r}")
-        return {**info, "skipped": True}
+    done = _completed(layout, spec, progress)
+    if done is not None:
+        return done
 
     problems, report = load_problems_with_report(cfg.data)
     size = cfg.rollouts.shard_size
@@ -309,17 +303,38 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
 
     job = SamplingJob(cfg=cfg, run=run, spec=spec, shards=shards, pending=pending, progress=progress,
                       model=teacher_name(cfg))
-    stats = job.stats
     t0 = time.perf_counter()
     with session(cfg.resources.ray_address, log_to_driver=progress):
         extra: dict = {"n_engines": 0}
         if pending:
             extra = BACKENDS[cfg.rollouts.backend](job)
-    gen_s = (stats.t_last - stats.t_first) if stats.t_first and stats.t_last else 0.0
+    return _finish(job, layout, report, extra, t0)
 
-    tables = [rundir.read_table(_shard_path(run, i)) for i in range(len(shards))]
+
+def _completed(layout: RunLayout, spec: str, progress: bool) -> dict | None:
+    """The summary of rollouts already complete with these settings (None
+    when they are not); finished rollouts of other settings are refused."""
+    out_dir = layout.rollouts_dir
+    if integrity.revoke(out_dir, "rollouts", run=layout.root) and rundir.exists(layout.rollouts) \
+            and rundir.exists(layout.pairs):
+        info = integrity.info(out_dir)
+        if info.get("spec_hash") not in (None, spec):
+            raise WsgError(f"{out_dir} holds finished rollouts of other settings (spec "
+                           f"{info.get('spec_hash')} != {spec}); use a new --run folder or delete it")
+        _log(progress, f"already complete: {layout.rollouts}")
+        return {**info, "skipped": True}
+    return None
+
+
+def _finish(job: SamplingJob, layout: RunLayout, report, extra: dict, t0: float) -> dict:
+    """Join the shards into the final rollouts and pairs tables, then mark
+    the stage complete with its summary."""
     import pyarrow as pa
 
+    cfg, spec, stats = job.cfg, job.spec, job.stats
+    final_r, final_p = layout.rollouts, layout.pairs
+    gen_s = (stats.t_last - stats.t_first) if stats.t_first and stats.t_last else 0.0
+    tables = [rundir.read_table(_shard_path(job.run, i)) for i in range(len(job.shards))]
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
     rows = table.to_pylist()
     pairs = schema.make_pairs(rows, max_pairs_per_prompt=cfg.rollouts.max_pairs_per_prompt)
@@ -330,7 +345,7 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     summ = schema.reward_summary(rows)
     summary = {
         **summ, "n_pairs": len(pairs), "skipped": False, "spec_hash": spec,
-        "teacher": teacher_name(cfg), "n_shards": len(shards), "n_shards_sampled": len(pending),
+        "teacher": teacher_name(cfg), "n_shards": len(job.shards), "n_shards_sampled": len(job.pending),
         "n_completion_tokens_sampled": stats.tokens, "gen_s": round(gen_s, 3),
         "tok_s": round(stats.tokens / gen_s, 2) if gen_s > 0 else None,
         "stage_s": round(time.perf_counter() - t0, 3), "n_reward_timeouts": stats.reward_timeouts,
@@ -339,8 +354,8 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
         # Who wrote the rollouts and how varied their text is (rollouts/teacher.py).
         "teacher_profile": teacher_profile(cfg, rows),
     }
-    rundir.mark_complete(out_dir, summary, files=[final_r, final_p], root=layout.root)
-    _log(progress, f"done: {summary['n_samples']} samples, reward {summary['reward_mean']:.3f}, "
-                   f"{summary['frac_prompts_mixed']:.0%} prompts mixed, {len(pairs)} pairs, "
-                   f"{summary['tok_s']} tok/s")
+    rundir.mark_complete(layout.rollouts_dir, summary, files=[final_r, final_p], root=layout.root)
+    _log(job.progress, f"done: {summary['n_samples']} samples, reward {summary['reward_mean']:.3f}, "
+                       f"{summary['frac_prompts_mixed']:.0%} prompts mixed, {len(pairs)} pairs, "
+                       f"{summary['tok_s']} tok/s")
     return summary

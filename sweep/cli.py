@@ -45,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "Train losses x seeds x LRs with LoRA on identical rollouts, then measure "
                     "the geometry of the updates.")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    # In the order `wsg --help` lists them: the stages, then the analyses, then the tools.
+    _add_stage_commands(sub)
+    _add_analysis_commands(sub)
+    _add_tool_commands(sub)
+    return ap
 
+
+def _add_stage_commands(sub) -> None:
     p = sub.add_parser("run", help="the whole pipeline: rollouts -> grid -> eval -> geometry -> report (resumes)")
     _add_config_arg(p, optional=True)
     _add_run_arg(p, required=False)
@@ -73,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, required=True)
     _add_ray_arg(p)
 
+
+def _add_analysis_commands(sub) -> None:
     p = sub.add_parser("eval", help="greedy pass@1 of the base and every adapter, Wilson CIs, McNemar")
     _add_config_arg(p)
     _add_run_arg(p, required=True)
@@ -96,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="build report/index.html from a run's tables")
     p.add_argument("run", help="run directory")
 
+
+def _add_tool_commands(sub) -> None:
     p = sub.add_parser("status", help="which stages and cells of a run are complete")
     p.add_argument("run", help="run directory")
 
@@ -107,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_cmd", metavar="SUBCOMMAND")
     cs = csub.add_parser("show", help="print the resolved config and its hash")
     cs.add_argument("config", nargs="?", default=None, help="experiment YAML (default: embedded smoke)")
-    return ap
 
 
 def _load(path: str | None):

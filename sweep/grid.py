@@ -151,8 +151,6 @@ def _tune_storage(run: str) -> str:
 
 def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     """Run every incomplete cell; returns counts. Raises if any cell failed."""
-    from ray import tune
-
     layout = RunLayout.of(run)
     cells = plan_cells(cfg)
     # A cell whose marker no longer matches its files (integrity.revoke) runs again.
@@ -170,6 +168,18 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
             prepared[c.loss] = prepare(cfg, layout.root, c)
     # The tracked runs the cells file under, made here once (core/tracking.py).
     tracking.open_groups(cfg, run=layout.root, groups=sorted({c.loss for c in todo}))
+    tuner = _tuner(cfg, run, layout, cells, todo, prepared)
+    results = _fit(tuner, layout, todo)
+    _raise_failed(layout, cells)
+    n_err = sum(1 for r in results if r.error is not None)
+    return {"cells": len(cells), "trained": len(todo), "failed": 0, "trial_errors": n_err}
+
+
+def _tuner(cfg: ExperimentConfig, run: str, layout: RunLayout, cells: list[CellKey], todo: list[CellKey],
+           prepared: dict[str, Prepared]):
+    """The Tune experiment over every cell (a complete cell's trial returns at once)."""
+    from ray import tune
+
     # One grid_search over whole cells keeps (loss, seed, lr) tied together;
     # the config and run travel as constant parameters, so Tune's progress
     # table shows only the cell.
@@ -198,24 +208,31 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
     if rundir.exists(exp):
         fs, path = rundir.resolve(exp)
         fs.delete_dir(path)
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg, todo), reuse_actors=True,
                                     trial_name_creator=lambda t: _trial_name(t),
                                     trial_dirname_creator=lambda t: _trial_name(t)),
         run_config=run_config)
+
+
+def _fit(tuner, layout: RunLayout, todo: list[CellKey]):
+    """tuner.fit(), watched; placement groups failed cells left are freed."""
     held_before = placement_groups()
     try:
         with console.GridWatch(layout, [c.id for c in todo]), GroupWait(layout, [c.id for c in todo], held_before):
-            results = tuner.fit()
+            return tuner.fit()
     finally:
         # No cell runs any more: a placement group the grid made that Ray still
         # holds was left by a failed Ray Train run; free its CPUs for eval.
         freed = remove_placement_groups(placement_groups() - held_before)
         if freed:
             console.say(f"  [grid] freed {freed} placement group(s) left by failed cell attempts")
+
+
+def _raise_failed(layout: RunLayout, cells: list[CellKey]) -> None:
+    """Raise naming every cell that did not complete, with its reason."""
     failed = [c.id for c in cells if not rundir.is_complete(layout.cell(c.id).root)]
-    n_err = sum(1 for r in results if r.error is not None)
     if failed:
         reasons = []
         for cid in failed:
@@ -225,7 +242,6 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
             reasons.append(f"  {cid}: " + "\n    ".join(why.splitlines()[:8]))
         raise WsgError(f"{len(failed)} cell(s) did not complete (finished ones are kept; rerun the same "
                        "command to retry):\n" + "\n".join(reasons))
-    return {"cells": len(cells), "trained": len(todo), "failed": 0, "trial_errors": n_err}
 
 
 def _trial_name(trial) -> str:

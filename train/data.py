@@ -136,30 +136,11 @@ def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) ->
         raise WsgError(f"{path} has no rows: rerun `wsg rollouts` (did every prompt fail?)")
 
     prompts, comps, how = _sequences(cfg, table, tokenizer)
-    rewards = np.asarray(table.column("reward").to_numpy(zero_copy_only=False), dtype=np.float32)
-    if not np.isfinite(rewards).all():
-        bad = int((~np.isfinite(rewards)).sum())
-        raise WsgError(f"{path}: {bad} reward(s) are NaN/inf; rewards must be finite numbers (rerun `wsg rollouts`)")
+    rewards = _rewards(table, path)
     pids = table.column("prompt_id").to_pylist()
     uniq = {p: i for i, p in enumerate(dict.fromkeys(pids))}
     group_ids = np.array([uniq[p] for p in pids], dtype=np.int64)
-
-    # Truncate completions to train.max_seq_len; a row whose prompt leaves no
-    # room for one completion token (or with an empty prompt/completion) is dropped.
-    max_len = cfg.train.max_seq_len
-    keep = np.zeros(len(prompts), dtype=bool)
-    seqs, n_prompt, n_trunc = [], np.zeros(len(prompts), dtype=np.int32), 0
-    for i, (p, c) in enumerate(zip(prompts, comps)):
-        room = max_len - len(p)
-        if room < 1 or not c or not p:
-            seqs.append([])
-            continue
-        n_trunc += len(c) > room
-        seqs.append(list(p) + list(c[:room]))
-        n_prompt[i], keep[i] = len(p), True
-    if not keep.any():
-        raise WsgError(f"{path}: no rollout fits train.max_seq_len={max_len} with at least one completion "
-                       f"token (longest prompt: {max(map(len, prompts))} tokens); raise train.max_seq_len")
+    seqs, n_prompt, keep, n_trunc = _truncate(prompts, comps, cfg.train.max_seq_len, path)
 
     advantages = None
     if spec.advantage_fn is not None:
@@ -173,24 +154,58 @@ def build_train_set(cfg: ExperimentConfig, run: str, *, loss: str, tokenizer) ->
         items = _pair_items(run, table, keep)
         stats["pairs"] = int(len(items))
     else:
-        rows = np.flatnonzero(keep)
-        if spec.unit == "positive_sequences":
-            pos = is_positive(torch.from_numpy(rewards), hyper["positive_threshold"]).numpy()
-            n_pos_all = int(pos.sum())
-            rows = rows[pos[rows]]
-            if rows.size == 0:
-                raise WsgError(
-                    f"loss {loss}: {path} has no positive rollouts (reward ≥ {hyper['positive_threshold']}) "
-                    f"among {len(prompts)} rows ({n_pos_all} before dropping rows over train.max_seq_len); "
-                    "RFT trains only on positives: sample more (rollouts.k), use easier prompts, or raise "
-                    "train.max_seq_len")
-        items = rows.astype(np.int64)
+        items = _row_items(spec, loss, hyper, rewards, keep, path)
     lens = np.array([len(s) for s in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TrainSet(loss=loss, tokens=tokens, offsets=offsets, n_prompt=n_prompt, rewards=rewards,
                     group_ids=group_ids, items=items, pad_id=int(pad or 0), advantages=advantages, stats=stats)
+
+
+def _rewards(table, path: str) -> np.ndarray:
+    rewards = np.asarray(table.column("reward").to_numpy(zero_copy_only=False), dtype=np.float32)
+    if not np.isfinite(rewards).all():
+        bad = int((~np.isfinite(rewards)).sum())
+        raise WsgError(f"{path}: {bad} reward(s) are NaN/inf; rewards must be finite numbers (rerun `wsg rollouts`)")
+    return rewards
+
+
+def _truncate(prompts: list, comps: list, max_len: int, path: str) -> tuple[list, np.ndarray, np.ndarray, int]:
+    """(sequences, prompt lengths, kept rows, number truncated): completions
+    cut to train.max_seq_len; a row whose prompt leaves no room for one
+    completion token (or with an empty prompt/completion) is dropped."""
+    keep = np.zeros(len(prompts), dtype=bool)
+    seqs, n_prompt, n_trunc = [], np.zeros(len(prompts), dtype=np.int32), 0
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        room = max_len - len(p)
+        if room < 1 or not c or not p:
+            seqs.append([])
+            continue
+        n_trunc += len(c) > room
+        seqs.append(list(p) + list(c[:room]))
+        n_prompt[i], keep[i] = len(p), True
+    if not keep.any():
+        raise WsgError(f"{path}: no rollout fits train.max_seq_len={max_len} with at least one completion "
+                       f"token (longest prompt: {max(map(len, prompts))} tokens); raise train.max_seq_len")
+    return seqs, n_prompt, keep, n_trunc
+
+
+def _row_items(spec, loss: str, hyper: dict, rewards: np.ndarray, keep: np.ndarray, path: str) -> np.ndarray:
+    """The rows a per-sequence loss trains on: every kept row, or only the
+    positive ones for a loss on positive sequences (RFT)."""
+    rows = np.flatnonzero(keep)
+    if spec.unit == "positive_sequences":
+        pos = is_positive(torch.from_numpy(rewards), hyper["positive_threshold"]).numpy()
+        n_pos_all = int(pos.sum())
+        rows = rows[pos[rows]]
+        if rows.size == 0:
+            raise WsgError(
+                f"loss {loss}: {path} has no positive rollouts (reward ≥ {hyper['positive_threshold']}) "
+                f"among {len(keep)} rows ({n_pos_all} before dropping rows over train.max_seq_len); "
+                "RFT trains only on positives: sample more (rollouts.k), use easier prompts, or raise "
+                "train.max_seq_len")
+    return rows.astype(np.int64)
 
 
 def _pair_items(run: str, rollouts, keep: np.ndarray) -> np.ndarray:

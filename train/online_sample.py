@@ -210,22 +210,28 @@ def build_batch(
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
     items = np.flatnonzero(np.asarray(keep, dtype=bool)).astype(np.int64)
+    stats = _batch_stats(groups, items, rewards_a, task, lens, n_prompt, keep)
+    ts = TrainSet(loss=loss, tokens=tokens, offsets=offsets, n_prompt=np.asarray(n_prompt, dtype=np.int32),
+                  rewards=rewards_a, group_ids=gids_a, items=items, pad_id=int(pad_id), advantages=adv,
+                  stats=stats)
+    return OnlineBatch(ts=ts, behaviour=beh, stats=stats)
+
+
+def _batch_stats(groups: list[SampledGroup], items: np.ndarray, rewards: np.ndarray, task: list[float],
+                 lens: np.ndarray, n_prompt: list[int], keep: list[bool]) -> dict:
+    """A batch's sample counts, rewards and completion lengths (lens: per row, prompt + completion)."""
     comp_lens = lens - np.asarray(n_prompt, dtype=np.int64) if len(lens) else lens
     trunc_all = np.concatenate([g.truncated for g in groups]) if groups else np.zeros(0, dtype=bool)
-    stats = {
-        "samples": len(seqs),
+    return {
+        "samples": len(lens),
         "trained_samples": int(items.size),
-        "reward_mean": float(rewards_a.mean()) if len(rewards_a) else float("nan"),
+        "reward_mean": float(rewards.mean()) if len(rewards) else float("nan"),
         "task_reward_mean": float(np.mean(task)) if task else float("nan"),
         "response_len_mean": float(comp_lens.mean()) if len(comp_lens) else float("nan"),
         "response_len_max": int(comp_lens.max()) if len(comp_lens) else 0,
         "truncated_frac": float(trunc_all.mean()) if trunc_all.size else float("nan"),
         "overlong_filtered": int(sum(1 for k, t in zip(keep, trunc_all) if t and not k)),
     }
-    ts = TrainSet(loss=loss, tokens=tokens, offsets=offsets, n_prompt=np.asarray(n_prompt, dtype=np.int32),
-                  rewards=rewards_a, group_ids=gids_a, items=items, pad_id=int(pad_id), advantages=adv,
-                  stats=stats)
-    return OnlineBatch(ts=ts, behaviour=beh, stats=stats)
 
 
 def micro_batches(ob: OnlineBatch, *, per_device_batch: int) -> list[np.ndarray]:
