@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Protocol, Union
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -25,6 +22,15 @@ from pydantic import (
     model_validator,
 )
 
+from .config_base import Strict
+# The tracking schema lives in its own module; its types are imported from here too.
+from .config_tracking import (  # noqa: F401  (re-exported)
+    SQL_STORE_NEEDS,
+    MlflowCfg,
+    TrackingCfg,
+    WandbCfg,
+    mlflow_store_kind,
+)
 from .errors import ConfigError
 
 
@@ -50,11 +56,7 @@ def _known_losses(cat: LossCatalogue | None, names, where: str = "") -> None:
         raise ValueError(f"{where + ': ' if where else ''}unknown loss(es) {bad}; valid: {', '.join(valid)}")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelCfg(_Strict):
+class ModelCfg(Strict):
     # An alias (`smollm2-135m-instruct`, `tiny-qwen3`), an HF hub id or a local folder.
     name: str = "smollm2-135m-instruct"
     # Weights dtype for training; vLLM engines use `rollouts.dtype`.
@@ -67,7 +69,7 @@ class ModelCfg(_Strict):
 Source = Literal["synthetic", "deepscaler", "gsm8k", "aime", "jsonl", "parquet"]
 
 
-class _PromptSource(_Strict):
+class _PromptSource(Strict):
     """The fields a set of prompts is drawn by, for training and eval alike."""
 
     source: Source = "synthetic"
@@ -95,7 +97,7 @@ class EvalSetCfg(_PromptSource):
     seed: int = 1
 
 
-class EndpointCfg(_Strict):
+class EndpointCfg(Strict):
     """An OpenAI-compatible teacher (the seed's teacher is an API model)."""
 
     base_url: str
@@ -110,7 +112,7 @@ class EndpointCfg(_Strict):
     api: Literal["chat", "completions"] = "chat"
 
 
-class RolloutsCfg(_Strict):
+class RolloutsCfg(Strict):
     # "scripted": procedurally written solutions with a set error rate
     # (rollouts/scripted.py), for settings where the policy gets nothing right.
     backend: Literal["vllm", "openai", "scripted"] = "vllm"
@@ -144,7 +146,7 @@ class RolloutsCfg(_Strict):
         return self
 
 
-class LoraCfg(_Strict):
+class LoraCfg(Strict):
     r: int = Field(32, gt=0)
     alpha: float = Field(64, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -152,12 +154,12 @@ class LoraCfg(_Strict):
     use_rslora: bool = False
 
 
-class DeepSpeedCfg(_Strict):
+class DeepSpeedCfg(Strict):
     enabled: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
 
 
-class TrainCfg(_Strict):
+class TrainCfg(Strict):
     lora: LoraCfg = Field(default_factory=LoraCfg)
     effective_batch: int = Field(32, gt=0)
     per_device_batch: int = Field(8, gt=0)
@@ -208,7 +210,7 @@ class TrainCfg(_Strict):
         return self
 
 
-class LossCfg(_Strict):
+class LossCfg(Strict):
     """Per-loss settings: variant, keyword hyperparameters, LR rules."""
 
     variant: Optional[str] = None
@@ -226,7 +228,7 @@ class LossCfg(_Strict):
         return v
 
 
-class OnlineCfg(_Strict):
+class OnlineCfg(Strict):
     """On-policy cells (online_grpo / online_dapo), seed §3.4."""
 
     group_size: int = Field(8, gt=1, description="G samples per prompt from the current policy")
@@ -244,7 +246,7 @@ class OnlineCfg(_Strict):
     engine_gpus: float = Field(0.0, ge=0)
 
 
-class ExtraCell(_Strict):
+class ExtraCell(Strict):
     loss: str
     seed: int
     lr: float = Field(gt=0)
@@ -253,7 +255,7 @@ class ExtraCell(_Strict):
     data_seed: Optional[int] = None
 
 
-class ControlsCfg(_Strict):
+class ControlsCfg(Strict):
     """Cheap control cells that measure noise floors (docs/findings.md): for
     each control loss and each (seed, LR) of the grid, one cell per entry
     that differs from the grid cell in ONE factor only: the LoRA-init seed,
@@ -291,7 +293,7 @@ class ControlsCfg(_Strict):
         return bool(self.init_seeds or self.data_seeds or self.lr_factors or self.horizons)
 
 
-class GridCfg(_Strict):
+class GridCfg(Strict):
     # The seed paper's six offline methods (§2 Methods), in the registry's order.
     losses: list[str] = Field(default_factory=lambda: ["sft", "rft", "dft", "rift", "offline_grpo", "dpo"])
     seeds: list[int] = Field(default_factory=lambda: [42])
@@ -315,7 +317,7 @@ class GridCfg(_Strict):
         return v
 
 
-class ResourcesCfg(_Strict):
+class ResourcesCfg(Strict):
     # Upper bound on cells running at once; None = as many as resources allow.
     max_concurrent_cells: Optional[int] = Field(None, gt=0)
     ray_address: Optional[str] = None
@@ -325,12 +327,12 @@ class ResourcesCfg(_Strict):
     share_workers: bool = True
 
 
-class StorageCfg(_Strict):
+class StorageCfg(Strict):
     # Where runs go when `--run` is not given: <runs_root>/<name>-<hash8>.
     runs_root: str = "runs"
 
 
-class AnalysisCfg(_Strict):
+class AnalysisCfg(Strict):
     top_k: int = Field(10, gt=0)
     # Which checkpoints to analyse: "all", "last" or a list of steps.
     steps: Union[Literal["all", "last"], list[int]] = "all"
@@ -352,78 +354,7 @@ class AnalysisCfg(_Strict):
     eval_mode: Literal["auto", "lora", "merged"] = "auto"
 
 
-# Experiment trackers (docs/tracking.md; core/tracking.py drives them).
-# MLflow's SQL stores (sqlite:///…, postgresql://…) need these; wsg installs them
-# at its pins (pyproject.toml), mlflow-skinny alone does not.
-SQL_STORE_NEEDS = "pip install SQLAlchemy==2.1.9 alembic==1.20.1"
-_SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-
-
-def mlflow_store_kind(uri: str) -> str:
-    """"server" (http[s], databricks, …), "sql" (a database URI) or "file" (MLflow's file store)."""
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-    if scheme.split("+", 1)[0] in _SQL_SCHEMES:
-        return "sql"
-    return "file" if scheme in ("", "file") else "server"
-
-
-class MlflowCfg(_Strict):
-    # A tracking server (http://host:5000), MLflow's local SQLite store
-    # (sqlite:///<folder>/mlflow.db) or another MLflow tracking URI.
-    uri: str
-    # Experiment name; None = the config's `name`.
-    experiment: Optional[str] = None
-
-    @field_validator("uri")
-    @classmethod
-    def _uri(cls, v: str) -> str:
-        """Refuse at load a URI MLflow cannot use (it would only fail later, in a cell's log)."""
-        v = v.strip()
-        if not v:
-            raise ValueError("tracking.mlflow.uri is empty: give a store, e.g. sqlite:///runs/mlflow.db, or a "
-                             "server, e.g. http://127.0.0.1:5000")
-        kind = mlflow_store_kind(v)
-        if kind == "file":
-            raise ValueError(f"tracking.mlflow.uri {v!r} is MLflow's file store, which MLflow 3 refuses "
-                             "(maintenance mode): use its local SQLite store, sqlite:///<folder>/mlflow.db, or a "
-                             "tracking server, http://host:5000")
-        if kind != "sql":
-            return v
-        try:
-            import alembic  # noqa: F401
-            import sqlalchemy  # noqa: F401
-        except ImportError as err:
-            raise ValueError(f"tracking.mlflow.uri {v!r} is an SQL store, which needs SQLAlchemy and alembic "
-                             f"({err.name} is not installed): {SQL_STORE_NEEDS}") from None
-        if v.lower().startswith("sqlite:"):
-            path = v.split("://", 1)[1][1:]  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
-            if not path or path == ":memory:":
-                raise ValueError(f"tracking.mlflow.uri {v!r} is an in-memory SQLite store, which every process "
-                                 "(each cell) would see empty: give a file, sqlite:///<folder>/mlflow.db")
-            # Cells run in Ray workers whose working directory is not the caller's.
-            v = "sqlite:///" + os.path.abspath(os.path.expanduser(path))
-        return v
-
-
-class WandbCfg(_Strict):
-    project: str = Field(min_length=1)
-    mode: Literal["online", "offline"] = "online"
-    entity: Optional[str] = None
-
-
-class TrackingCfg(_Strict):
-    """`tracking:` of the experiment config; every tracker is off by default."""
-
-    mlflow: Optional[MlflowCfg] = None
-    tensorboard: bool = False
-    wandb: Optional[WandbCfg] = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.mlflow is not None or self.tensorboard or self.wandb is not None
-
-
-class ExperimentConfig(_Strict):
+class ExperimentConfig(Strict):
     name: str = "wsg"
     model: ModelCfg = Field(default_factory=ModelCfg)
     data: DataCfg = Field(default_factory=DataCfg)

@@ -27,7 +27,8 @@ import tempfile
 from dataclasses import dataclass
 
 from . import rundir
-from .config import MlflowCfg, TrackingCfg, config_hash, mlflow_store_kind
+from .config import config_hash
+from .config_tracking import MlflowCfg, TrackingCfg, mlflow_store_kind
 from .teacher import teacher_identity
 from .trackers import (
     Mlflow,
