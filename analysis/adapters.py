@@ -136,7 +136,7 @@ def _select_steps(steps: list[int], rule) -> list[int]:
     return [s for s in steps if s in set(rule)]
 
 
-def list_adapters(cfg, run: str, *, models: bool = False) -> list[Adapter]:
+def list_adapters(cfg, run: str | RunLayout, *, models: bool = False) -> list[Adapter]:
     """Every analysed adapter of the run, cells sorted by id then step, then
     extras. models=True: only the checkpoints the model-level analyses serve
     (`analysis.model_steps`, a subset of `analysis.steps`: eval and the

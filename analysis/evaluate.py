@@ -136,12 +136,12 @@ def _fingerprint(cfg, adapter: Adapter | None) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def model_cache_path(run: str, name: str) -> str:
+def model_cache_path(run: str | RunLayout, name: str) -> str:
     return RunLayout.of(run).eval_model(name)
 
 
-def _cached(run: str, name: str, fingerprint: str) -> pa.Table | None:
-    path = model_cache_path(run, name)
+def _cached(layout: RunLayout, name: str, fingerprint: str) -> pa.Table | None:
+    path = layout.eval_model(name)
     if not rundir.exists(path):
         return None
     t = rundir.read_table(path)
@@ -216,25 +216,25 @@ def _cards_with_accuracy(adapters: list[Adapter], acc: pa.Table) -> None:
             add_accuracy(a.uri, by[a.name])
 
 
-def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
+def run_eval(cfg, run: str | RunLayout, *, progress: bool = True) -> dict:
     """Stage entry: evaluate the base and every analysed adapter (cached per
     model), then write predictions, accuracy and McNemar tables."""
-    adapters = list_adapters(cfg, run, models=True)
+    layout = RunLayout.of(run)
+    adapters = list_adapters(cfg, layout, models=True)
     if len(set(es.name for es in cfg.analysis.eval_sets)) != len(cfg.analysis.eval_sets):
         raise WsgError("analysis.eval_sets: set names repeat; give every set a distinct name")
     models = [(BASE, None)] + [(a.name, a) for a in adapters]
     fps = {n: _fingerprint(cfg, a) for n, a in models}
-    tables = {n: t for n, _ in models if (t := _cached(run, n, fps[n])) is not None}
+    tables = {n: t for n, _ in models if (t := _cached(layout, n, fps[n])) is not None}
     todo = [(n, a) for n, a in models if n not in tables]
     if progress:
         console.say(f"  [eval] {len(models)} models ({len(tables)} cached), {len(cfg.analysis.eval_sets)} "
                     "eval set(s)")
     mode, n_engines = None, 0
     if todo:
-        mode, n_engines = _evaluate(cfg, run, adapters, todo, fps, tables, progress=progress)
+        mode, n_engines = _evaluate(cfg, layout, adapters, todo, fps, tables, progress=progress)
     preds = pa.concat_tables([tables[n].replace_schema_metadata(None) for n, _ in models])
     acc, mc = accuracy_table(preds), mcnemar_table(preds)
-    layout = RunLayout.of(run)
     rundir.write_table(layout.eval_table("predictions"), preds)
     rundir.write_table(layout.eval_table("accuracy"), acc)
     rundir.write_table(layout.eval_table("mcnemar"), mc)
@@ -244,7 +244,7 @@ def run_eval(cfg, run: str, *, progress: bool = True) -> dict:
             "items": preds.num_rows, "pairs": mc.num_rows}
 
 
-def _evaluate(cfg, run: str, adapters: list[Adapter], todo: list, fps: dict, tables: dict, *,
+def _evaluate(cfg, layout: RunLayout, adapters: list[Adapter], todo: list, fps: dict, tables: dict, *,
               progress: bool) -> tuple[str, int]:
     """Evaluate the `todo` models on a pool of engines, each table written to
     its cache as it finishes and added to `tables`; (adapter mode, engines)."""
@@ -261,7 +261,7 @@ def _evaluate(cfg, run: str, adapters: list[Adapter], todo: list, fps: dict, tab
         # Reward tasks must be schedulable while the engines hold their
         # CPUs (a pool filling the box would otherwise wait forever).
         spare = ray.cluster_resources().get("CPU", 0) - len(engines) * cfg.rollouts.cpus_per_engine
-        _serve_all(cfg, run, engines, todo, names=[a.name for a in adapters], mode=mode, sets=sets,
+        _serve_all(cfg, layout, engines, todo, names=[a.name for a in adapters], mode=mode, sets=sets,
                    reward_cpus=1.0 if spare >= 1 else 0.0, fps=fps, tables=tables, progress=progress)
         return mode, len(engines)
     finally:
@@ -271,7 +271,7 @@ def _evaluate(cfg, run: str, adapters: list[Adapter], todo: list, fps: dict, tab
             ray.shutdown()
 
 
-def _serve_all(cfg, run: str, engines: list, todo: list, *, names: list[str], mode: str, sets: list,
+def _serve_all(cfg, layout: RunLayout, engines: list, todo: list, *, names: list[str], mode: str, sets: list,
                reward_cpus: float, fps: dict, tables: dict, progress: bool) -> None:
     """Every `todo` model evaluated on one of the engines (lora_id: its index
     in `names` + 1), its table cached and added to `tables`."""
@@ -296,7 +296,7 @@ def _serve_all(cfg, run: str, engines: list, todo: list, *, names: list[str], mo
                     queue.clear()  # the other engines stop after their current model
                 raise
             table = table.replace_schema_metadata({"fingerprint": fps[name]})
-            rundir.write_table(model_cache_path(run, name), table)  # a kill keeps finished models
+            rundir.write_table(layout.eval_model(name), table)  # a kill keeps finished models
             with lock:
                 tables[name] = table
             acc = sum(table.column("correct").to_pylist()) / max(1, table.num_rows)

@@ -90,7 +90,7 @@ def _read(path: str) -> Optional[pa.Table]:
     return rundir.read_table(path) if rundir.exists(path) else None
 
 
-def run_findings(cfg, run: str) -> dict:
+def run_findings(cfg, run: str | RunLayout) -> dict:
     """Read the run's geometry, eval and functional tables; write
     geometry/noise_floors, geometry/convergence and geometry/claims (.parquet);
     return a summary. Needs geometry/global_pairs and adapter_modules; the
@@ -117,7 +117,7 @@ def run_findings(cfg, run: str) -> dict:
     claims = claims_table(tables, reference_loss=cfg.analysis.reference_loss,
                             lr_scales={x: cfg.loss_cfg(x).lr_scale for x in losses})
     # The claims' context: who wrote the rollouts and what they are like.
-    teacher = read_teacher_profile(cfg, run)
+    teacher = read_teacher_profile(cfg, lay)
     md = _metadata(config_hash(cfg), {"wsg.claims_rule": RULE, "wsg.teacher": teacher})
     out = {"noise_floors": floors, "convergence": conv, "claims": claims}
     for name, table in out.items():

@@ -90,8 +90,11 @@ class RunLayout:
     root: str
 
     @classmethod
-    def of(cls, run: str) -> "RunLayout":
-        return cls(rundir.canonical(run))
+    def of(cls, run: "str | RunLayout") -> "RunLayout":
+        """The layout of a run folder (a local path made absolute), or `run`
+        itself when it is a layout already: a stage handed the pipeline's
+        layout builds no other."""
+        return run if isinstance(run, RunLayout) else cls(rundir.canonical(run))
 
     def _p(self, *parts: str) -> str:
         return rundir.join(self.root, *parts)

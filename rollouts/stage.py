@@ -92,23 +92,19 @@ def _log(progress: bool, msg: str) -> None:
         say(f"  [rollouts] {msg}")
 
 
-def _shard_path(run: str, i: int) -> str:
-    return RunLayout.of(run).rollout_shard(i)
-
-
-def _existing_shard(run: str, i: int, spec: str, ids: list[str]) -> bool:
-    path = _shard_path(run, i)
+def _existing_shard(layout: RunLayout, i: int, spec: str, ids: list[str]) -> bool:
+    path = layout.rollout_shard(i)
     if not rundir.exists(path):
         return False
     t = rundir.read_table(path, columns=["prompt_id"])
     meta = {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items()}
     if meta.get("spec_hash") != spec:
         raise WsgError(f"{path} was written with other rollout settings (spec {meta.get('spec_hash')} "
-                       f"!= {spec}); use a new --run folder, or delete {RunLayout.of(run).rollouts_dir} "
+                       f"!= {spec}); use a new --run folder, or delete {layout.rollouts_dir} "
                        "to resample")
     if sorted(set(t.column("prompt_id").to_pylist())) != sorted(ids):
         raise WsgError(f"{path} holds other prompts than this config selects (did the data file "
-                       f"change?); delete {RunLayout.of(run).rollouts_dir} to resample")
+                       f"change?); delete {layout.rollouts_dir} to resample")
     return True
 
 
@@ -151,7 +147,7 @@ class SamplingJob:
     the samples and writes the shard; it returns its own summary fields."""
 
     cfg: Any
-    run: str
+    layout: RunLayout
     spec: str                   # the sampling spec hash every shard records
     shards: list                # list[list[Problem]]
     pending: list[int]          # indices of the shards to sample
@@ -166,7 +162,7 @@ class SamplingJob:
         rewards, rstats = score_many(comps, golds, timeout_s=cfg.rollouts.reward_timeout_s,
                                      num_cpus=stats.reward_cpus)
         rows = _rows_for_shard(cfg, problems, texts, results, rewards)
-        rundir.write_table(_shard_path(self.run, i), schema.rollouts_table(
+        rundir.write_table(self.layout.rollout_shard(i), schema.rollouts_table(
             rows, {"spec_hash": self.spec, "shard": i, "n_shards": len(self.shards)}))
         stats.tokens += sum(r["n_completion_tokens"] for r in rows)
         stats.samples += len(rows)
@@ -277,7 +273,7 @@ BACKENDS = {"vllm": _run_vllm, "openai": _run_openai, "scripted": _run_scripted}
 
 
 # ---------------------------------------------------------------------- stage
-def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
+def run_rollouts(cfg, run: str | RunLayout, *, progress: bool = True) -> dict:
     """Run (or resume, or skip) the rollouts stage of `run`; returns a summary:
     n_prompts, n_samples, reward_mean, frac_prompts_mixed, n_pairs, tok_s,
     skipped, and details (load report, engines, timings)."""
@@ -291,7 +287,7 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
     problems, report = load_problems_with_report(cfg.data)
     size = cfg.rollouts.shard_size
     shards = [problems[a:a + size] for a in range(0, len(problems), size)]
-    pending = [i for i, sh in enumerate(shards) if not _existing_shard(run, i, spec, [p.id for p in sh])]
+    pending = [i for i, sh in enumerate(shards) if not _existing_shard(layout, i, spec, [p.id for p in sh])]
     _log(progress, f"{len(problems)} prompts in {len(shards)} shard(s), {len(pending)} to sample "
                    f"(K={cfg.rollouts.k}, T={cfg.rollouts.temperature}, teacher {teacher_name(cfg)})")
 
@@ -301,14 +297,14 @@ def run_rollouts(cfg, run: str, *, progress: bool = True) -> dict:
 
         resolve_model(teacher_name(cfg), trust_remote_code=cfg.model.trust_remote_code)
 
-    job = SamplingJob(cfg=cfg, run=run, spec=spec, shards=shards, pending=pending, progress=progress,
+    job = SamplingJob(cfg=cfg, layout=layout, spec=spec, shards=shards, pending=pending, progress=progress,
                       model=teacher_name(cfg))
     t0 = time.perf_counter()
     with session(cfg.resources.ray_address, log_to_driver=progress):
         extra: dict = {"n_engines": 0}
         if pending:
             extra = BACKENDS[cfg.rollouts.backend](job)
-    return _finish(job, layout, report, extra, t0)
+    return _finish(job, report, extra, t0)
 
 
 def _completed(layout: RunLayout, spec: str, progress: bool) -> dict | None:
@@ -326,15 +322,15 @@ def _completed(layout: RunLayout, spec: str, progress: bool) -> dict | None:
     return None
 
 
-def _finish(job: SamplingJob, layout: RunLayout, report, extra: dict, t0: float) -> dict:
+def _finish(job: SamplingJob, report, extra: dict, t0: float) -> dict:
     """Join the shards into the final rollouts and pairs tables, then mark
     the stage complete with its summary."""
     import pyarrow as pa
 
-    cfg, spec, stats = job.cfg, job.spec, job.stats
+    cfg, spec, stats, layout = job.cfg, job.spec, job.stats, job.layout
     final_r, final_p = layout.rollouts, layout.pairs
     gen_s = (stats.t_last - stats.t_first) if stats.t_first and stats.t_last else 0.0
-    tables = [rundir.read_table(_shard_path(job.run, i)) for i in range(len(job.shards))]
+    tables = [rundir.read_table(layout.rollout_shard(i)) for i in range(len(job.shards))]
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
     rows = table.to_pylist()
     pairs = schema.make_pairs(rows, max_pairs_per_prompt=cfg.rollouts.max_pairs_per_prompt)

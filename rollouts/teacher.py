@@ -65,7 +65,7 @@ def teacher_profile(cfg, rows: Sequence[dict]) -> dict:
             "teacher_frac_prompts_mixed": s["frac_prompts_mixed"], **text_variety(rows)}
 
 
-def read_teacher_profile(cfg, run: str) -> Optional[dict]:
+def read_teacher_profile(cfg, run: str | RunLayout) -> Optional[dict]:
     """The profile of a run's finished rollouts: from the stage's summary, or
     computed from rollouts.parquet for runs written before it was recorded;
     None when the rollouts are not there."""

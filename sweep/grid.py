@@ -144,12 +144,12 @@ def _trial(cfg: ExperimentConfig, layout: RunLayout, key: CellKey, prepared: Pre
     tune.report({"done": 1, "skipped": int(bool((summary or {}).get("skipped", False)))})
 
 
-def _tune_storage(run: str) -> str:
-    path = RunLayout.of(run).tune_dir
+def _tune_storage(layout: RunLayout) -> str:
+    path = layout.tune_dir
     return path if not rundir.is_local(path) else rundir.resolve(path)[1]
 
 
-def run_grid(cfg: ExperimentConfig, run: str) -> dict:
+def run_grid(cfg: ExperimentConfig, run: str | RunLayout) -> dict:
     """Run every incomplete cell; returns counts. Raises if any cell failed."""
     layout = RunLayout.of(run)
     cells = plan_cells(cfg)
@@ -168,14 +168,14 @@ def run_grid(cfg: ExperimentConfig, run: str) -> dict:
             prepared[c.loss] = prepare(cfg, layout.root, c)
     # The tracked runs the cells file under, made here once (core/tracking.py).
     tracking.open_groups(cfg, run=layout.root, groups=sorted({c.loss for c in todo}))
-    tuner = _tuner(cfg, run, layout, cells, todo, prepared)
+    tuner = _tuner(cfg, layout, cells, todo, prepared)
     results = _fit(tuner, layout, todo)
     _raise_failed(layout, cells)
     n_err = sum(1 for r in results if r.error is not None)
     return {"cells": len(cells), "trained": len(todo), "failed": 0, "trial_errors": n_err}
 
 
-def _tuner(cfg: ExperimentConfig, run: str, layout: RunLayout, cells: list[CellKey], todo: list[CellKey],
+def _tuner(cfg: ExperimentConfig, layout: RunLayout, cells: list[CellKey], todo: list[CellKey],
            prepared: dict[str, Prepared]):
     """The Tune experiment over every cell (a complete cell's trial returns at once)."""
     from ray import tune
@@ -193,8 +193,8 @@ def _tuner(cfg: ExperimentConfig, run: str, layout: RunLayout, cells: list[CellK
     driver = trial_driver_resources() if not all(shared(cfg, c) for c in todo) else None
     trainable = tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory(
         [trial_resources(cfg, CellKey(**config["cell"]), driver)]))
-    storage, name = _tune_storage(run), "grid"
-    exp = os.path.join(storage, name) if rundir.is_local(run) else rundir.join(storage, name)
+    storage, name = _tune_storage(layout), "grid"
+    exp = os.path.join(storage, name) if rundir.is_local(layout.root) else rundir.join(storage, name)
     # A shared worker's cell has no Ray Train retries: Tune's are its train.max_failures.
     retries = cfg.train.max_failures if any(shared(cfg, c) for c in todo) else 1
     run_config = tune.RunConfig(name=name, storage_path=storage,

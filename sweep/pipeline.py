@@ -47,7 +47,7 @@ def prepare_run(cfg: ExperimentConfig, run: str | None) -> str:
     layout = RunLayout.of(run or default_run_dir(cfg))
     run, cpath, h = layout.root, layout.config, config_hash(cfg)
     if rundir.exists(cpath):
-        old = stored_config_hash(run)
+        old = stored_config_hash(layout)
         if old != h:
             raise WsgError(f"{run} already holds a run with config hash {old}, but this config hashes to {h}; "
                            "pass a new --run, or rerun with the config in that run's config.yaml")
@@ -57,7 +57,7 @@ def prepare_run(cfg: ExperimentConfig, run: str | None) -> str:
     return run
 
 
-def stored_config_hash(run: str) -> str | None:
+def stored_config_hash(run: str | RunLayout) -> str | None:
     """The hash in the first line of `<run>/config.yaml` (dump_config writes it)."""
     first = rundir.read_text(RunLayout.of(run).config).splitlines()[0]
     return first.rsplit(" ", 1)[-1] if first.startswith("# wsg resolved config") else None
@@ -103,7 +103,8 @@ def stage_geometry(cfg: ExperimentConfig, run: str, extra: dict[str, str] | None
     """Geometry of every adapter of the run (+ extra ones), with each cell's
     identity in the tables; then, in the run's own geometry folder, the
     findings: noise floors, convergence, the seed paper's claims."""
-    found = list_adapters(cfg, run)
+    layout = RunLayout.of(run)
+    found = list_adapters(cfg, layout)
     adapters = {a.name: a.path for a in found}
     for k, v in (extra or {}).items():
         if k in adapters:
@@ -111,12 +112,12 @@ def stage_geometry(cfg: ExperimentConfig, run: str, extra: dict[str, str] | None
         adapters[k] = v
     if len(adapters) < 1:
         raise WsgError(f"{run} has no complete adapters yet; run the grid first (`wsg run`)")
-    tables = run_geometry(adapters, out or RunLayout.of(run).geometry_dir, top_k=top_k or cfg.analysis.top_k,
+    tables = run_geometry(adapters, out or layout.geometry_dir, top_k=top_k or cfg.analysis.top_k,
                           config_hash=config_hash(cfg), cells=adapter_refs(found),
-                          where={a.name: RunLayout.of(run).relative(a.uri) for a in found})
+                          where={a.name: layout.relative(a.uri) for a in found})
     summary = {"adapters": len(adapters), "tables": {k: t.num_rows for k, t in tables.items()}}
     if out is None:
-        summary["findings"] = run_findings(cfg, run)
+        summary["findings"] = run_findings(cfg, layout)
     return summary
 
 
@@ -154,11 +155,11 @@ def load_config_or_run(path: str | None, run: str) -> ExperimentConfig:
 
 
 # --- the whole pipeline --------------------------------------------------------
-def open_console(run: str, *, verbose: bool = False) -> RunConsole:
+def open_console(run: str | RunLayout, *, verbose: bool = False) -> RunConsole:
     """Third-party output to `<run>/logs/wsg.log` (uploaded there at the end
     for an object-store run) unless `verbose`."""
     layout = RunLayout.of(run)
-    if rundir.is_local(run):
+    if rundir.is_local(layout.root):
         return RunConsole(rundir.resolve(layout.logs)[1], verbose=verbose)
     return RunConsole(None, verbose=verbose, upload_to=layout.logs)
 
@@ -194,7 +195,7 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
     layout = RunLayout(run)
     with contextlib.ExitStack() as stack:
         stack.enter_context(RunLock(run))  # one writer: a second `wsg run` here exits 2 naming this one
-        con = stack.enter_context(open_console(run, verbose=verbose))
+        con = stack.enter_context(open_console(layout, verbose=verbose))
         say(f"wsg: run directory {run} (config hash {config_hash(cfg)})")
         if con.log_path:
             say(f"wsg: third-party output (Ray, vLLM, transformers) goes to {layout.logs}/wsg.log; "
@@ -204,10 +205,13 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
         if (url := dashboard_url()):
             say(f"wsg: Ray dashboard at http://{url}")
         t0 = time.time()
+        # The stages that take the run's layout get this one; the functional
+        # stage (its units carry the run folder to Ray workers) and geometry
+        # (its messages name the run as given) take the folder.
         steps = [
-            ("rollouts", lambda: run_rollouts(cfg, run)),
-            ("grid", lambda: run_grid(cfg, run)),
-            ("eval", lambda: run_eval(cfg, run)),
+            ("rollouts", lambda: run_rollouts(cfg, layout)),
+            ("grid", lambda: run_grid(cfg, layout)),
+            ("eval", lambda: run_eval(cfg, layout)),
             ("functional", lambda: run_functional(cfg, run)),
             ("geometry", lambda: stage_geometry(cfg, run)),
         ]
@@ -228,7 +232,7 @@ def run_all(cfg: ExperimentConfig, run: str | None, *, address: str | None = Non
         path = build_report(run)
         if cfg.tracking.enabled:
             took = tracking.track_run(
-                cfg.tracking, experiment=cfg.name, run=layout.root, params=tracking.run_params(cfg, read_teacher_profile(cfg, run)),
+                cfg.tracking, experiment=cfg.name, run=layout.root, params=tracking.run_params(cfg, read_teacher_profile(cfg, layout)),
                 artifacts={"accuracy.parquet": layout.eval_table("accuracy"),
                            "global_pairs.parquet": layout.geometry_table("global_pairs"),
                            "claims.parquet": layout.geometry_table("claims"), "report": layout.report_dir},

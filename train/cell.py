@@ -132,7 +132,7 @@ def run_cell(cfg: ExperimentConfig, run: str | RunLayout, key: CellKey, *, resum
     import ray
 
     t0 = time.time()
-    layout = run if isinstance(run, RunLayout) else RunLayout.of(run)  # local runs made absolute
+    layout = RunLayout.of(run)  # local runs made absolute
     cfg = cfg.for_horizon(key.horizon)
     cl = layout.cell(key.id)
     if integrity.revoke(cl.root, f"cell {key.id}", run=layout.root):
