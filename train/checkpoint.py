@@ -37,6 +37,22 @@ def export_adapter(trainer, local_dir: str, *, rank: int) -> None:
     with trainer.gathered():
         if rank == 0:
             trainer.policy.save_pretrained(local_dir, safe_serialization=True)
+            _sort_module_sets(os.path.join(local_dir, "adapter_config.json"))
+
+
+def _sort_module_sets(path: str) -> None:
+    """peft keeps target_modules (and exclude_modules) as a set and writes it
+    as a list in the set's order, which follows the process's string-hash
+    seed: two runs would write one adapter with different config bytes (and
+    so different content hashes, eval fingerprints and geometry pair order).
+    Sorted, the file is the same in every process."""
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True))  # as peft writes it
 
 
 def publish_adapter(trainer, dest: str, *, rank: int, card=None, root: str | None = None) -> str:

@@ -2,31 +2,26 @@
 
 - a worker crash injected at step k: the cell resumes from its last
   checkpoint and ends with the adapter of an uninterrupted run;
-- SIGKILL of `wsg run` mid-grid, then the same command: finished cells are
-  untouched, the rest resume, the run completes;
 - a node removed mid-run (`ray.cluster_utils.Cluster`): the run completes;
 - nothing (placement groups, actors) is left behind after a grid.
+
+SIGKILL of `wsg run` (mid-grid and in every other stage), then the same
+command: tests/sweep/test_random_kills.py.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 from train_fixtures import tiny_cfg, write_run
 from wsg.core import rundir
 from wsg.core.cells import CellKey
 from wsg.core.layout import RunLayout
 from wsg.sweep.config import parse_config
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -69,78 +64,6 @@ def test_worker_crash_resumes_to_the_uninterrupted_adapter(tmp_path, tokenizer, 
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     # and training did move the adapter (the comparison is not vacuous)
     assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 0
-
-
-def _tree_digest(folder: str) -> dict[str, tuple[float, str]]:
-    """Every file of a finished cell but the adapters' model cards, which the
-    eval stage completes with the measured accuracy (core/adapter_card.py)."""
-    out = {}
-    for dirpath, _, files in os.walk(folder):
-        for f in files:
-            if f == "README.md":
-                continue
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, folder)] = (os.stat(p).st_mtime_ns, hashlib.sha256(Path(p).read_bytes()).hexdigest())
-    return out
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        parent = psutil.Process(proc.pid)
-        kids = parent.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for p in [parent, *kids]:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-    psutil.wait_procs(kids, timeout=30)
-
-
-def test_sigkill_of_wsg_run_then_rerun_completes(tmp_path):
-    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    cfg["grid"]["losses"] = ["sft", "rft", "dft", "dpo"]
-    cfg["train"]["max_steps"] = 6
-    cfg["train"]["checkpoint_steps"] = [2, 4, 6]
-    cpath = tmp_path / "tiny4.yaml"
-    cpath.write_text(yaml.safe_dump(cfg))
-    run = str(tmp_path / "run")
-    # a relative --run from another working directory: Tune trials chdir, so
-    # the CLI must hand every stage an absolute path
-    cmd = [sys.executable, "-m", "wsg.sweep.cli", "run", str(cpath), "--run", "run"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    cells = Path(run) / "cells"
-    deadline = time.time() + 900
-    done: list[str] = []
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            done = [c.name for c in cells.glob("*") if (c / rundir.COMPLETE_MARKER).exists()] if cells.exists() else []
-            if done:
-                break
-            time.sleep(1)
-        assert proc.poll() is None, f"wsg run ended before the kill: {(tmp_path / 'first.log').read_text()[-3000:]}"
-        assert done, "no cell completed in time"
-    finally:
-        _kill_tree(proc)
-    assert len(done) < 4, "the kill came after the whole grid finished"
-    before = {c: _tree_digest(str(cells / c)) for c in done}
-
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for c, digest in before.items():
-        after = _tree_digest(str(cells / c))
-        assert {k: v for k, v in after.items() if k in digest} == digest, f"finished cell {c} was rewritten"
-    complete = sorted(c.name for c in cells.glob("*") if (c / rundir.COMPLETE_MARKER).exists())
-    assert len(complete) == 4
-    assert (Path(run) / "report" / "index.html").exists()
-    assert (Path(run) / "geometry" / "global_pairs.parquet").exists()
 
 
 def test_node_removed_mid_run_the_grid_completes(tmp_path, tokenizer):

@@ -1,11 +1,15 @@
 """`wsg study` (sweep/study.py): the study section, one config per value, the
-finished-run check, and the combined claims table read back with pandas and
-duckdb."""
+finished-run check, the combined claims table read back with pandas and
+duckdb, and a study SIGKILLed mid-way and rerun (issue 24)."""
 import json
+import random
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import yaml
+from _kill import Wsg, tree_digest
 from wsg.analysis.findings_run import claims_table
 from wsg.core import rundir
 from wsg.core.config import config_hash, dump_config
@@ -173,3 +177,79 @@ def test_open_study_on_an_object_store(tmp_path, s3_bucket):
     for label, run in st.runs.items():
         assert run.path == f"{sdir}/{label}"
         assert (run.claims["claim"] == st.claims.loc[st.claims["run"] == label, "claim"].values).all()
+
+
+
+def _study_files(study: Path, labels) -> dict[str, bytes]:
+    """What a study leaves to compare: <study>/claims.parquet and its two
+    figures, and per run its config, its adapters (weights and config) and
+    its claims table."""
+    out = {n: (study / n).read_bytes() for n in ("claims.parquet", "claims.png", "claims_forest.png")}
+    for label in labels:
+        run = study / label
+        for p in [run / "config.yaml", *run.glob("cells/*/step_*/adapter_*"), run / "geometry" / "claims.parquet"]:
+            out[str(p.relative_to(study))] = p.read_bytes()
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_study_skips_its_finished_run_and_ends_with_the_same_tables(tmp_path):
+    """Two scripted teachers on tiny with two offline losses (sft, dpo: every
+    stage runs, and the claims compare two losses). `wsg study` is SIGKILLed
+    whole (tests/_kill.py: its process, tree and session, by pid) at a seeded
+    random moment of its second run's grid, after its first run finished,
+    and rerun: the rerun says the first run is complete and skips it (its
+    folder keeps every file's mtime and bytes), and the study ends with the
+    claims.parquet (and figures) of an uninterrupted study, and each run's
+    adapters and claims table, byte for byte.
+
+    The uninterrupted study is made, to save CI time (one run, ~1 min, of
+    ~4 min), from the first run itself (never interrupted: it finished
+    before the kill and was not written again) and an uninterrupted `wsg run`
+    of the second value's config (a study run's config and hash are those
+    `wsg run` gives it), combined by `combine`, the study's own last step."""
+    import shutil
+
+    from wsg.core.config import dump_config
+
+    cpath = Path(_study_yaml(tmp_path, values=VALUES[:2]))
+    cfg = yaml.safe_load(cpath.read_text())
+    cfg["grid"]["losses"] = ["sft", "dpo"]
+    cpath.write_text(yaml.safe_dump(cfg))
+    study_cfg, runs = load_study(str(cpath))
+    labels = [v.label for v, _ in runs]
+    (tmp_path / "second.yaml").write_text(dump_config(runs[1][1]))
+
+    ref = Wsg("run", "second.yaml", "--run", f"ref/{labels[1]}", cwd=tmp_path, log=tmp_path / "ref.log")
+    assert ref.wait(timeout=1200) == 0, ref.text[-3000:]
+    grid_s = ref.at(ref.find(r"^wsg: \[grid\] done in")) - ref.at(ref.find(r"^wsg: \[grid\] starting"))
+
+    delay = random.Random(24).uniform(0.05, 0.75) * grid_s
+    w = Wsg("study", str(cpath), "--study", "s", cwd=tmp_path, log=tmp_path / "killed.log")
+    try:
+        i = w.wait_for(r"^wsg study: \[2/2\]", timeout=900)
+        w.wait_for(r"^wsg: \[grid\] starting", timeout=600, start=i)
+        time.sleep(delay)
+        assert w.proc.poll() is None, f"wsg study ended before the kill:\n{w.text[-3000:]}"
+    finally:
+        w.kill()
+    left = w.leftovers()
+    w.end_leftovers()
+    assert not left, f"processes of the killed study still run: {[p.pid for p in left]}"
+    study = tmp_path / "s"
+    assert finished(str(study / labels[0])) and not finished(str(study / labels[1]))
+    assert not rundir.is_complete(str(study / labels[1] / "stages" / "grid")), "the kill came after the grid"
+    assert not (study / "claims.parquet").exists()
+    before = tree_digest(str(study / labels[0]))
+
+    again = Wsg("study", str(cpath), "--study", "s", cwd=tmp_path, log=tmp_path / "rerun.log")
+    assert again.wait(timeout=1200) == 0, again.text[-3000:]
+    assert again.find(rf"^wsg study: \[1/2\] teacher = {labels[0]}: complete, skipped$") is not None, again.text
+    assert again.find(rf"^wsg study: \[2/2\] teacher = {labels[1]} -> ") is not None, again.text
+    assert tree_digest(str(study / labels[0])) == before, "the finished run was written again"
+
+    shutil.copytree(study / labels[0], tmp_path / "ref" / labels[0])
+    assert combine(str(tmp_path / "ref"), study_cfg, runs) is not None
+    want, got = _study_files(tmp_path / "ref", labels), _study_files(study, labels)
+    assert sorted(got) == sorted(want) and sum(k.endswith(".safetensors") for k in want) == 2 * 2 * 2
+    assert [k for k in want if got[k] != want[k]] == []

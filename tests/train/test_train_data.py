@@ -286,3 +286,38 @@ def test_metrics_table_has_a_column_per_metric():
     df = t.to_pandas()
     assert df.step.tolist() == [1, 2] and df.loss.tolist() == [2.0, 1.5]
     assert pd.isna(df.loss_x[0]) and df.loss_x[1] == 0.5
+
+
+_EXPORT = """
+import contextlib, os, sys, tempfile, types
+from wsg.core.config import LoraCfg
+from wsg.core.models import load_causal_lm
+from wsg.train.checkpoint import export_adapter
+from wsg.train.steps import attach_lora
+policy = attach_lora(load_causal_lm("tiny-qwen3"), LoraCfg(r=4, alpha=8), seed=0)
+with tempfile.TemporaryDirectory() as d:
+    export_adapter(types.SimpleNamespace(policy=policy, gathered=contextlib.nullcontext), d, rank=0)
+    sys.stdout.write(",".join(policy.peft_config["default"].target_modules) + "\\n")
+    sys.stdout.write(open(os.path.join(d, "adapter_config.json")).read())
+"""
+
+
+def test_adapter_config_bytes_do_not_depend_on_the_hash_seed():
+    """peft keeps target_modules as a set, in an order that follows the
+    process's string-hash seed; the exported adapter_config.json lists them
+    sorted, so one adapter has the same bytes (content hash, eval fingerprint,
+    geometry pair order) in every process."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for seed in ("0", "1"):  # two seeds whose set orders differ
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", _EXPORT], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        order, config = out.stdout.split("\n", 1)
+        outs.append((order, config))
+    assert outs[0][0] != outs[1][0]  # peft's own order did differ
+    assert outs[0][1] == outs[1][1]
+    assert '"target_modules": [\n    "k_proj",\n    "o_proj",\n    "q_proj",\n    "v_proj"\n  ]' in outs[0][1]
