@@ -17,9 +17,11 @@ own controls):
   same update, so the full one is not just frozen mid-flight.
 
 Direction claims (cosines, angles, orthogonal fractions, u1/v1) need both
-checks on direction; norm claims (norm ratios) need the two controls' ‖ΔW‖ within
-NORM_MAX_DEV of their reference's; claims about the model's function (accuracy,
-LMC, CKA) need both. A missing control makes a claim unsettled, with the
+checks on direction; norm claims (norm ratios) need the data-order control's
+‖ΔW‖ within NORM_MAX_DEV of its reference's (the horizon control's norm is
+reported, not required: under Adam the norm follows the schedule's cumulative
+LR even once the loss is flat, so a shorter schedule always ends ~20% shorter);
+claims about the model's function (accuracy, LMC, CKA) need both. A missing control makes a claim unsettled, with the
 note naming the `grid.controls` entry to add.
 """
 from __future__ import annotations
@@ -36,8 +38,8 @@ NORM_MAX_DEV = 0.10     # | ‖ΔW_control‖ / ‖ΔW_reference‖ − 1 |
 KINDS = ("direction", "norm", "function")
 RULE = (f"settled iff, per loss the claim reads (or the reference loss), the data-order control agrees with its "
         f"reference at the claim's step (cos >= {ORDER_MIN_COS}) and the horizon control's final ΔW matches the "
-        f"reference's (cos >= {HORIZON_MIN_COS}); norm claims: both controls' norms within {NORM_MAX_DEV:.0%}; "
-        "function claims: both")
+        f"reference's (cos >= {HORIZON_MIN_COS}); norm claims: the data-order control's norm within "
+        f"{NORM_MAX_DEV:.0%} of its reference's; function claims: both")
 
 
 @dataclass
@@ -161,11 +163,13 @@ class _Check:
             s.reasons.append(f"unsettled: {loss} trained to step {h_steps} instead of {final} ends elsewhere "
                              f"(cos {'n/a' if c is None else f'{c:.3g}'} < {HORIZON_MIN_COS})")
             ok = False
-        d = _dev(ctx, h_name, ctx.name(base, final))
-        if self.norm and (d is None or d > NORM_MAX_DEV):
-            s.reasons.append(f"unsettled: {loss}'s norm at horizon {h_steps} differs from step {final}'s by "
-                             f"{'n/a' if d is None else f'{d:.0%}'} > {NORM_MAX_DEV:.0%}")
-            ok = False
+        # The horizon's norm is reported, not required: under Adam ‖ΔW‖ follows the schedule's cumulative
+        # LR whether or not the loss has flattened (docs/findings.md "Settled": 0.76 of the full norm at
+        # 0.75x while the loss still falls, 0.77-0.80 once it is flat), so it cannot tell the two apart.
+        na, nb = _norm(ctx, h_name), _norm(ctx, ctx.name(base, final))
+        if self.norm and na and nb:
+            s.reasons.append(f"{loss}'s norm at horizon {h_steps} is {na / nb:.2f} of step {final}'s (reported, "
+                             "not required: the norm follows the schedule)")
         return ok
 
 

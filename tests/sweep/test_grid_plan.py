@@ -84,14 +84,14 @@ def test_horizon_control_is_the_same_cell_on_a_shorter_schedule():
 
 def test_shipped_configs_plan_the_same_cells_as_before_plus_only_new_controls():
     """configs/tiny.yaml plans exactly the cells it did (its adapters cannot
-    change through the plan); configs/smoke.yaml's old cells are all kept."""
+    change through the plan); configs/smoke.yaml plans its grid then its controls."""
     from wsg.sweep.config import load_config
 
     tiny = [c.id for c in plan_cells(load_config("configs/tiny.yaml"))]
     assert tiny == [f"{x}-s42-lr1e-03" for x in ("sft", "rft", "dft", "rift", "offline_grpo")] + [
         "dpo-s42-lr1e-04", "online_grpo-s42-lr1e-03", "online_dapo-s42-lr1e-03"]
     smoke = [c.id for c in plan_cells(load_config("configs/smoke.yaml"))]
-    old = [f"{x}-s42-lr1e-04" for x in ("sft", "rft", "dft", "rift", "offline_grpo")] + [
-        "dpo-s42-lr1e-05", "online_grpo-s42-lr1e-04", "online_dapo-s42-lr1e-04",
-        "sft-i43-d42-lr1e-04", "sft-i42-d7-lr1e-04", "sft-s42-lr1e-03"]
-    assert smoke[:len(old)] == old
+    # The default's grid cells, then its four SFT controls (init seed, data order, 10x LR, 0.75x horizon).
+    assert smoke == [f"{x}-s42-lr3e-04" for x in ("sft", "rft", "dft", "rift", "offline_grpo")] + [
+        "dpo-s42-lr3e-05", "online_grpo-s42-lr3e-04", "online_dapo-s42-lr3e-04",
+        "sft-i43-d42-lr3e-04", "sft-i42-d7-lr3e-04", "sft-s42-lr3e-03", "sft-s42-lr3e-04-h15"]
