@@ -17,10 +17,29 @@ def test_there_are_shipped_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_yaml_loads_and_round_trips(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, ExperimentConfig)
-    again = parse_config(yaml.safe_load(dump_config(cfg)))
-    assert config_hash(again) == config_hash(cfg)
+    if "study" in yaml.safe_load(path.read_text()):  # a study config: one run config per value
+        from wsg.sweep.study import load_study
+
+        cfgs = [cfg for _, cfg in load_study(str(path))[1]]
+    else:
+        cfgs = [load_config(path)]
+    for cfg in cfgs:
+        assert isinstance(cfg, ExperimentConfig)
+        again = parse_config(yaml.safe_load(dump_config(cfg)))
+        assert config_hash(again) == config_hash(cfg)
+
+
+def test_the_cpu_study_is_the_default_at_three_teachers():
+    from wsg.sweep.study import load_study
+
+    study, runs = load_study(str(next(p for p in CONFIGS if p.name == "study_cpu.yaml")))
+    default = load_config(next(p for p in CONFIGS if p.name == "smoke.yaml"))
+    assert study.factor == "teacher" and [v.label for v, _ in runs] == ["scripted-0.15", "scripted-0.80", "self"]
+    # Its first run is the embedded default, config hash and all; the others change only the teacher.
+    assert config_hash(runs[0][1]) == config_hash(default)
+    assert [(c.rollouts.backend, c.rollouts.scripted_error_rate) for _, c in runs[1:]] == [("scripted", 0.8),
+                                                                                           ("vllm", 0.15)]
+    assert all(c.grid == default.grid and c.train == default.train for _, c in runs)
 
 
 def test_paper_config_is_the_seed_protocol():
