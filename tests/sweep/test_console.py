@@ -99,6 +99,12 @@ def test_ray_worker_lines_land_in_the_log_even_at_shutdown(tmp_path):
                 print(f"worker line {{i}}", flush=True)
                 return i
             assert ray.get([loud.remote(i) for i in range(4)]) == list(range(4))
+            # Ray's log monitor forwards worker output asynchronously; on a loaded box it can lag the
+            # task by seconds, so wait (bounded) for it to arrive rather than race the shutdown.
+            import os, time
+            log, t0 = os.path.join({str(logs)!r}, "wsg.log"), time.monotonic()
+            while time.monotonic() - t0 < 60 and "worker line" not in open(log).read():
+                time.sleep(0.2)
             say("wsg: finished")
         print("ray up after:", ray.is_initialized())
     """, tmp_path)
