@@ -94,7 +94,7 @@ def test_shipped_configs_plan_the_same_cells_as_before_plus_only_new_controls():
     # The default's grid cells, then its four SFT controls (init seed, data order, 10x LR, 0.75x horizon).
     assert smoke == [f"{x}-s42-lr3e-04" for x in ("sft", "rft", "dft", "rift", "offline_grpo")] + [
         "dpo-s42-lr3e-05", "online_grpo-s42-lr3e-04", "online_dapo-s42-lr3e-04",
-        "sft-i43-d42-lr3e-04", "sft-i42-d7-lr3e-04", "sft-s42-lr3e-03", "sft-s42-lr3e-04-h15"]
+        "sft-i43-d42-lr3e-04", "sft-i42-d7-lr3e-04", "sft-s42-lr3e-03", "sft-s42-lr3e-04-h9"]
 
 
 def _makespan(cells, seconds, width, cpus=2, live=2):
@@ -131,7 +131,7 @@ def test_the_grid_starts_wide_cells_then_long_ones_and_finishes_sooner():
     assert sorted(c.id for c in order) == sorted(c.id for c in plan)
     ids = [c.id for c in order]
     assert ids[:2] == ["online_grpo-s42-lr3e-04", "online_dapo-s42-lr3e-04"]
-    assert ids[2] == "dpo-s42-lr3e-05" and ids[-1] == "sft-s42-lr3e-04-h15"
+    assert ids[2] == "dpo-s42-lr3e-05" and ids[-1] == "sft-s42-lr3e-04-h9"
     # Ties keep plan order: the full-schedule 1x cells in the order they were planned.
     assert ids[3:-1] == [c.id for c in plan if c.id not in (ids[:3] + ids[-1:])]
 
