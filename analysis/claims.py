@@ -9,7 +9,10 @@ that follows from them by one rule (RULE; docs/findings.md "Verdict rule"):
   (data-order and horizon controls), whatever the CI says: an update still
   moving neither confirms nor refutes a claim (value, CI and the verdict it
   would get are still shown);
-- fails: the CI lies entirely on the other side of the claim's test;
+- fails: the CI lies entirely on the other side of the claim's test (a
+  cross-loss cosine below a lower bound that the same-loss agreement itself
+  misses, with the CI reaching that agreement, is inconclusive instead:
+  analysis/settle.py above_the_agreement);
 - holds: the CI lies entirely on the claim's side AND the floor test passes;
 - inconclusive: otherwise (CI across the threshold, effect within the noise
   floor, or the floor not measured).
@@ -47,7 +50,9 @@ from .findings import (
 )
 
 RULE = ("not_measured if a needed cell/table is absent; unsettled if its cells have not settled (data-order and "
-        "horizon controls, analysis/settle.py); fails if the CI lies on the other side of the test; "
+        "horizon controls, analysis/settle.py); fails if the CI lies on the other side of the test (a cross-loss "
+        "cosine under a lower bound that the same-loss agreement also misses, its CI reaching that agreement: "
+        "inconclusive); "
         "holds if the CI lies on the claim's side and the effect is beyond the noise floor; else inconclusive "
         "(docs/findings.md)")
 TOL = 0.15               # "≈ x" for a cosine-like quantity: |value − x| <= TOL

@@ -27,7 +27,7 @@ from .findings import (
     identify,
     noise_floors,
 )
-from .settle import agreement_note, settle
+from .settle import above_the_agreement, agreement_note, settle
 
 
 def claims_table(tables: dict, *, reference_loss: str = "sft", lr_scales: Optional[dict] = None) -> pa.Table:
@@ -44,6 +44,17 @@ def claims_table(tables: dict, *, reference_loss: str = "sft", lr_scales: Option
     return pa.Table.from_pylist(out, schema=CLAIMS_SCHEMA)
 
 
+def _cross_loss_cosine(spec) -> bool:
+    return spec.id.endswith(".cosine") and not spec.id.startswith("seed.")
+
+
+def _at_the_agreement(spec, m: Measure, st, verdict: str) -> str:
+    """A failed lower bound that the same-loss agreement misses too (analysis/settle.py)."""
+    if verdict != "fails" or spec.test.kind != "above" or st is None:
+        return ""
+    return above_the_agreement(st, spec.test.lo, m.value if m.ci_high is None else m.ci_high)
+
+
 def _row(ctx: Ctx, spec, label: str, m: Measure, p: Optional[Measure]) -> dict:
     verdict, why = judge(m, spec.test, spec.floor_mode)
     notes = [why] if why else []
@@ -51,10 +62,14 @@ def _row(ctx: Ctx, spec, label: str, m: Measure, p: Optional[Measure]) -> dict:
     if st is not None and not st.settled:
         notes.insert(0, f"{st.note()} (settled, it would read {verdict})")
         verdict = "unsettled"
-    if st is not None and spec.id.endswith(".cosine") and not spec.id.startswith("seed."):
+    if st is not None and _cross_loss_cosine(spec):
         notes.append(agreement_note(st, m.value))
+        if (below_agreement := _at_the_agreement(spec, m, st, verdict)):
+            verdict, notes = "inconclusive", [below_agreement] + notes[1:]  # replaces judge's "lies outside"
     notes += m.notes
     vp = judge(p, spec.test, spec.floor_mode)[0] if p is not None and not p.missing else None
+    if vp == "fails" and _cross_loss_cosine(spec):
+        vp = "inconclusive" if _at_the_agreement(spec, p, settle(ctx, p.step, p.cells, spec.settle), vp) else vp
     if vp and verdict != "not_measured" and vp != verdict:
         notes.append(f"verdict at the previous step {p.step} was {vp}: not settled")
     conv = None

@@ -181,3 +181,19 @@ def agreement_note(s: Settle, value: Optional[float]) -> str:
               if s.n_order > 1 else " (one data-order pair: no spread)")
     ratio = f"; value / agreement = {value / s.order:.3g}" if s.order > 0 else ""
     return f"same-loss agreement (data-order cos) {s.order:.3g}{spread}{ratio}"
+
+
+def above_the_agreement(s: Settle, bound: float, ci_high: Optional[float]) -> str:
+    """Why a cross-loss similarity that misses a lower bound is no failure, or "".
+
+    Two runs of the *same* loss that differ only in data order agree to
+    cos = s.order; no pair of losses can be expected to agree more. When the
+    paper's bound (§3.2: SFT/RFT/RIFT >= 0.97, measured after 1,000 steps)
+    lies above that agreement, and the cross-loss CI reaches it, the losses
+    are as close as the run's own noise lets any two updates be: the run
+    cannot tell "colinear" from "not", so the verdict is inconclusive, not
+    fails (docs/findings.md "Settled")."""
+    if not s.settled or s.order is None or ci_high is None or s.order >= bound or ci_high < s.order:
+        return ""
+    return (f"the bound {bound:g} lies above the same-loss agreement {s.order:.3g} (two SFT runs on another "
+            f"data order), which the CI reaches (upper {ci_high:.3g}): no pair of losses can pass it in this run")

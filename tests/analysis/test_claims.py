@@ -217,7 +217,11 @@ def _u1_spread(value, spread, which="u1"):
 
 
 CASES = [
-    ("sft_rft_rift.cosine", "fails", lambda f: f.set("sft", "rift", cos=(0.9, 0.88, 0.92))),
+    # Two data orders of SFT agree to 0.9 (Fake): a cluster whose CI stays
+    # below that agreement fails; one that reaches it cannot be told from
+    # colinear in this run, whatever the paper's 0.97 (analysis/settle.py).
+    ("sft_rft_rift.cosine", "fails", lambda f: f.set("sft", "rift", cos=(0.85, 0.83, 0.87))),
+    ("sft_rft_rift.cosine", "inconclusive", lambda f: f.set("sft", "rift", cos=(0.9, 0.88, 0.92))),
     ("sft_rft_rift.cosine", "inconclusive", lambda f: f.set("sft", "rift", cos=(0.97, 0.96, 0.98))),
     ("sft_rft_rift.cosine", "inconclusive", lambda f: f.drop("sft_init")),  # shared init not separated
     ("sft_rft_rift.cosine", "not_measured", lambda f: f.drop("rift")),
@@ -486,3 +490,23 @@ def test_the_12_step_self_teacher_default_comes_out_unsettled():
     # (norm claims have their own rule: equal norms across data orders settle a norm ratio.)
     got = {k: r["verdict"] for k, r in fake2.claims().items() if r["settle_kind"] != "norm"}
     assert set(got.values()) == {"unsettled"}, got
+
+
+def test_a_cluster_at_the_same_loss_agreement_is_no_failure():
+    """The ninth session's default, by hand: data-order agreement 0.947, the
+    SFT/RFT/RIFT cosine 0.955 [0.944, 0.963]. The paper's >= 0.97 lies above
+    what two SFT runs reach, so the verdict is inconclusive and says why; the
+    same cluster at 0.90 [0.89, 0.91] stays below the agreement and fails."""
+    fake = Fake()
+    for step in STEPS:
+        fake.set("sft", "sft_data", step=step, cos=(0.947, 0.94, 0.955))
+    for a, b in combinations(("sft", "rft", "rift"), 2):
+        fake.set(a, b, cos=(0.955, 0.944, 0.963))
+    r = fake.claims()["sft_rft_rift.cosine"]
+    assert r["settled"] is True and r["order_agreement"] == pytest.approx(0.947)
+    assert r["verdict"] == "inconclusive"
+    assert "the bound 0.97 lies above the same-loss agreement 0.947" in r["note"] and "upper 0.963" in r["note"]
+    for a, b in combinations(("sft", "rft", "rift"), 2):
+        fake.set(a, b, cos=(0.90, 0.89, 0.91))
+    r = fake.claims()["sft_rft_rift.cosine"]
+    assert r["verdict"] == "fails" and "lies above the same-loss agreement" not in r["note"]
