@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from ..core import console, rundir
 from ..core.errors import WsgError
+from ..core.layout import RunLayout
 from ..core.models import load_causal_lm, load_tokenizer, resolve_model
 from ..core.session import connect
 from ..rollouts.prompts import encode_prompts
@@ -54,8 +55,6 @@ LOGIT_LENS_SCHEMA = pa.schema([("adapter", pa.string()), ("mean_depth", pa.float
 BATCH_SIZE = 8
 
 
-def analysis_dir(run: str) -> str:
-    return rundir.join(run, "analysis")
 
 
 # --- which pairs ---------------------------------------------------------------
@@ -164,7 +163,7 @@ def _part_key(unit) -> str:
 
 
 def _part_path(run: str, unit) -> str:
-    return rundir.join(analysis_dir(run), "parts", *_part_key(unit).split("/"))
+    return RunLayout.of(run).functional_part(*_part_key(unit).split("/"))
 
 
 def _read_part(path: str):
@@ -365,7 +364,7 @@ def _task_memory(cfg) -> int:
 def _parts_present(run: str) -> set[str]:
     """`hidden/<name>.npz` and `lmc/<a>__<b>.parquet` files in the run's parts."""
     return {f"{kind}/{n}" for kind in ("hidden", "lmc")
-            for n in rundir.listdir(rundir.join(analysis_dir(run), "parts", kind))}
+            for n in rundir.listdir(RunLayout.of(run).functional_parts(kind))}
 
 
 def _parts_written(run: str, todo: list, before: set[str]) -> int:
@@ -437,9 +436,9 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
                   "n_prompts": len(items.cka_prompts)} for n, h in hidden.items()]
     lmc = [parts[u.id]["table"] for u in units if isinstance(u, LmcUnit)]
     lmc_table = pa.concat_tables(lmc).replace_schema_metadata(None) if lmc else LMC_SCHEMA.empty_table()
-    out = analysis_dir(run)
-    rundir.write_table(rundir.join(out, "lmc.parquet"), lmc_table.cast(LMC_SCHEMA))
-    rundir.write_table(rundir.join(out, "cka.parquet"), pa.Table.from_pylist(cka_rows, schema=CKA_SCHEMA))
-    rundir.write_table(rundir.join(out, "logit_lens.parquet"), pa.Table.from_pylist(lens_rows, schema=LOGIT_LENS_SCHEMA))
+    lay = RunLayout.of(run)
+    rundir.write_table(lay.functional_table("lmc"), lmc_table.cast(LMC_SCHEMA))
+    rundir.write_table(lay.functional_table("cka"), pa.Table.from_pylist(cka_rows, schema=CKA_SCHEMA))
+    rundir.write_table(lay.functional_table("logit_lens"), pa.Table.from_pylist(lens_rows, schema=LOGIT_LENS_SCHEMA))
     return {"adapters": len(adapters), "units": len(units), "computed": len(todo), "lmc_rows": lmc_table.num_rows,
             "cka_rows": len(cka_rows), "logit_lens_rows": len(lens_rows)}

@@ -27,24 +27,23 @@ from . import report_findings as RF
 from ..core.cells import CellKey
 from .adapters import BASE, Adapter, cell_of, reference_pairs, step_of
 from .figures_forest import claims_forest
+from .results import TABLES as RUN_TABLES
 
-_FINDINGS = ("the findings step that follows geometry (`wsg geometry --run RUN`; "
-             "analysis.findings_run.run_findings, docs/findings.md)")
-# key -> (path in the run, what writes it)
-TABLES = {
-    "accuracy": ("eval/accuracy.parquet", "the eval stage (`wsg eval --run RUN`)"),
-    "mcnemar": ("eval/mcnemar.parquet", "the eval stage (`wsg eval --run RUN`)"),
-    "global_pairs": ("geometry/global_pairs.parquet", "the geometry stage (`wsg geometry --run RUN`)"),
-    "layer_pairs": ("geometry/layer_pairs.parquet", "the geometry stage (`wsg geometry --run RUN`)"),
-    "module_pairs": ("geometry/module_pairs.parquet", "the geometry stage (`wsg geometry --run RUN`)"),
-    "adapter_modules": ("geometry/adapter_modules.parquet", "the geometry stage (`wsg geometry --run RUN`)"),
-    "lmc": ("analysis/lmc.parquet", "the functional stage (`wsg functional --run RUN`)"),
-    "cka": ("analysis/cka.parquet", "the functional stage (`wsg functional --run RUN`)"),
-    "logit_lens": ("analysis/logit_lens.parquet", "the functional stage (`wsg functional --run RUN`)"),
-    "claims": ("geometry/claims.parquet", _FINDINGS),
-    "convergence": ("geometry/convergence.parquet", _FINDINGS),
-    "noise_floors": ("geometry/noise_floors.parquet", _FINDINGS),
-}
+# The tables the page reads. Where each lives in a run and what writes it is
+# analysis/results.py's TABLES (its paths come from core/layout.py RunLayout).
+TABLES = ("accuracy", "mcnemar", "global_pairs", "layer_pairs", "module_pairs", "adapter_modules", "lmc", "cka",
+          "logit_lens", "claims", "convergence", "noise_floors")
+
+
+def table_path(run: str, key: str) -> str:
+    return RUN_TABLES[key][0](RunLayout.of(run))
+
+
+def where(key: str) -> str:
+    """A table's path inside any run, e.g. `eval/accuracy.parquet` (for messages)."""
+    lay = RunLayout("run")
+    return lay.relative(RUN_TABLES[key][0](lay))
+
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -63,7 +62,7 @@ td.c{text-align:left;white-space:nowrap;font-size:.8em}
 
 
 def _read(run: str, key: str):
-    path = rundir.join(run, TABLES[key][0])
+    path = table_path(run, key)
     if not rundir.exists(path):
         return None
     return rundir.read_table(path).to_pylist()
@@ -103,7 +102,7 @@ def _teacher_line(run: str) -> str:
 
 
     prof = None
-    claims = rundir.join(run, TABLES["claims"][0])
+    claims = table_path(run, "claims")
     if rundir.exists(claims):
         md = rundir.read_table(claims).schema.metadata or {}
         raw = md.get(b"wsg.teacher")
@@ -156,7 +155,7 @@ def _ci(v, lo, hi) -> str:
 
 
 def _missing(keys: list[str]) -> str:
-    items = "".join(f"<li><code>{TABLES[k][0]}</code> is absent: written by {html.escape(TABLES[k][1])}</li>"
+    items = "".join(f"<li><code>{where(k)}</code> is absent: written by {html.escape(RUN_TABLES[k][1])}</li>"
                     for k in keys)
     return f'<div class="missing">This section is missing because its table(s) are absent:<ul>{items}</ul></div>'
 
@@ -356,7 +355,7 @@ def _page(run: str, t: dict, meta: str, sections: list[tuple[str, str, bool]]) -
     absent = [k for k in TABLES if t[k] is None]
     summary = ("<p>All tables present.</p>" if not absent else
                f'<div class="missing">Missing tables, so some sections are empty: '
-               f'{", ".join("<code>" + TABLES[k][0] + "</code>" for k in absent)}.</div>')
+               f'{", ".join("<code>" + where(k) + "</code>" for k in absent)}.</div>')
     toc = "".join(f'<li><a href="#s{k}">{html.escape(title)}</a>{" (missing)" if miss else ""}</li>'
                   for k, (title, _, miss) in enumerate(sections))
     parts = [f'<h2 id="s{k}">{html.escape(title)}</h2>{b}' for k, (title, b, _) in enumerate(sections)]

@@ -193,5 +193,5 @@ def verify_text(run: str) -> tuple[int, str]:
         return 0, (f"wsg verify: {run}: clean ({r.markers} markers, {r.files} files, "
                    f"{r.bytes / 1e6:.1f} MB checked{old})")
     lines = [f"wsg verify: {run}: {len(r.problems)} problem(s):"] + [f"  {p.line()}" for p in r.problems]
-    lines.append(f"remake what is damaged: wsg run {rundir.join(run, 'config.yaml')} --run {run}")
+    lines.append(f"remake what is damaged: wsg run {RunLayout(run).config} --run {run}")
     return 1, "\n".join(lines)

@@ -101,6 +101,11 @@ class RunLayout:
 
     # -- run level -------------------------------------------------------------
     @property
+    def lock(self) -> str:
+        """The one-writer lock (core/runlock.py)."""
+        return self._p("_LOCK")
+
+    @property
     def config(self) -> str:
         return self._p("config.yaml")
 
@@ -192,6 +197,10 @@ class RunLayout:
     def functional_table(self, name: str) -> str:
         """lmc, cka, logit_lens."""
         return self._p("analysis", f"{name}.parquet")
+
+    def functional_parts(self, kind: str) -> str:
+        """The cached units of one kind (hidden, lmc)."""
+        return self._p("analysis", "parts", kind)
 
     def functional_part(self, kind: str, name: str) -> str:
         return self._p("analysis", "parts", kind, name)

@@ -30,6 +30,7 @@ import uuid
 from datetime import datetime, timezone
 
 from . import rundir
+from .layout import RunLayout
 from .console import say as _say
 from .errors import WsgError
 
@@ -85,7 +86,7 @@ class RunLock:
     """`with RunLock(run): ...` holds the run's lock, or raises WsgError."""
 
     def __init__(self, run: str, *, stale_s: float = STALE_S, beat_s: float = BEAT_S, say=None):
-        self.uri = rundir.join(run, LOCK)
+        self.uri = RunLayout.of(run).lock
         self.run, self.stale_s, self.beat_s = run, stale_s, beat_s
         self.say = say
         self.token = uuid.uuid4().hex

@@ -204,9 +204,13 @@ def _mtime(uri: str):
 class GroupWait(console.Watcher):
     """While the grid runs: a placement group of this grid that stays
     pending longer than `wait_s` gets a console line naming the cells that
-    wait (started, i.e. their cell.json rewritten, and no worker yet, i.e.
-    their placement_group.json not rewritten since) and what they ask for,
-    then one again at each further multiple of wait_s."""
+    wait and what they ask for, then one again at each further multiple of
+    wait_s. A cell waits when it started (cell.json rewritten) but has no
+    worker yet (placement_group.json not rewritten since) and is not training
+    either (progress.json not rewritten: a cell in a shared worker trains in
+    its trial's own process and writes no placement group). When no started
+    cell waits, the pending group is a trial's own: the next cell of
+    `cell_ids` (the grid's start order) not yet started is named."""
 
     def __init__(self, layout, cell_ids: list[str], ignore: set[str], *, wait_s: float | None = None,
                  poll_s: float = 5.0):
@@ -220,19 +224,24 @@ class GroupWait(console.Watcher):
 
     def _marks(self, cid: str):
         cl = self.layout.cell(cid)
-        return _mtime(cl.spec), _mtime(cl.placement_group)
+        return _mtime(cl.spec), _mtime(cl.placement_group), _mtime(cl.progress)
 
     def waiting_cells(self) -> list[str]:
-        out = []
+        out, unstarted = [], []
         for cid in self.ids:
             cl = self.layout.cell(cid)
-            spec, pg = self._marks(cid)
-            spec0, pg0 = self._start_marks[cid]
+            spec, pg, prog = self._marks(cid)
+            spec0, pg0, prog0 = self._start_marks[cid]
+            if rundir.is_complete(cl.root) or rundir.exists(cl.failed):
+                continue
             started = spec is not None and spec != spec0
             has_worker = pg is not None and pg != pg0 and (spec is None or pg >= spec)
-            if started and not has_worker and not rundir.is_complete(cl.root) and not rundir.exists(cl.failed):
+            training = prog is not None and prog != prog0
+            if not started:
+                unstarted.append(cid)
+            elif not has_worker and not training:
                 out.append(cid)
-        return out
+        return out or [f"{c} (next to start)" for c in unstarted[:1]]
 
     def check(self, now: float | None = None) -> list[str]:
         """One poll: the lines to say now (also said and kept in self.lines)."""

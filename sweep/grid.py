@@ -198,7 +198,7 @@ def run_grid(cfg: ExperimentConfig, run: str | RunLayout) -> dict:
     # The tracked runs the cells file under, made here once (core/tracking.py).
     tracking.open_groups(cfg, run=layout.root, groups=sorted({c.loss for c in todo}))
     tuner = _tuner(cfg, layout, cells, todo, prepared)
-    results = _fit(tuner, layout, todo)
+    results = _fit(tuner, layout, start_order(cfg, todo))
     _raise_failed(layout, cells)
     n_err = sum(1 for r in results if r.error is not None)
     return {"cells": len(cells), "trained": len(todo), "failed": 0, "trial_errors": n_err}

@@ -22,7 +22,7 @@ from ..core.config import ExperimentConfig, config_hash, dump_config
 from ..core.console import RunConsole, say
 from ..core.errors import WsgError
 from ..core.layout import STAGES, RunLayout
-from ..core.runlock import LOCK, RunLock
+from ..core.runlock import RunLock
 from ..core.runlock import describe as describe_holder
 from ..core.session import dashboard_url, session
 from ..rollouts.stage import run_rollouts
@@ -257,7 +257,7 @@ def status_text(run: str) -> str:
     if not rundir.exists(layout.config):
         raise WsgError(f"{run} is not a wsg run directory (no config.yaml)")
     lines = [f"run {run}"]
-    lock = rundir.join(run, LOCK)
+    lock = layout.lock
     if rundir.exists(lock):
         try:
             lines.append(f"  being written by {describe_holder(rundir.read_json(lock))}")

@@ -194,7 +194,7 @@ def run_study(path: str, study_dir: Optional[str], *, address: Optional[str] = N
     rundir.makedirs(study_dir)
     for i, (v, cfg) in enumerate(runs):
         run = run_folder(study_dir, v.label)
-        if rundir.exists(rundir.join(run, "config.yaml")) and finished(run):
+        if rundir.exists(RunLayout.of(run).config) and finished(run):
             say(f"wsg study: [{i + 1}/{len(runs)}] {study.factor} = {v.label}: complete, skipped")
             continue
         say(f"wsg study: [{i + 1}/{len(runs)}] {study.factor} = {v.label} -> {run}")

@@ -159,7 +159,7 @@ def test_full_report(full_run, tmp_path):
 
 
 def test_partial_and_empty_report(full_run, tmp_path):
-    from wsg.analysis.report import TABLES, build_report
+    from wsg.analysis.report import TABLES as REPORT_TABLES, build_report, where
 
     cfg, src, _ = full_run
     run = str(tmp_path / "run")
@@ -171,10 +171,10 @@ def test_partial_and_empty_report(full_run, tmp_path):
     page = open(build_report(run), encoding="utf-8").read()
     for key in ("accuracy", "mcnemar", "layer_pairs", "module_pairs", "lmc", "cka", "logit_lens", "claims",
                 "convergence", "noise_floors"):
-        assert f"<code>{TABLES[key][0]}</code> is absent" in page
+        assert f"<code>{where(key)}</code> is absent" in page
     # An old run (no findings tables): the claims section still opens the page and names what writes it.
     assert page[page.index("<h2"):].startswith('<h2 id="s0">Claims of the seed paper</h2>')
-    assert "the findings step that follows geometry" in page and "No floors:" in page
+    assert "the findings step of the geometry stage" in page and "No floors:" in page
     assert {os.path.basename(i) for i in _images(page)} == {"global_cosine.png", "seed_lr.png"}
     for rel in _images(page):
         assert os.path.getsize(os.path.join(run, "report", rel)) > 1000
@@ -185,7 +185,7 @@ def test_partial_and_empty_report(full_run, tmp_path):
     page = open(build_report(bare), encoding="utf-8").read()
     assert "unknown (no config.yaml)" in page and not _images(page)
     # Every section but seed/LR (shown only when seeds or LRs vary) names its one table.
-    assert page.count("is absent") == len(TABLES)
+    assert page.count("is absent") == len(REPORT_TABLES)
     if CHROMIUM is not None:
         assert open_in_chromium(os.path.join(bare, "report", "index.html"), tmp_path) == (0, 0)
 
