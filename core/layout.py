@@ -232,6 +232,7 @@ class StudyLayout:
         <study>/claims.parquet  claim x run, with the factor's value (sweep/study.py)
         <study>/claims.png      each claim's value, CI and floor against the factor
         <study>/claims_forest.png  the report's forest plot, each claim once per run
+        <study>/index.html      the study's page: which claims hold for which value
     """
 
     root: str
@@ -254,3 +255,8 @@ class StudyLayout:
     @property
     def forest(self) -> str:
         return rundir.join(self.root, "claims_forest.png")
+
+    @property
+    def page(self) -> str:
+        """index.html: which claims hold for which value (analysis/study_page.py)."""
+        return rundir.join(self.root, "index.html")

@@ -19,7 +19,8 @@ skipped, so rerunning the same command after an interruption continues where
 it stopped. After the runs, `<study>/claims.parquet` holds every run's
 claims table with the run, the factor, its value, the run's config hash and
 the teacher's profile (rollouts/teacher.py) as columns: claim x run, and
-`<study>/claims.png` draws each claim's value, CI and floor against the factor.
+`<study>/claims.png` draws each claim's value, CI and floor against the factor, and
+`<study>/index.html` opens with which claims hold for which value.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..analysis.claims import CLAIMS_SCHEMA
 from ..analysis.study_figures import claims_by_factor, study_forest
+from ..analysis.study_page import render as render_study_page
 from ..core import rundir
 from ..core.config import config_hash
 from ..core.console import say
@@ -161,6 +163,7 @@ def combine(study_dir: str, study: StudyCfg, runs: list[tuple[StudyValue, Any]])
         {b"wsg.study": json.dumps(study.model_dump(mode="json")).encode()})
     rundir.write_table(combined_path(study_dir), table)
     _figure(study_dir, study, runs, table)
+    _page(study_dir, study, runs, table)
     return table
 
 
@@ -181,6 +184,18 @@ def _figure(study_dir: str, study: StudyCfg, runs: list, table: pa.Table) -> Non
             if local:
                 with open(local, "rb") as f:
                     rundir.write_bytes(dest, f.read())
+
+
+def _page(study_dir: str, study: StudyCfg, runs: list, table: pa.Table) -> None:
+    """<study>/index.html: which claims hold for which value, where a verdict
+    changes along the factor, the table and the figures (analysis/study_page.py)."""
+    lay = StudyLayout.of(study_dir)
+    figs = [(n, c) for n, c, p in (
+        ("claims.png", f"each claim's value, 95% CI and noise floor against {study.factor}", lay.figure),
+        ("claims_forest.png", "every claim once per run (the report's forest plot)", lay.forest))
+        if rundir.exists(p)]
+    page = render_study_page(table.to_pylist(), [v.label for v, _ in runs], study.factor, figs)
+    rundir.write_text(lay.page, page)
 
 
 def run_study(path: str, study_dir: Optional[str], *, address: Optional[str] = None, verbose: bool = False) -> int:

@@ -127,6 +127,14 @@ def test_combined_claims_table_read_back_with_pandas_and_duckdb(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     meta = pa.parquet.read_schema(path).metadata[b"wsg.study"]
     assert json.loads(meta)["factor"] == "teacher"
+    # The study's page opens with each run's verdicts and where they change along the factor.
+    from wsg.core.layout import StudyLayout
+
+    page = rundir.read_text(StudyLayout.of(sdir).page)
+    assert "<h2>Which claims hold for which teacher</h2>" in page
+    assert "<b>scripted-0.15</b> (t-scripted-0.15, right 85% of the time" in page
+    assert "No verdict changes along the factor." in page  # every run: the same verdict for each claim
+    assert '<img src="claims.png"' in page
 
     # wsg.open_study reads the same folder back: the combined table, each run, the figure.
     import wsg
