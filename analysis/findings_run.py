@@ -57,15 +57,15 @@ def _at_the_agreement(spec, m: Measure, st, verdict: str) -> str:
 
 def _row(ctx: Ctx, spec, label: str, m: Measure, p: Optional[Measure]) -> dict:
     verdict, why = judge(m, spec.test, spec.floor_mode)
-    notes = [why] if why else []
     st = settle(ctx, m.step, m.cells, spec.settle) if verdict != "not_measured" else None
+    if _cross_loss_cosine(spec) and (at_agreement := _at_the_agreement(spec, m, st, verdict)):
+        verdict, why = "inconclusive", at_agreement
+    notes = [why] if why else []
     if st is not None and not st.settled:
         notes.insert(0, f"{st.note()} (settled, it would read {verdict})")
         verdict = "unsettled"
     if st is not None and _cross_loss_cosine(spec):
         notes.append(agreement_note(st, m.value))
-        if (below_agreement := _at_the_agreement(spec, m, st, verdict)):
-            verdict, notes = "inconclusive", [below_agreement] + notes[1:]  # replaces judge's "lies outside"
     notes += m.notes
     vp = judge(p, spec.test, spec.floor_mode)[0] if p is not None and not p.missing else None
     if vp == "fails" and _cross_loss_cosine(spec):

@@ -55,8 +55,6 @@ LOGIT_LENS_SCHEMA = pa.schema([("adapter", pa.string()), ("mean_depth", pa.float
 BATCH_SIZE = 8
 
 
-
-
 # --- which pairs ---------------------------------------------------------------
 def lmc_pair_list(cfg, adapters: list[Adapter]) -> list[tuple[str, str]]:
     """Pairs for LMC per `analysis.lmc_pairs`: "reference" (reference loss vs

@@ -45,7 +45,7 @@ def where(key: str) -> str:
     return lay.relative(RUN_TABLES[key][0](lay))
 
 
-_CSS = """
+PAGE_CSS = """  # also the study page's (analysis/study_page.py)
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
@@ -360,7 +360,7 @@ def _page(run: str, t: dict, meta: str, sections: list[tuple[str, str, bool]]) -
                   for k, (title, _, miss) in enumerate(sections))
     parts = [f'<h2 id="s{k}">{html.escape(title)}</h2>{b}' for k, (title, b, _) in enumerate(sections)]
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>wsg report: "
-            f"{html.escape(os.path.basename(str(run).rstrip('/')))}</title><style>{_CSS}</style></head><body>"
+            f"{html.escape(os.path.basename(str(run).rstrip('/')))}</title><style>{PAGE_CSS}</style></head><body>"
             f"<h1>wsg report</h1>{_teacher_line(run)}{parts[0]}<h2>Run</h2>{meta}{summary}<ul>{toc}</ul>"
             f"{''.join(parts[1:])}</body></html>")
 

@@ -6,23 +6,12 @@ two figures. Built from the combined claims table alone."""
 from __future__ import annotations
 
 import html
-import math
 from collections import Counter, defaultdict
-from typing import Optional
+
+from .figures_forest import _num
+from .report import PAGE_CSS
 
 VERDICTS = ("holds", "fails", "inconclusive", "unsettled", "not_measured")
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}
-th{background:#f4f4f4}td.l{text-align:left}img{max-width:100%;border:1px solid #eee}
-td.v-holds{background:#cdeccd}td.v-fails{background:#f6c9c9}td.v-inconclusive{background:#fbe8b0}
-td.v-not_measured{background:#e6e6e6;color:#555}td.v-unsettled{background:#dde6f4}.note{color:#555;font-size:.9em}
-"""
-
-
-def _num(x) -> Optional[float]:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
 def _fmt(x) -> str:
@@ -112,7 +101,7 @@ def _claims_table(rows, labels) -> str:
             cells.append(f'<td class="v-{html.escape(r["verdict"])}" title="{html.escape(r.get("note") or "")}">'
                          f'{_fmt(r.get("value"))}{ci}<br>{html.escape(r["verdict"])}</td>')
         paper = html.escape(str(next(iter(runs.values())).get("paper_value") or ""))
-        body.append(f'<tr><td class="l">{html.escape(claim)}</td><td class="l">{paper}</td>{"".join(cells)}</tr>')
+        body.append(f'<tr><td class="s">{html.escape(claim)}</td><td class="s">{paper}</td>{"".join(cells)}</tr>')
     return (f"<h2>Claims by run</h2><p class=note>value [95% CI] and verdict; the cell's tooltip is the note "
             f"(docs/findings.md, \"Verdict rule\").</p><table><tr><th>claim</th><th>paper</th>{head}</tr>"
             + "".join(body) + "</table>")
@@ -125,10 +114,10 @@ def _runs_table(rows, labels) -> str:
         r = first.get(lab)
         if r is None:
             continue
-        out.append(f'<tr><td class="l"><a href="{html.escape(lab)}/report/index.html">{html.escape(lab)}</a></td>'
-                   f'<td class="l">{_teacher(r)}</td><td>{_fmt(r.get("teacher_frac_prompts_mixed"))}</td>'
+        out.append(f'<tr><td class="s"><a href="{html.escape(lab)}/report/index.html">{html.escape(lab)}</a></td>'
+                   f'<td class="s">{_teacher(r)}</td><td>{_fmt(r.get("teacher_frac_prompts_mixed"))}</td>'
                    f'<td>{_fmt(r.get("order_agreement"))}</td><td>{_fmt(r.get("horizon_agreement"))}</td>'
-                   f'<td class="l"><code>{html.escape(str(r.get("config_hash") or ""))}</code></td></tr>')
+                   f'<td class="s"><code>{html.escape(str(r.get("config_hash") or ""))}</code></td></tr>')
     return ("<h2>Runs</h2><table><tr><th>run</th><th>teacher</th><th>prompts mixed</th><th>same-loss agreement"
             "</th><th>horizon agreement</th><th>config hash</th></tr>" + "".join(out) + "</table>")
 
@@ -138,6 +127,6 @@ def render(rows: list[dict], labels: list[str], factor: str, figures: list[tuple
     figs = "".join(f'<figure><img src="{html.escape(n)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}'
                    f"</figcaption></figure>" for n, c in figures)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>wsg study: {html.escape(factor)}'
-            f"</title><style>{_CSS}</style></head><body><h1>wsg study: the seed paper's claims against "
+            f"</title><style>{PAGE_CSS}</style></head><body><h1>wsg study: the seed paper's claims against "
             f"{html.escape(factor)}</h1>{_opening(rows, labels, factor)}{_claims_table(rows, labels)}"
             f"{_runs_table(rows, labels)}<h2>Figures</h2>{figs}</body></html>")

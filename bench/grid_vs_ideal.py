@@ -15,17 +15,9 @@ Results: docs/benchmarks.md ("The default's grid against its ideal").
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
-import pyarrow.parquet as pq
-
+from wsg.core import rundir
 from wsg.core.layout import RunLayout
-
-
-def _json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def cells(run: str) -> list[dict]:
@@ -33,16 +25,16 @@ def cells(run: str) -> list[dict]:
     lay, out = RunLayout.of(run), []
     for cid in lay.cell_ids():
         cl = lay.cell(cid)
-        if not all(os.path.exists(p) for p in (cl.status, cl.metrics, cl.spec)):
+        if not all(rundir.exists(p) for p in (cl.status, cl.metrics, cl.spec)):
             continue
-        status = _json(cl.status)
+        status = rundir.read_json(cl.status)
         t = status.get("timeline") or {}
         if not {"worker_entered", "setup_done", "loop_done"} <= set(t):
             continue
-        steps = pq.read_table(cl.metrics, columns=["step_time_s"]).column(0).to_pylist()
+        steps = rundir.read_table(cl.metrics, ["step_time_s"]).column(0).to_pylist()
         out.append({"id": cid, "pid": status.get("pid"), "entered": t["worker_entered"],
                     "setup": t["setup_done"] - t["worker_entered"], "done": t["loop_done"],
-                    "steps": float(sum(steps)), "online": bool(_json(cl.spec).get("online"))})
+                    "steps": float(sum(steps)), "online": bool(rundir.read_json(cl.spec).get("online"))})
     return sorted(out, key=lambda c: c["entered"])
 
 

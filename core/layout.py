@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from . import rundir
 from .tracking import TrackingPaths
 
+LOCK = "_LOCK"  # the run's one-writer lock file (core/runlock.py)
 STAGES = ("rollouts", "grid", "eval", "functional", "geometry", "report")
 
 
@@ -103,7 +104,7 @@ class RunLayout:
     @property
     def lock(self) -> str:
         """The one-writer lock (core/runlock.py)."""
-        return self._p("_LOCK")
+        return self._p(LOCK)
 
     @property
     def config(self) -> str:

@@ -30,11 +30,10 @@ import uuid
 from datetime import datetime, timezone
 
 from . import rundir
-from .layout import RunLayout
+from .layout import LOCK, RunLayout
 from .console import say as _say
 from .errors import WsgError
 
-LOCK = "_LOCK"
 BEAT_S = 30.0
 STALE_S = 300.0
 _SETTLE_S = 0.5

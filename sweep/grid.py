@@ -181,7 +181,7 @@ def _tune_storage(layout: RunLayout) -> str:
 def run_grid(cfg: ExperimentConfig, run: str | RunLayout) -> dict:
     """Run every incomplete cell; returns counts. Raises if any cell failed."""
     layout = RunLayout.of(run)
-    cells = plan_cells(cfg)
+    cells = start_order(cfg, plan_cells(cfg))  # the order Tune starts them in
     # A cell whose marker no longer matches its files (integrity.revoke) runs again.
     todo = [c for c in cells if not integrity.revoke(layout.cell(c.id).root, f"cell {c.id}", run=layout.root)]
     console.say(f"wsg: grid of {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run")
@@ -198,7 +198,7 @@ def run_grid(cfg: ExperimentConfig, run: str | RunLayout) -> dict:
     # The tracked runs the cells file under, made here once (core/tracking.py).
     tracking.open_groups(cfg, run=layout.root, groups=sorted({c.loss for c in todo}))
     tuner = _tuner(cfg, layout, cells, todo, prepared)
-    results = _fit(tuner, layout, start_order(cfg, todo))
+    results = _fit(tuner, layout, todo)
     _raise_failed(layout, cells)
     n_err = sum(1 for r in results if r.error is not None)
     return {"cells": len(cells), "trained": len(todo), "failed": 0, "trial_errors": n_err}
@@ -212,7 +212,7 @@ def _tuner(cfg: ExperimentConfig, layout: RunLayout, cells: list[CellKey], todo:
     # One grid_search over whole cells keeps (loss, seed, lr) tied together;
     # the config and run travel as constant parameters, so Tune's progress
     # table shows only the cell.
-    param_space = {"cell": tune.grid_search([c.as_dict() for c in start_order(cfg, cells)])}
+    param_space = {"cell": tune.grid_search([c.as_dict() for c in cells])}
 
     def trainable(config, cfg=None, layout=None, prepared=None):
         key = CellKey(**config["cell"])
