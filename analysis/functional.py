@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+from safetensors.torch import load as st_load
 
 from ..core import console, rundir
 from ..core.errors import WsgError
@@ -39,11 +40,11 @@ from ..core.models import load_causal_lm, load_tokenizer, resolve_model
 from ..core.session import connect
 from ..rollouts.prompts import encode_prompts
 from .adapters import BASE, Adapter, list_adapters, local_copy, reference_pairs
-from .cka import collect_hidden_states, layerwise_cka, pad_token_id, right_pad
+from .cka import layerwise_cka, pad_token_id
 from .evaluate import eval_prompts
-from .lmc import interpolated_adapter, masked_answer_nll, read_pair, save_adapter
-from .logit_lens import prediction_depth
-from .lora_io import content_hash
+from .lmc import interpolated_adapter, read_pair, save_adapter
+from .lora_io import CONFIG_FILE, WEIGHTS_FILE, content_hash
+from .shared_prefix import answer_nll, hidden_and_depth
 
 LMC_SCHEMA = pa.schema([("adapter_a", pa.string()), ("adapter_b", pa.string()), ("alpha", pa.float64()),
                         ("ce", pa.float64()), ("n_items", pa.int64()), ("n_tokens", pa.int64())])
@@ -192,7 +193,7 @@ class _Host:
                                    trust_remote_code=trust_remote_code).to(self.device)
         self.peft = None
         self.current = None
-        self.current_config = None  # the config of an adapter given in memory (`with_state`)
+        self.current_config = None  # the loaded adapter's config
         self.count = 0
         # LMC path ends served before: (side, adapter hash, the other side's rank) -> (nll, ntok).
         # α = 1 of (a, b) is a's ΔW with b's columns scaled by exactly 0: the same
@@ -208,6 +209,11 @@ class _Host:
                 return self.base
             self.peft.base_model.disable_adapter_layers()
             return self.peft
+        config = rundir.read_json(rundir.join(adapter_path, CONFIG_FILE))
+        if self.peft is not None and self.current_config == config:
+            # The loaded adapter's shapes and scaling: its tensors go into the
+            # loaded modules (load_adapter would inject new ones, ~0.3 s a swap).
+            return self._load_tensors(st_load(rundir.read_bytes(rundir.join(adapter_path, WEIGHTS_FILE))))
         name, self.count = f"a{self.count}", self.count + 1
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.base, adapter_path, adapter_name=name, is_trainable=False)
@@ -216,28 +222,32 @@ class _Host:
             self.peft.load_adapter(adapter_path, adapter_name=name, is_trainable=False)
             self.peft.set_adapter(name)
             self.peft.delete_adapter(self.current)
-        self.current = name
-        self.current_config = None
+        self.current, self.current_config = name, config
+        return self.peft.eval()
+
+    def _load_tensors(self, tensors: dict):
+        """The loaded adapter's modules given new tensors (peft's own
+        state-dict load, what load_adapter does after injecting modules);
+        every one of its LoRA tensors must be given, none left from before."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        expected = set(get_peft_model_state_dict(self.peft, adapter_name=self.current))
+        if set(tensors) != expected:
+            extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+            raise WsgError(f"adapter tensors do not fit the loaded LoRA modules: unexpected {extra[:3]}, "
+                           f"missing {missing[:3]}")
+        self.peft.base_model.enable_adapter_layers()
+        set_peft_model_state_dict(self.peft, tensors, adapter_name=self.current)
         return self.peft.eval()
 
     def with_state(self, config: dict, tensors: dict, folder: str):
         """The model serving an adapter given in memory (an LMC point). When the
-        loaded adapter has the same config, the tensors go into its modules
-        through peft's own state-dict load (what load_adapter does after
-        injecting new modules), so the points of a path, and of every path of
-        one rank, share one set of LoRA modules."""
-        from peft import set_peft_model_state_dict
-
+        loaded adapter has the same config, the tensors go into its modules, so
+        the points of a path, and of every path of one rank, share one set of
+        LoRA modules."""
         if self.peft is not None and self.current_config == config:
-            self.peft.base_model.enable_adapter_layers()
-            res = set_peft_model_state_dict(self.peft, tensors, adapter_name=self.current)
-            if res.unexpected_keys:
-                raise WsgError(f"LMC adapter tensors do not fit the loaded LoRA modules: {res.unexpected_keys[:3]}")
-            return self.peft.eval()
-
-        model = self.model(save_adapter(config, tensors, folder))
-        self.current_config = config
-        return model
+            return self._load_tensors(tensors)
+        return self.model(save_adapter(config, tensors, folder))
 
 
 def _prompt_ids(host: _Host, prompts: list[str], max_length: int) -> list[list[int]]:
@@ -249,10 +259,11 @@ def _prompt_ids(host: _Host, prompts: list[str], max_length: int) -> list[list[i
 
 def _hidden_unit(host: _Host, unit: HiddenUnit, items: Items, run: str) -> None:
     model = host.model(None if unit.uri is None else local_copy(unit.uri))
-    ids, mask = right_pad(_prompt_ids(host, items.cka_prompts, items.max_length), pad_token_id(host.tok))
-    hs = collect_hidden_states(model, host.tok, input_ids=ids, attention_mask=mask,
-                               max_length=items.max_length, batch_size=BATCH_SIZE)
-    depth = prediction_depth(model, ids, mask, batch_size=BATCH_SIZE)
+    # One forward per batch serves CKA and the logit lens, the prompts' shared
+    # chat-template prefix run once (shared_prefix.py; equal to
+    # cka.collect_hidden_states + logit_lens.prediction_depth up to float rounding).
+    hs, depth = hidden_and_depth(model, _prompt_ids(host, items.cka_prompts, items.max_length),
+                                 pad_token_id(host.tok), batch_size=BATCH_SIZE)
     buf = io.BytesIO()
     # float32 on disk halves the parts; CKA itself is computed in float64.
     np.savez(buf, hidden=np.stack(hs).astype(np.float32), depth=np.float64(depth),
@@ -274,7 +285,7 @@ def _lmc_unit(host: _Host, unit: LmcUnit, items: Items, run: str) -> None:
                 nll, ntok = host.ends[end]
             else:
                 model = host.with_state(*interpolated_adapter(pair, alpha), f"{tmp}/{k}")
-                nll, ntok = masked_answer_nll(model, host.tok, pairs, batch_size=BATCH_SIZE)
+                nll, ntok = answer_nll(model, pairs, pad_token_id(host.tok), batch_size=BATCH_SIZE)
                 if end is not None:
                     host.ends[end] = (nll, ntok)
             rows.append({"adapter_a": unit.a, "adapter_b": unit.b, "alpha": float(alpha),
@@ -317,7 +328,9 @@ def _items(cfg) -> Items:
 def _units(cfg, adapters: list[Adapter], items: Items) -> list:
     by = {a.name: a for a in adapters}
     hashes = {a.name: content_hash(a.path) for a in adapters}
-    common = {"model": cfg.model.name, "dtype": cfg.model.dtype}
+    # "forward" names how the numbers are computed: parts from the full forward
+    # (before shared_prefix.py) differ by float rounding and are recomputed.
+    common = {"model": cfg.model.name, "dtype": cfg.model.dtype, "forward": "shared-prefix"}
     h_items = _fingerprint({"p": items.cka_prompts, "max_length": items.max_length})
     l_items = _fingerprint({"p": items.lmc_prompts, "a": items.lmc_answers, "max_length": items.max_length})
     needed = {n for p in cka_pair_list(cfg, adapters) for n in p}

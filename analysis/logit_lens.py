@@ -21,7 +21,7 @@ class LogitLensError(WsgError, ValueError):
     """A model or input the logit lens cannot read."""
 
 
-def _readout_modules(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+def readout_modules(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The final norm and LM head of a causal LM, through a PEFT wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
@@ -44,7 +44,7 @@ def _forward_batches(model, input_ids, attention_mask, batch_size: int):
     seqs = unpad(input_ids, attention_mask)
     if not seqs or any(len(s) == 0 for s in seqs):
         raise LogitLensError("prediction depth needs at least one sequence and no empty row")
-    norm, head = _readout_modules(model)
+    norm, head = readout_modules(model)
     device = next(model.parameters()).device
     with inference(model):
         for start in range(0, len(seqs), batch_size):
@@ -82,6 +82,22 @@ def depths_from_top1(top1: np.ndarray) -> np.ndarray:
     return top1.shape[0] - stays.sum(axis=0)
 
 
+def depths_of_states(states: list, final: torch.Tensor, norm, head) -> np.ndarray:
+    """Prediction depth of each of N positions from their residual streams:
+    `states[l]` [N, hidden] is layer l's (0 = the embedding output, up to L−1)
+    and `final` [N] the model's top-1. Reads layers from the last one back;
+    a position stops at the first layer whose top-1 differs from the final one."""
+    n_layers = len(states)
+    settled = torch.ones_like(final)  # layers from the end whose top-1 is the final one
+    alive = torch.arange(final.shape[0], device=final.device)
+    for layer in range(n_layers - 1, -1, -1):
+        if alive.numel() == 0:
+            break
+        alive = alive[head(norm(states[layer][alive])).argmax(-1) == final[alive]]
+        settled[alive] += 1
+    return ((n_layers + 1) - settled).cpu().numpy()
+
+
 def layer_depths(model, input_ids, attention_mask, *, batch_size: int = 8) -> list[np.ndarray]:
     """Per sequence, the prediction depth of each real (non-pad) position:
     depths_from_top1(layer_top1(...)) computed from the last layer back,
@@ -91,16 +107,7 @@ def layer_depths(model, input_ids, attention_mask, *, batch_size: int = 8) -> li
     result: list[np.ndarray | None] = [None] * len(input_ids)
     for idx, offsets, out, real, norm, head in _forward_batches(model, input_ids, attention_mask, batch_size):
         hs = out.hidden_states
-        final = out.logits[real].argmax(-1)
-        n_layers = len(hs) - 1
-        settled = torch.ones_like(final)  # layers from the end whose top-1 is the final one
-        alive = torch.arange(final.shape[0], device=final.device)
-        for layer in range(n_layers - 1, -1, -1):
-            if alive.numel() == 0:
-                break
-            alive = alive[head(norm(hs[layer][real][alive])).argmax(-1) == final[alive]]
-            settled[alive] += 1
-        depth = ((n_layers + 1) - settled).cpu().numpy()
+        depth = depths_of_states([h[real] for h in hs[:-1]], out.logits[real].argmax(-1), norm, head)
         for k, i in enumerate(idx):
             result[i] = depth[offsets[k] : offsets[k + 1]]
     return result

@@ -189,3 +189,29 @@ def test_run_functional(tmp_path, ray_module):
     assert again["computed"] == 0
     t2 = rundir.read_table(rundir.join(run, "analysis", "lmc.parquet"))
     assert pc.all(pc.equal(t2.column("ce"), pc.cast([r["ce"] for r in lmc], "double"))).as_py()
+
+
+def test_host_swaps_adapters_of_one_config_into_the_loaded_modules(tmp_path):
+    """Hidden units after the first load their adapter's tensors into the
+    loaded LoRA modules (no new injection): each adapter then gives the logits
+    of that adapter loaded on its own, and a tensor set that does not fit the
+    modules is refused by name."""
+    from wsg.analysis.functional import _Host
+    from wsg.core.errors import WsgError
+
+    cfg, run = make_tiny_run(tmp_path, copy_of=None)
+    paths = [RunLayout.of(run).cell(c).step(2) for c in ("sft-s42-lr1e-04", "dpo-s42-lr1e-05", "rft-s42-lr1e-04")]
+    host = _Host("tiny-qwen3", "float32", False)
+    x = torch.randint(1, 500, (2, 9), generator=torch.Generator().manual_seed(3))
+    seen = []
+    for p in paths + [None, paths[0]]:
+        model = host.model(p)
+        with torch.no_grad():
+            got = model(input_ids=x).logits
+            want = _hf_with_adapter(p)(input_ids=x).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        seen.append(got)
+    assert host.count == 1  # one injection; every later adapter went into its modules
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[3])
+    with pytest.raises(WsgError, match="missing"):
+        host._load_tensors({})

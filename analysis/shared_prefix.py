@@ -1,0 +1,150 @@
+"""Forward passes that run the token prefix every row shares once per model.
+
+The functional stage scores the same eval prompts under many models (every
+adapter's hidden states and logit lens, four α points per LMC pair), and every
+prompt starts with the same chat-template tokens: in the default 24 of ~50
+(system prompt and the user turn's header), about half of each forward. Here
+that prefix runs once per model, as a batch of one whose keys and values are
+cached, and each batch runs only its rows' remaining tokens after it.
+
+Under causal attention the prefix's states do not depend on what follows, so
+this is the full forward's computation; the numbers differ from it by float
+rounding only (the matrix products have other shapes). Tests hold both
+functions here to the full-forward references (lmc.masked_answer_nll,
+cka.collect_hidden_states, logit_lens.prediction_depth).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .cka import inference, right_pad
+from .lmc import LmcInputError
+from .logit_lens import depths_of_states, readout_modules
+
+
+def common_prefix_len(seqs: Sequence[Sequence[int]], *, leave: int = 1) -> int:
+    """Length of the token prefix all `seqs` share, leaving at least `leave`
+    tokens of the shortest one after it (a row needs a token of its own to be
+    run, and its last prompt token predicts the first answer token)."""
+    if not seqs:
+        return 0
+    n = max(0, min(len(s) for s in seqs) - leave)
+    first = list(seqs[0][:n])
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+@dataclass
+class Prefix:
+    """The shared prefix as one model ran it (batch of one)."""
+
+    length: int
+    cache: object  # the model's key/value cache after the prefix
+    hidden: Optional[tuple] = None  # every layer's hidden states [1, length, h]
+    logits: Optional[torch.Tensor] = None  # [1, length, vocab]
+
+
+def run_prefix(model, ids: Sequence[int], *, hidden: bool = False) -> Optional[Prefix]:
+    """Run the prefix `ids` once (None when it is empty)."""
+    if not ids:
+        return None
+    device = next(model.parameters()).device
+    x = torch.as_tensor([list(ids)], device=device)
+    out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True, output_hidden_states=hidden,
+                logits_to_keep=0 if hidden else 1)
+    return Prefix(length=len(ids), cache=out.past_key_values, hidden=out.hidden_states if hidden else None,
+                  logits=out.logits if hidden else None)
+
+
+def run_rows(model, prefix: Optional[Prefix], rows: Sequence[Sequence[int]], pad: int, *, hidden: bool = False,
+             logits_to_keep=0):
+    """The forward of `rows` (their tokens after the prefix), right padded.
+    Returns the model's output (positions are the rows' own, after the
+    prefix) and the rows' [B, T] mask."""
+    device = next(model.parameters()).device
+    ids, mask = right_pad(rows, pad)
+    ids, mask = ids.to(device), mask.to(device)
+    if prefix is None:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=hidden,
+                     logits_to_keep=logits_to_keep), mask
+    b, p = ids.shape[0], prefix.length
+    cache = copy.deepcopy(prefix.cache)  # a forward appends to its cache in place
+    cache.batch_repeat_interleave(b)
+    # Right padding: a row's real tokens sit at positions p, p+1, ... of its sequence.
+    pos = (p + torch.arange(ids.shape[1], device=device)).unsqueeze(0).expand(b, -1)
+    full = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=device), mask], dim=1)
+    out = model(input_ids=ids, attention_mask=full, position_ids=pos, past_key_values=cache, use_cache=True,
+                output_hidden_states=hidden, logits_to_keep=logits_to_keep)
+    return out, mask
+
+
+def answer_nll(model, pairs: Sequence[tuple], pad: int, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """lmc.masked_answer_nll on token pairs (prompt_ids, answer_ids), the
+    prompts' shared prefix run once: per item the −log p summed over the
+    answer tokens, and their count."""
+    if not pairs or any(len(q) < 1 or len(a) < 1 for q, a in pairs):
+        raise LmcInputError("answer_nll needs items with at least one prompt token and one answer token each")
+    p = common_prefix_len([a for a, _ in pairs])
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    nll = np.zeros(len(pairs), np.float64)
+    ntok = np.array([len(a) for _, a in pairs], np.int64)
+    with inference(model):
+        prefix = run_prefix(model, pairs[0][0][:p])
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            # Only the positions that predict answer tokens reach the LM head.
+            lo = min(len(pairs[i][0]) for i in idx) - 1 - p
+            hi = max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx) - 1 - p
+            out, _ = run_rows(model, prefix, [list(pairs[i][0][p:]) + list(pairs[i][1]) for i in idx], pad,
+                              logits_to_keep=torch.arange(lo, hi, device=device))
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            for row, i in enumerate(idx):
+                q, a = pairs[i]
+                pos = torch.arange(len(q) - 1 - p, len(q) + len(a) - 1 - p, device=device) - lo
+                nll[i] = -logp[row, pos, torch.as_tensor(a, device=device)].double().sum().item()
+    return nll, ntok
+
+
+def hidden_and_depth(model, seqs: Sequence[Sequence[int]], pad: int, *, batch_size: int) -> tuple[list, float]:
+    """cka.collect_hidden_states and logit_lens.prediction_depth of the same
+    sequences from one forward per batch, their shared prefix run once: the
+    mean-pooled hidden state of every decoder block (L float64 arrays
+    [n, hidden]) and the mean prediction depth over every token position.
+    The prefix's positions are the same in every row: their depths are read
+    once and count once per row."""
+    p = common_prefix_len(seqs)
+    norm, head = readout_modules(model)
+    n = len(seqs)
+    pooled, depth_sum = None, 0.0
+    order = sorted(range(n), key=lambda i: len(seqs[i]))
+    with inference(model):
+        prefix = run_prefix(model, seqs[0][:p], hidden=True)
+        if prefix is not None:
+            hs = prefix.hidden
+            pre_sum = [h[0].to(torch.float64).sum(0) for h in hs[1:]]
+            pre_depth = depths_of_states([h[0] for h in hs[:-1]], prefix.logits[0].argmax(-1), norm, head)
+            depth_sum += n * float(pre_depth.astype(np.float64).sum())
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            out, mask = run_rows(model, prefix, [list(seqs[i][p:]) for i in idx], pad, hidden=True)
+            hs, real = out.hidden_states, mask.bool()
+            depth_sum += float(depths_of_states([h[real] for h in hs[:-1]], out.logits[real].argmax(-1),
+                                                norm, head).astype(np.float64).sum())
+            if pooled is None:
+                pooled = [np.zeros((n, h.shape[-1]), np.float64) for h in hs[1:]]
+            m = mask.to(torch.float64).unsqueeze(-1)
+            count = m.sum(1) + p
+            for layer, h in enumerate(hs[1:]):
+                total = (h.to(torch.float64) * m).sum(1) + (pre_sum[layer] if prefix is not None else 0.0)
+                pooled[layer][idx] = (total / count).cpu().numpy()
+    return pooled, depth_sum / float(sum(len(s) for s in seqs))
