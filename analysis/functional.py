@@ -231,7 +231,7 @@ class _Host:
         every one of its LoRA tensors must be given, none left from before."""
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        expected = set(get_peft_model_state_dict(self.peft, adapter_name=self.current))
+        expected = set(get_peft_model_state_dict(self.peft, adapter_name=self.current, save_embedding_layers=False))
         if set(tensors) != expected:
             extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
             raise WsgError(f"adapter tensors do not fit the loaded LoRA modules: unexpected {extra[:3]}, "
