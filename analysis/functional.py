@@ -41,10 +41,9 @@ from ..core.session import connect
 from ..rollouts.prompts import encode_prompts
 from .adapters import BASE, Adapter, list_adapters, local_copy, reference_pairs
 from .cka import layerwise_cka, pad_token_id
-from .evaluate import eval_prompts
 from .lmc import interpolated_adapter, read_pair, save_adapter
 from .lora_io import CONFIG_FILE, WEIGHTS_FILE, content_hash
-from .shared_prefix import answer_nll, hidden_and_depth
+from .shared_prefix import answer_nll, model_pass
 
 LMC_SCHEMA = pa.schema([("adapter_a", pa.string()), ("adapter_b", pa.string()), ("alpha", pa.float64()),
                         ("ce", pa.float64()), ("n_items", pa.int64()), ("n_tokens", pa.int64())])
@@ -110,12 +109,15 @@ class Items:
 
 @dataclass(frozen=True)
 class HiddenUnit:
-    """CKA hidden states and logit-lens depth of one adapter (uri None: the base)."""
+    """One model's own pass: CKA hidden states and logit-lens depth (uri None:
+    the base) and, when it ends an LMC path (`answers`), its answer NLL on
+    the LMC items: the path's α = 1 or α = 0 point, read by the driver."""
 
     name: str
     uri: Optional[str]
     fingerprint: str
-    cost: int  # CKA prompts: the work, for balancing tasks
+    cost: int  # the work, for balancing tasks: rows, the lens's counted twice
+    answers: bool = False
 
     @property
     def id(self) -> str:
@@ -124,7 +126,8 @@ class HiddenUnit:
 
 @dataclass(frozen=True)
 class LmcUnit:
-    """The LMC path between adapters a and b at every α."""
+    """The LMC path between adapters a and b at every α strictly between 0
+    and 1 (its ends are the adapters themselves: their HiddenUnits)."""
 
     a: str
     b: str
@@ -195,10 +198,6 @@ class _Host:
         self.current = None
         self.current_config = None  # the loaded adapter's config
         self.count = 0
-        # LMC path ends served before: (side, adapter hash, the other side's rank) -> (nll, ntok).
-        # α = 1 of (a, b) is a's ΔW with b's columns scaled by exactly 0: the same
-        # numbers for every b of that rank (the reference loss's a, in every pair).
-        self.ends = {}
 
     def model(self, adapter_path: str | None):
         """The model with `adapter_path` applied (the base when None)."""
@@ -257,41 +256,55 @@ def _prompt_ids(host: _Host, prompts: list[str], max_length: int) -> list[list[i
     return [ids[:max_length] for ids in encode_prompts(host.tok, prompts)]
 
 
+def _answer_ids(host: _Host, items: Items) -> list[list[int]]:
+    # The answer as a bare continuation: no BOS/EOS of its own.
+    return [host.tok(a, add_special_tokens=False)["input_ids"] for a in items.lmc_answers]
+
+
 def _hidden_unit(host: _Host, unit: HiddenUnit, items: Items, run: str) -> None:
     model = host.model(None if unit.uri is None else local_copy(unit.uri))
-    # One forward per batch serves CKA and the logit lens, the prompts' shared
-    # chat-template prefix run once (shared_prefix.py; equal to
-    # cka.collect_hidden_states + logit_lens.prediction_depth up to float rounding).
-    hs, depth = hidden_and_depth(model, _prompt_ids(host, items.cka_prompts, items.max_length),
-                                 pad_token_id(host.tok), batch_size=BATCH_SIZE)
+    # One pass serves CKA, the logit lens and (a path's end) the LMC answers,
+    # the prompts' shared chat-template prefix run once (shared_prefix.py; equal to
+    # cka.collect_hidden_states, logit_lens.prediction_depth and
+    # lmc.masked_answer_nll up to float rounding). Both prompt lists are
+    # prefixes of one list: the longer one holds the other.
+    prompts = items.lmc_prompts if unit.answers and len(items.lmc_prompts) > len(items.cka_prompts) \
+        else items.cka_prompts
+    res = model_pass(model, _prompt_ids(host, prompts, items.max_length), pad_token_id(host.tok),
+                     batch_size=BATCH_SIZE, n_hidden=len(items.cka_prompts),
+                     answers=_answer_ids(host, items) if unit.answers else ())
     buf = io.BytesIO()
+    ends = {"nll": res.nll, "ntok": res.ntok} if unit.answers else {}
     # float32 on disk halves the parts; CKA itself is computed in float64.
-    np.savez(buf, hidden=np.stack(hs).astype(np.float32), depth=np.float64(depth),
-             fingerprint=np.str_(unit.fingerprint))
+    np.savez(buf, hidden=np.stack(res.pooled).astype(np.float32), depth=np.float64(res.depth),
+             fingerprint=np.str_(unit.fingerprint), **ends)
     rundir.write_bytes(_part_path(run, unit), buf.getvalue())
 
 
+def _interior(alphas: list[float]) -> list[float]:
+    """The α of a path its LmcUnit computes: the ends are the adapters' own passes."""
+    return [a for a in alphas if a not in (0.0, 1.0)]
+
+
 def _lmc_unit(host: _Host, unit: LmcUnit, items: Items, run: str) -> None:
-    pair = read_pair(local_copy(unit.uri_a), local_copy(unit.uri_b))
-    prompts = _prompt_ids(host, items.lmc_prompts, items.max_length)
-    answers = [host.tok(a, add_special_tokens=False)["input_ids"] for a in items.lmc_answers]
-    pairs = list(zip(prompts, answers))
-    ranks = (int(pair[0].config["r"]), int(pair[2].config["r"]))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="wsg-lmc-") as tmp:
-        for k, alpha in enumerate(unit.alphas):
-            end = {1.0: ("a", unit.hash_a, ranks[1]), 0.0: ("b", unit.hash_b, ranks[0])}.get(float(alpha))
-            if end is not None and end in host.ends:
-                nll, ntok = host.ends[end]
-            else:
+    alphas = _interior(unit.alphas)
+    if alphas:
+        pair = read_pair(local_copy(unit.uri_a), local_copy(unit.uri_b))
+        prompts = _prompt_ids(host, items.lmc_prompts, items.max_length)
+        pairs = list(zip(prompts, _answer_ids(host, items)))
+        with tempfile.TemporaryDirectory(prefix="wsg-lmc-") as tmp:
+            for k, alpha in enumerate(alphas):
                 model = host.with_state(*interpolated_adapter(pair, alpha), f"{tmp}/{k}")
                 nll, ntok = answer_nll(model, pairs, pad_token_id(host.tok), batch_size=BATCH_SIZE)
-                if end is not None:
-                    host.ends[end] = (nll, ntok)
-            rows.append({"adapter_a": unit.a, "adapter_b": unit.b, "alpha": float(alpha),
-                         "ce": float(nll.sum() / ntok.sum()), "n_items": len(pairs), "n_tokens": int(ntok.sum())})
+                rows.append(_lmc_row(unit, alpha, nll, ntok))
     table = pa.Table.from_pylist(rows, schema=LMC_SCHEMA.with_metadata({"fingerprint": unit.fingerprint}))
     rundir.write_table(_part_path(run, unit), table)
+
+
+def _lmc_row(unit: LmcUnit, alpha: float, nll: np.ndarray, ntok: np.ndarray) -> dict:
+    return {"adapter_a": unit.a, "adapter_b": unit.b, "alpha": float(alpha), "ce": float(nll.sum() / ntok.sum()),
+            "n_items": len(nll), "n_tokens": int(ntok.sum())}
 
 
 def functional_worker(spec: FunctionalTask) -> list[str]:
@@ -314,6 +327,8 @@ def functional_worker(spec: FunctionalTask) -> list[str]:
 
 # --- the driver ----------------------------------------------------------------
 def _items(cfg) -> Items:
+    from .evaluate import eval_prompts  # here, not at the top: the tasks that import this module need no scipy
+
     es = cfg.analysis.eval_sets[0]
     problems, prompts = eval_prompts(cfg, es)
     n_cka, n_lmc = min(cfg.analysis.cka_prompts, len(prompts)), min(cfg.analysis.lmc_items, len(prompts))
@@ -330,19 +345,25 @@ def _units(cfg, adapters: list[Adapter], items: Items) -> list:
     hashes = {a.name: content_hash(a.path) for a in adapters}
     # "forward" names how the numbers are computed: parts from the full forward
     # (before shared_prefix.py) differ by float rounding and are recomputed.
-    common = {"model": cfg.model.name, "dtype": cfg.model.dtype, "forward": "shared-prefix"}
+    common = {"model": cfg.model.name, "dtype": cfg.model.dtype, "forward": "shared-prefix, LMC ends from the model's pass"}
     h_items = _fingerprint({"p": items.cka_prompts, "max_length": items.max_length})
     l_items = _fingerprint({"p": items.lmc_prompts, "a": items.lmc_answers, "max_length": items.max_length})
-    needed = {n for p in cka_pair_list(cfg, adapters) for n in p}
+    alphas = [float(x) for x in cfg.analysis.lmc_alphas]
+    lmc_pairs = lmc_pair_list(cfg, adapters)
+    # The adapters that end a path (α = 1: a, α = 0: b) give its end from their own pass.
+    ends = {a for a, _ in lmc_pairs if 1.0 in alphas} | {b for _, b in lmc_pairs if 0.0 in alphas}
+    needed = {n for p in cka_pair_list(cfg, adapters) for n in p} | ends
     units = []
     for name in [BASE] + [a.name for a in adapters]:
         if name in needed:
-            units.append(HiddenUnit(name=name, uri=None if name == BASE else by[name].uri, cost=len(items.cka_prompts),
-                                    fingerprint=_fingerprint({**common, "items": h_items, "adapter": hashes.get(name)})))
-    alphas = [float(x) for x in cfg.analysis.lmc_alphas]
-    for a, b in lmc_pair_list(cfg, adapters):
+            answers = name in ends
+            fp = {**common, "items": h_items, "adapter": hashes.get(name), "answers": l_items if answers else None}
+            units.append(HiddenUnit(name=name, uri=None if name == BASE else by[name].uri, answers=answers,
+                                    cost=2 * len(items.cka_prompts) + (len(items.lmc_prompts) if answers else 0),
+                                    fingerprint=_fingerprint(fp)))
+    for a, b in lmc_pairs:
         units.append(LmcUnit(a=a, b=b, uri_a=by[a].uri, uri_b=by[b].uri, hash_a=hashes[a], hash_b=hashes[b],
-                             alphas=alphas, cost=len(alphas) * len(items.lmc_prompts),
+                             alphas=alphas, cost=len(_interior(alphas)) * len(items.lmc_prompts),
                              fingerprint=_fingerprint({**common, "items": l_items, "alphas": alphas,
                                                        "a": hashes[a], "b": hashes[b]})))
     return units
@@ -410,6 +431,20 @@ def _run_tasks(cfg, run: str, todo: list, items: Items, progress: bool) -> None:
                 bar.advance(done - bar.done)
 
 
+def _lmc_rows(unit: LmcUnit, parts: dict, hidden: dict) -> list[dict]:
+    """A path's rows in α order: the ends from the adapters' own passes, the
+    points between from the path's part."""
+    inner = {r["alpha"]: r for r in parts[unit.id]["table"].to_pylist()}
+    out = []
+    for alpha in unit.alphas:
+        if alpha in (0.0, 1.0):
+            end = hidden[unit.a if alpha == 1.0 else unit.b]
+            out.append(_lmc_row(unit, alpha, end["nll"], end["ntok"]))
+        else:
+            out.append(inner[alpha])
+    return out
+
+
 def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True) -> dict:
     """Stage entry: compute (or reuse) every unit, then write the three tables.
 
@@ -445,8 +480,8 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
                       "n_prompts": len(items.cka_prompts)} for k, v in enumerate(vals)]
     lens_rows = [{"adapter": n, "mean_depth": float(h["depth"]), "n_layers": int(h["hidden"].shape[0]),
                   "n_prompts": len(items.cka_prompts)} for n, h in hidden.items()]
-    lmc = [parts[u.id]["table"] for u in units if isinstance(u, LmcUnit)]
-    lmc_table = pa.concat_tables(lmc).replace_schema_metadata(None) if lmc else LMC_SCHEMA.empty_table()
+    lmc_table = pa.Table.from_pylist([r for u in units if isinstance(u, LmcUnit) for r in _lmc_rows(u, parts, hidden)],
+                                     schema=LMC_SCHEMA)
     lay = RunLayout.of(run)
     rundir.write_table(lay.functional_table("lmc"), lmc_table.cast(LMC_SCHEMA))
     rundir.write_table(lay.functional_table("cka"), pa.Table.from_pylist(cka_rows, schema=CKA_SCHEMA))

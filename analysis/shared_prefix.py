@@ -87,64 +87,102 @@ def run_rows(model, prefix: Optional[Prefix], rows: Sequence[Sequence[int]], pad
     return out, mask
 
 
+@dataclass
+class ModelPass:
+    """What one model gives on the eval items (functional.py's model unit)."""
+
+    pooled: Optional[list]  # L float64 arrays [n_hidden, hidden]: mean over each prompt's tokens per block
+    depth: Optional[float]  # mean logit-lens prediction depth over those prompts' tokens
+    nll: Optional[np.ndarray]  # per answered item: −log p summed over its answer tokens
+    ntok: Optional[np.ndarray]  # per answered item: its answer tokens
+
+
+def _answer_nll(logits: torch.Tensor, row: int, first: int, answer: Sequence[int]) -> float:
+    """−Σ log p of `answer`, predicted from positions first, first+1, … of `row`."""
+    pos = torch.arange(first, first + len(answer), device=logits.device)
+    logp = torch.log_softmax(logits[row, pos].float(), dim=-1)
+    return -logp[torch.arange(len(answer), device=logits.device),
+                 torch.as_tensor(list(answer), device=logits.device)].double().sum().item()
+
+
+def model_pass(model, prompts: Sequence[Sequence[int]], pad: int, *, batch_size: int, n_hidden: int,
+               answers: Sequence[Sequence[int]] = ()) -> ModelPass:
+    """One model over token prompts, their shared prefix run once: CKA's
+    pooled hidden states and the logit lens's depth on the first `n_hidden`
+    prompts (their prompt tokens only), and the answer NLL of the first
+    len(answers) prompts each followed by its answer (lmc.masked_answer_nll).
+    One forward per batch serves all three: under causal attention a prompt's
+    states do not depend on the answer after it. The prefix's positions are
+    the same in every row: their depths are read once and count once per row."""
+    n_ans = len(answers)
+    if (n_ans and any(len(a) < 1 for a in answers)) or any(len(q) < 1 for q in prompts[:max(n_hidden, n_ans)]):
+        raise LmcInputError("model_pass needs at least one prompt token and one answer token per item")
+    n = max(n_hidden, n_ans)
+    prompts = [list(q) for q in prompts[:n]]
+    p = common_prefix_len(prompts)
+    norm, head = readout_modules(model)
+    device = next(model.parameters()).device
+    nll = np.zeros(n_ans, np.float64)
+    pooled, depth_sum = None, 0.0
+
+    def rows_of(idx):
+        return [prompts[i][p:] + (list(answers[i]) if i < n_ans else []) for i in idx]
+
+    # Batches never mix rows that need every position's logits (the lens)
+    # with rows that need only their answers' (the rest reach the LM head there only).
+    groups = [sorted(range(n_hidden), key=lambda i: len(rows_of([i])[0])),
+              sorted(range(n_hidden, n), key=lambda i: len(rows_of([i])[0]))]
+    with inference(model):
+        prefix = run_prefix(model, prompts[0][:p], hidden=n_hidden > 0)
+        if prefix is not None and n_hidden:
+            pre_sum = [h[0].to(torch.float64).sum(0) for h in prefix.hidden[1:]]
+            pre_depth = depths_of_states([h[0] for h in prefix.hidden[:-1]], prefix.logits[0].argmax(-1), norm, head)
+            depth_sum += n_hidden * float(pre_depth.astype(np.float64).sum())
+        for g, order in enumerate(groups):
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                lo = 0 if g == 0 else min(len(prompts[i]) for i in idx) - 1 - p
+                hi = max(len(r) for r in rows_of(idx))
+                out, mask = run_rows(model, prefix, rows_of(idx), pad, hidden=g == 0,
+                                     logits_to_keep=0 if g == 0 else torch.arange(lo, hi, device=device))
+                for row, i in enumerate(idx):
+                    if i < n_ans:
+                        nll[i] = _answer_nll(out.logits, row, len(prompts[i]) - 1 - p - lo, answers[i])
+                if g == 1:
+                    continue
+                # Prompt tokens only: [B, T] true where a row's position holds one of its prompt's tokens.
+                real = torch.arange(mask.shape[1], device=device)[None, :] < torch.as_tensor(
+                    [len(prompts[i]) - p for i in idx], device=device)[:, None]
+                hs = out.hidden_states
+                depth_sum += float(depths_of_states([h[real] for h in hs[:-1]], out.logits[real].argmax(-1),
+                                                    norm, head).astype(np.float64).sum())
+                if pooled is None:
+                    pooled = [np.zeros((n_hidden, h.shape[-1]), np.float64) for h in hs[1:]]
+                m = real.to(torch.float64).unsqueeze(-1)
+                count = m.sum(1) + p
+                for layer, h in enumerate(hs[1:]):
+                    total = (h.to(torch.float64) * m).sum(1) + (pre_sum[layer] if prefix is not None else 0.0)
+                    pooled[layer][idx] = (total / count).cpu().numpy()
+    depth = depth_sum / float(sum(len(q) for q in prompts[:n_hidden])) if n_hidden else None
+    return ModelPass(pooled=pooled, depth=depth, nll=nll if n_ans else None,
+                     ntok=np.array([len(a) for a in answers], np.int64) if n_ans else None)
+
+
 def answer_nll(model, pairs: Sequence[tuple], pad: int, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """lmc.masked_answer_nll on token pairs (prompt_ids, answer_ids), the
     prompts' shared prefix run once: per item the −log p summed over the
     answer tokens, and their count."""
-    if not pairs or any(len(q) < 1 or len(a) < 1 for q, a in pairs):
-        raise LmcInputError("answer_nll needs items with at least one prompt token and one answer token each")
-    p = common_prefix_len([a for a, _ in pairs])
-    device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    nll = np.zeros(len(pairs), np.float64)
-    ntok = np.array([len(a) for _, a in pairs], np.int64)
-    with inference(model):
-        prefix = run_prefix(model, pairs[0][0][:p])
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            # Only the positions that predict answer tokens reach the LM head.
-            lo = min(len(pairs[i][0]) for i in idx) - 1 - p
-            hi = max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx) - 1 - p
-            out, _ = run_rows(model, prefix, [list(pairs[i][0][p:]) + list(pairs[i][1]) for i in idx], pad,
-                              logits_to_keep=torch.arange(lo, hi, device=device))
-            logp = torch.log_softmax(out.logits.float(), dim=-1)
-            for row, i in enumerate(idx):
-                q, a = pairs[i]
-                pos = torch.arange(len(q) - 1 - p, len(q) + len(a) - 1 - p, device=device) - lo
-                nll[i] = -logp[row, pos, torch.as_tensor(a, device=device)].double().sum().item()
-    return nll, ntok
+    if not pairs:
+        raise LmcInputError("answer_nll needs at least one item")
+    res = model_pass(model, [q for q, _ in pairs], pad, batch_size=batch_size, n_hidden=0,
+                     answers=[a for _, a in pairs])
+    return res.nll, res.ntok
 
 
 def hidden_and_depth(model, seqs: Sequence[Sequence[int]], pad: int, *, batch_size: int) -> tuple[list, float]:
     """cka.collect_hidden_states and logit_lens.prediction_depth of the same
     sequences from one forward per batch, their shared prefix run once: the
     mean-pooled hidden state of every decoder block (L float64 arrays
-    [n, hidden]) and the mean prediction depth over every token position.
-    The prefix's positions are the same in every row: their depths are read
-    once and count once per row."""
-    p = common_prefix_len(seqs)
-    norm, head = readout_modules(model)
-    n = len(seqs)
-    pooled, depth_sum = None, 0.0
-    order = sorted(range(n), key=lambda i: len(seqs[i]))
-    with inference(model):
-        prefix = run_prefix(model, seqs[0][:p], hidden=True)
-        if prefix is not None:
-            hs = prefix.hidden
-            pre_sum = [h[0].to(torch.float64).sum(0) for h in hs[1:]]
-            pre_depth = depths_of_states([h[0] for h in hs[:-1]], prefix.logits[0].argmax(-1), norm, head)
-            depth_sum += n * float(pre_depth.astype(np.float64).sum())
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            out, mask = run_rows(model, prefix, [list(seqs[i][p:]) for i in idx], pad, hidden=True)
-            hs, real = out.hidden_states, mask.bool()
-            depth_sum += float(depths_of_states([h[real] for h in hs[:-1]], out.logits[real].argmax(-1),
-                                                norm, head).astype(np.float64).sum())
-            if pooled is None:
-                pooled = [np.zeros((n, h.shape[-1]), np.float64) for h in hs[1:]]
-            m = mask.to(torch.float64).unsqueeze(-1)
-            count = m.sum(1) + p
-            for layer, h in enumerate(hs[1:]):
-                total = (h.to(torch.float64) * m).sum(1) + (pre_sum[layer] if prefix is not None else 0.0)
-                pooled[layer][idx] = (total / count).cpu().numpy()
-    return pooled, depth_sum / float(sum(len(s) for s in seqs))
+    [n, hidden]) and the mean prediction depth over every token position."""
+    res = model_pass(model, seqs, pad, batch_size=batch_size, n_hidden=len(seqs))
+    return res.pooled, res.depth

@@ -92,3 +92,25 @@ def test_answer_nll_refuses_empty_items():
     from wsg.core.errors import WsgError
     with pytest.raises(WsgError, match="at least one prompt token and one answer token"):
         answer_nll(tiny(torch.float32, lora=False), [([1, 2], [])], PAD, batch_size=2)
+
+
+@pytest.mark.parametrize("n_hidden,n_ans", [(3, 5), (5, 2), (4, 4)])
+def test_one_pass_serves_cka_the_lens_and_the_answers(n_hidden, n_ans):
+    """model_pass: the first n_hidden prompts' hidden states and depths (the
+    answers appended to some of them change nothing: causal attention) and
+    the first n_ans prompts' answer NLL, each equal to its own reference."""
+    from wsg.analysis.shared_prefix import model_pass
+
+    model = tiny(torch.float64, lora=True, seed=5)
+    prompts = rows(5, 7, seed=6)
+    g = torch.Generator().manual_seed(8)
+    answers = [torch.randint(1, 500, (int(k),), generator=g).tolist() for k in torch.randint(1, 5, (n_ans,), generator=g)]
+    res = model_pass(model, prompts, PAD, batch_size=2, n_hidden=n_hidden, answers=answers)
+    ids, mask = right_pad(prompts[:n_hidden], PAD)
+    ref = collect_hidden_states(model, input_ids=ids, attention_mask=mask, max_length=64, batch_size=2)
+    for got, want in zip(res.pooled, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    assert res.depth == pytest.approx(prediction_depth(model, ids, mask, batch_size=2), abs=1e-12)
+    ref_nll, ref_ntok = masked_answer_nll(model, None, list(zip(prompts[:n_ans], answers)), batch_size=2)
+    np.testing.assert_allclose(res.nll, ref_nll, rtol=1e-10)
+    np.testing.assert_array_equal(res.ntok, ref_ntok)
