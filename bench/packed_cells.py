@@ -31,23 +31,16 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench.gpu_check import SHAPES as GPU_CHECK_SHAPES  # noqa: E402
 from wsg.core.config import LoraCfg  # noqa: E402
 from wsg.train.data import collate_sequences  # noqa: E402
 from wsg.train.losses import get_loss, validate_hyper  # noqa: E402
 from wsg.train.packed import PackedCell, PackedTrainer, packed_train_step  # noqa: E402
 from wsg.train.steps import PolicyTrainer, attach_lora, train_step  # noqa: E402
 
-# Shapes from the models' published config.json files (as bench/gpu_check.py).
-SHAPES = {
-    "tiny": dict(arch="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0),
-    "qwen3-4b": dict(arch="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
-                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                     tie_word_embeddings=True, max_position_embeddings=40960, rope_theta=1000000.0),
-}
+# The published shapes bench/gpu_check.py measures, and a tiny one for a quick look.
+SHAPES = {"tiny": dict(arch="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16), **GPU_CHECK_SHAPES}
 LORA = LoraCfg(r=32, alpha=64, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 OPT = dict(weight_decay=0.01, warmup_steps=1, max_steps=1000, max_grad_norm=1.0)
 
