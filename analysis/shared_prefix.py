@@ -105,6 +105,16 @@ def _answer_nll(logits: torch.Tensor, row: int, first: int, answer: Sequence[int
                  torch.as_tensor(list(answer), device=logits.device)].double().sum().item()
 
 
+def _pool(pooled: list, idx: list, blocks, real: torch.Tensor, p: int, pre_sum: Optional[list]) -> None:
+    """Rows `idx` of every block's mean over the prompt's tokens: the prefix's
+    summed states (`pre_sum`, the same in every row) plus the row's own."""
+    m = real.to(torch.float64).unsqueeze(-1)
+    count = m.sum(1) + p
+    for layer, h in enumerate(blocks):
+        total = (h.to(torch.float64) * m).sum(1) + (pre_sum[layer] if pre_sum is not None else 0.0)
+        pooled[layer][idx] = (total / count).cpu().numpy()
+
+
 def model_pass(model, prompts: Sequence[Sequence[int]], pad: int, *, batch_size: int, n_hidden: int,
                answers: Sequence[Sequence[int]] = ()) -> ModelPass:
     """One model over token prompts, their shared prefix run once: CKA's
@@ -158,11 +168,7 @@ def model_pass(model, prompts: Sequence[Sequence[int]], pad: int, *, batch_size:
                                                     norm, head).astype(np.float64).sum())
                 if pooled is None:
                     pooled = [np.zeros((n_hidden, h.shape[-1]), np.float64) for h in hs[1:]]
-                m = real.to(torch.float64).unsqueeze(-1)
-                count = m.sum(1) + p
-                for layer, h in enumerate(hs[1:]):
-                    total = (h.to(torch.float64) * m).sum(1) + (pre_sum[layer] if prefix is not None else 0.0)
-                    pooled[layer][idx] = (total / count).cpu().numpy()
+                _pool(pooled, idx, hs[1:], real, p, pre_sum if prefix is not None else None)
     depth = depth_sum / float(sum(len(q) for q in prompts[:n_hidden])) if n_hidden else None
     return ModelPass(pooled=pooled, depth=depth, nll=nll if n_ans else None,
                      ntok=np.array([len(a) for a in answers], np.int64) if n_ans else None)
