@@ -133,8 +133,6 @@ class LmcUnit:
     b: str
     uri_a: str
     uri_b: str
-    hash_a: str
-    hash_b: str
     alphas: list[float]
     fingerprint: str
     cost: int  # alphas x items
@@ -197,6 +195,7 @@ class _Host:
         self.peft = None
         self.current = None
         self.current_config = None  # the loaded adapter's config
+        self.current_keys: set[str] = set()
         self.count = 0
 
     def model(self, adapter_path: str | None):
@@ -221,16 +220,20 @@ class _Host:
             self.peft.load_adapter(adapter_path, adapter_name=name, is_trainable=False)
             self.peft.set_adapter(name)
             self.peft.delete_adapter(self.current)
+        from peft import get_peft_model_state_dict
+
         self.current, self.current_config = name, config
+        # Its LoRA tensors' names: a swap into these modules must give every one.
+        self.current_keys = set(get_peft_model_state_dict(self.peft, adapter_name=name, save_embedding_layers=False))
         return self.peft.eval()
 
     def _load_tensors(self, tensors: dict):
         """The loaded adapter's modules given new tensors (peft's own
         state-dict load, what load_adapter does after injecting modules);
         every one of its LoRA tensors must be given, none left from before."""
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import set_peft_model_state_dict
 
-        expected = set(get_peft_model_state_dict(self.peft, adapter_name=self.current, save_embedding_layers=False))
+        expected = self.current_keys
         if set(tensors) != expected:
             extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
             raise WsgError(f"adapter tensors do not fit the loaded LoRA modules: unexpected {extra[:3]}, "
@@ -362,7 +365,7 @@ def _units(cfg, adapters: list[Adapter], items: Items) -> list:
                                     cost=2 * len(items.cka_prompts) + (len(items.lmc_prompts) if answers else 0),
                                     fingerprint=_fingerprint(fp)))
     for a, b in lmc_pairs:
-        units.append(LmcUnit(a=a, b=b, uri_a=by[a].uri, uri_b=by[b].uri, hash_a=hashes[a], hash_b=hashes[b],
+        units.append(LmcUnit(a=a, b=b, uri_a=by[a].uri, uri_b=by[b].uri,
                              alphas=alphas, cost=len(_interior(alphas)) * len(items.lmc_prompts),
                              fingerprint=_fingerprint({**common, "items": l_items, "alphas": alphas,
                                                        "a": hashes[a], "b": hashes[b]})))
@@ -483,7 +486,7 @@ def run_functional(cfg, run: str, *, progress: bool = True, use_ray: bool = True
     lmc_table = pa.Table.from_pylist([r for u in units if isinstance(u, LmcUnit) for r in _lmc_rows(u, parts, hidden)],
                                      schema=LMC_SCHEMA)
     lay = RunLayout.of(run)
-    rundir.write_table(lay.functional_table("lmc"), lmc_table.cast(LMC_SCHEMA))
+    rundir.write_table(lay.functional_table("lmc"), lmc_table)
     rundir.write_table(lay.functional_table("cka"), pa.Table.from_pylist(cka_rows, schema=CKA_SCHEMA))
     rundir.write_table(lay.functional_table("logit_lens"), pa.Table.from_pylist(lens_rows, schema=LOGIT_LENS_SCHEMA))
     return {"adapters": len(adapters), "units": len(units), "computed": len(todo), "lmc_rows": lmc_table.num_rows,

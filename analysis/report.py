@@ -45,7 +45,8 @@ def where(key: str) -> str:
     return lay.relative(RUN_TABLES[key][0](lay))
 
 
-PAGE_CSS = """  # also the study page's (analysis/study_page.py)
+# The report's page style, also the study page's (analysis/study_page.py).
+PAGE_CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}

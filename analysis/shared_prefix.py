@@ -140,8 +140,10 @@ def model_pass(model, prompts: Sequence[Sequence[int]], pad: int, *, batch_size:
 
     # Batches never mix rows that need every position's logits (the lens)
     # with rows that need only their answers' (the rest reach the LM head there only).
-    groups = [sorted(range(n_hidden), key=lambda i: len(rows_of([i])[0])),
-              sorted(range(n_hidden, n), key=lambda i: len(rows_of([i])[0]))]
+    def length(i):
+        return len(prompts[i]) - p + (len(answers[i]) if i < n_ans else 0)
+
+    groups = [sorted(range(n_hidden), key=length), sorted(range(n_hidden, n), key=length)]
     with inference(model):
         prefix = run_prefix(model, prompts[0][:p], hidden=n_hidden > 0)
         if prefix is not None and n_hidden:
@@ -152,7 +154,7 @@ def model_pass(model, prompts: Sequence[Sequence[int]], pad: int, *, batch_size:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 lo = 0 if g == 0 else min(len(prompts[i]) for i in idx) - 1 - p
-                hi = max(len(r) for r in rows_of(idx))
+                hi = max(length(i) for i in idx)
                 out, mask = run_rows(model, prefix, rows_of(idx), pad, hidden=g == 0,
                                      logits_to_keep=0 if g == 0 else torch.arange(lo, hi, device=device))
                 for row, i in enumerate(idx):

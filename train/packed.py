@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..core.errors import WsgError
 from .losses import count_units, normaliser_from_count, required_fields
-from .steps import attach_lora, loss_batch
+from .steps import attach_lora, loss_batch, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -138,10 +138,7 @@ class PackedTrainer:
         flat: list[list[torch.Tensor]] = [[] for _ in mbs]
         offset = 0
         for k, f in blocks:
-            logits = head(hidden[offset + f.rows, f.cols]).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            flat[k].append(logits.gather(1, f.targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1))
+            flat[k].append(token_logprobs(head, hidden[offset + f.rows, f.cols], f.targets, cap))
             offset += f.input_ids.shape[0]
         return [mb.mask.new_zeros(tuple(mb.mask.shape), dtype=x[0].dtype).index_put((mb.rows, mb.tpos), torch.cat(x))
                 for mb, x in zip(mbs, flat)]

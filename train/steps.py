@@ -106,11 +106,18 @@ class CompletionLogprobs(torch.nn.Module):
             # Right padding + causal attention: real tokens never see the pads
             # after them, so no attention mask is needed (SDPA stays causal).
             hidden = decoder(input_ids=f.input_ids, use_cache=False).last_hidden_state
-            logits = head(hidden[f.rows, f.cols]).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            out.append(logits.gather(1, f.targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1))
+            out.append(token_logprobs(head, hidden[f.rows, f.cols], f.targets, cap))
         return torch.cat(out)
+
+
+def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """log π(target) from the final hidden states [n, h] of the positions that
+    predict the targets [n]: the LM head in float32, the model's logit
+    soft-capping where it has one."""
+    logits = head(hidden).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
